@@ -1,0 +1,21 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both build .venv if missing.
+PY := .venv/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,app]"
+	touch $@
+
+demo: .venv/.installed
+	$(PY) demo.py
+
+test: .venv/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv demo_out

@@ -1,0 +1,185 @@
+"""The checkpoint formats, in one place.
+
+- Ours: ``NAME.safetensors`` holding the weights and, in its metadata, the model config as JSON.
+  In prefix-only mode it holds only the mapper (``clip_project.*``); GPT-2 comes from ``config.gpt2``.
+- The original's: ``NAME.pt``, ``torch.save(model.state_dict())`` of the whole model, no config.
+  A ``{prefix}_config.json`` beside it (our training writes one) gives the config; without one
+  the config is inferred from tensor shapes, which is how the original's released weights load.
+
+Both are read with ``weights_only=True`` / safetensors: loading never unpickles code.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .files import ClipCapError, atomic_write
+from .model import ClipCap, ClipCapConfig, build_model
+
+CONFIG_KEY = "clipcap_config"
+# Buffers that transformers 4.10/4.11 saved and current versions no longer have.
+LEGACY_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+# Hub names of the GPT-2 sizes, by (width, depth): the tokenizer of an inferred checkpoint.
+GPT2_NAMES = {(768, 12): "gpt2", (1024, 24): "gpt2-medium", (1280, 36): "gpt2-large", (1600, 48): "gpt2-xl"}
+# Fields whose disagreement between checkpoint and model is reported by name.
+SHAPE_FIELDS = ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers")
+
+
+def config_path_for(weights: str | Path) -> Path:
+    """``out/coco_prefix-009.pt`` or ``out/coco_prefix_latest.safetensors`` -> ``out/coco_prefix_config.json``."""
+    weights = Path(weights)
+    prefix = re.sub(r"(-\d+|_latest|_best)$", "", weights.stem)
+    return weights.with_name(f"{prefix}_config.json")
+
+
+def save_config(config: ClipCapConfig, path: str | Path) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def model_state_dict(model: ClipCap, full: bool) -> dict[str, torch.Tensor]:
+    """The model's weights; without ``full``, a prefix-only model keeps just its mapper."""
+    state = model.state_dict()
+    if model.config.only_prefix and not full:
+        state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
+    return state
+
+
+def save_checkpoint(model: ClipCap, path: str | Path) -> Path:
+    """Write ``path`` atomically: ``.safetensors`` is our format, ``.pt`` the original's."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        if path.suffix == ".pt":
+            torch.save(model_state_dict(model, full=True), tmp)
+        elif path.suffix == ".safetensors":
+            state = {k: v.detach().contiguous() for k, v in model_state_dict(model, full=False).items()}
+            if "gpt.lm_head.weight" in state:  # tied to the input embedding; stored once
+                del state["gpt.lm_head.weight"]
+            save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict())})
+        else:
+            raise ClipCapError(f"{path}: checkpoint name must end in .safetensors or .pt")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapConfig | None]:
+    """Weights and, when the file or a config JSON beside it has one, the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipCapError(f"{path}: checkpoint not found")
+    config_dict: dict[str, Any] | None = None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+            if CONFIG_KEY in meta:
+                config_dict = json.loads(meta[CONFIG_KEY])
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ClipCapError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint of ours that also holds optimizer state
+    if not isinstance(state, dict) or not any(k.startswith("clip_project.") for k in state):
+        raise ClipCapError(f"{path}: not a ClipCap checkpoint (no clip_project.* weights)")
+    state = {k: v for k, v in state.items() if not LEGACY_BUFFER.match(k)}
+    if config_dict is None and config_path_for(path).is_file():
+        config_dict = json.loads(config_path_for(path).read_text())
+    return state, (ClipCapConfig.from_dict(config_dict) if config_dict is not None else None)
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
+    """Recover the configuration of an original checkpoint from its tensor shapes."""
+    if "gpt.transformer.wte.weight" not in state:
+        raise ClipCapError("checkpoint has no GPT-2 weights and no config: cannot tell which GPT-2 it needs")
+    vocab, width = state["gpt.transformer.wte.weight"].shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k)))
+    gpt2_config = {"vocab_size": vocab, "n_positions": state["gpt.transformer.wpe.weight"].shape[0],
+                   "n_embd": width, "n_layer": depth, "n_head": width // 64,  # GPT-2 heads are 64 wide
+                   "bos_token_id": 50256, "eos_token_id": 50256}
+    gpt2 = GPT2_NAMES.get((width, depth), "gpt2")
+    if "clip_project.model.0.weight" in state:
+        hidden, prefix_size = state["clip_project.model.0.weight"].shape
+        return ClipCapConfig(mapping_type="mlp", prefix_size=prefix_size,
+                             prefix_length=state["clip_project.model.2.weight"].shape[0] // width,
+                             gpt2=gpt2, gpt2_config=gpt2_config)
+    if "clip_project.linear.weight" in state:
+        layers = {int(m.group(1)) for k in state if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
+        return ClipCapConfig(mapping_type="transformer", prefix_size=state["clip_project.linear.weight"].shape[1],
+                             prefix_length=state["clip_project.prefix_const"].shape[0],
+                             prefix_length_clip=state["clip_project.linear.weight"].shape[0] // width,
+                             num_layers=len(layers), only_prefix=True, gpt2=gpt2, gpt2_config=gpt2_config)
+    raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")
+
+
+def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str | Path) -> None:
+    """Fail with one line naming the first setting that differs, instead of a shape traceback."""
+    if any(k.startswith("gpt.") for k in state):
+        theirs = infer_config(state)
+        fields = SHAPE_FIELDS if theirs.mapping_type == "transformer" else SHAPE_FIELDS[:2] + SHAPE_FIELDS[3:4]
+        for name in fields:
+            a, b = getattr(theirs, name), getattr(model.config, name)
+            if a != b:
+                raise ClipCapError(f"{path}: checkpoint has {name} {a}, model built with {b}")
+        for name in ("n_embd", "n_layer", "vocab_size"):
+            a, b = theirs.gpt2_config[name], model.gpt.config.to_dict()[name]
+            if a != b:
+                raise ClipCapError(f"{path}: checkpoint has GPT-2 {name} {a}, model built with {b}")
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key not in own:
+            raise ClipCapError(f"{path}: checkpoint has weight {key} that the model does not")
+        if own[key].shape != tensor.shape:
+            raise ClipCapError(f"{path}: checkpoint has {key} of shape {tuple(tensor.shape)}, "
+                               f"model built with {tuple(own[key].shape)}")
+
+
+def load_weights(model: ClipCap, path: str | Path) -> None:
+    """Load a checkpoint's weights into an existing model, checking that it fits first."""
+    state, _ = read_checkpoint(path)
+    check_compatible(state, model, path)
+    load_state(model, state, path)
+
+
+def load_state(model: ClipCap, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    mapper_only = not any(k.startswith("gpt.") for k in state)
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (mapper_only and k.startswith("gpt.")) and k != "gpt.lm_head.weight"]
+    if missing:
+        raise ClipCapError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: str | None = None,
+                    **overrides: Any) -> ClipCap:
+    """Load any ClipCap checkpoint (ours or the original's) with no configuration flags.
+
+    ``gpt2`` overrides where GPT-2 and its tokenizer come from; ``overrides`` set other config
+    fields (``normalize_prefix=True`` for the original's transformer weights, for example).
+    """
+    state, config = read_checkpoint(path)
+    full = any(k.startswith("gpt.") for k in state)
+    if config is None:
+        config = infer_config(state)
+    if gpt2 is not None:
+        config.gpt2 = gpt2
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if full:
+        if not config.gpt2_config:
+            config.gpt2_config = infer_config(state).gpt2_config
+        model = build_model(config, pretrained_gpt2=False)
+    else:
+        model = build_model(config, pretrained_gpt2=True)
+    check_compatible(state, model, path)
+    load_state(model, state, path)
+    if full:
+        model.gpt.tie_weights()
+    return model.to(device).eval()

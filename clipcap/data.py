@@ -1,0 +1,195 @@
+"""Cached CLIP features and their captions, tokenised once, batched for training.
+
+Reads the original's feature pickle (``{"clip_embedding": [N, D], "captions": [{..., "clip_embedding": row}]}``)
+without running pickled code, and the feature store of :mod:`clipcap.store`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .files import ClipCapError, atomic_write
+
+
+@dataclass
+class FeatureSet:
+    """CLIP embeddings of images and the captions that point at them (many captions per image)."""
+
+    embeddings: torch.Tensor | np.ndarray  # [num_images, D]; a memory map for large stores
+    captions: list[str]  # one per caption
+    image_index: np.ndarray  # caption i describes embeddings[image_index[i]]
+    image_ids: list[Any]  # caption i's image id (COCO id, file key, ...)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def embedding(self, row: int) -> torch.Tensor:
+        """One embedding as float32 (fp16 features are upcast)."""
+        return torch.as_tensor(np.asarray(self.embeddings[row]), dtype=torch.float32) \
+            if isinstance(self.embeddings, np.ndarray) else self.embeddings[row].float()
+
+    def validate(self, source: str | Path) -> None:
+        """Check the caption -> embedding indices, naming the first bad one."""
+        n = int(self.embeddings.shape[0])
+        if len(self.image_index) != len(self.captions) or len(self.image_ids) != len(self.captions):
+            raise ClipCapError(f"{source}: caption, index and image id lists differ in length")
+        bad = np.flatnonzero((self.image_index < 0) | (self.image_index >= n))
+        if bad.size:
+            i = int(bad[0])
+            raise ClipCapError(f"{source}: caption {i} points at embedding row {int(self.image_index[i])}, "
+                               f"but the file has {n} rows")
+
+
+def _load_storage_safely(data: bytes) -> Any:
+    # Tensors inside a plain pickle keep their storage as torch.save bytes; the stock hook
+    # loads those with weights_only=False, so route them through the safe loader instead.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, strings and tensors; refuses anything that runs code."""
+
+    ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
+               ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _load_storage_safely
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def load_original_pickle(path: str | Path) -> FeatureSet:
+    """The original's ``parse_coco.py`` / ``parse_conceptual.py`` output, loaded without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipCapError(f"{path}: feature file not found")
+    try:
+        with open(path, "rb") as f:
+            data = _TensorOnlyUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError, IndexError, TypeError) as e:
+        raise ClipCapError(f"{path}: not a readable feature pickle, truncated or corrupt ({e})") from None
+    if not isinstance(data, dict) or "clip_embedding" not in data or "captions" not in data:
+        raise ClipCapError(f"{path}: expected a dict with 'clip_embedding' and 'captions'")
+    embeddings = torch.as_tensor(data["clip_embedding"])
+    if embeddings.ndim != 2:
+        raise ClipCapError(f"{path}: 'clip_embedding' must be [N, D], got shape {tuple(embeddings.shape)}")
+    try:
+        captions = [str(c["caption"]) for c in data["captions"]]
+        index = np.array([int(c["clip_embedding"]) for c in data["captions"]], dtype=np.int64)
+        ids = [c.get("image_id", c["clip_embedding"]) for c in data["captions"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ClipCapError(f"{path}: caption entries need 'caption' and 'clip_embedding' ({e!r})") from None
+    features = FeatureSet(embeddings, captions, index, ids)
+    features.validate(path)
+    return features
+
+
+def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
+    """Write the original's pickle layout (readable by the original's train.py), atomically."""
+    embeddings = torch.as_tensor(np.asarray(features.embeddings)) \
+        if isinstance(features.embeddings, np.ndarray) else features.embeddings
+    captions = [{"image_id": image_id, "caption": caption, "clip_embedding": int(row)}
+                for caption, row, image_id in zip(features.captions, features.image_index, features.image_ids)]
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump({"clip_embedding": embeddings, "captions": captions}, f)
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    """A feature pickle (``.pkl``) or a feature store directory."""
+    path = Path(path)
+    if path.is_dir():
+        from .store import load_store
+
+        return load_store(path)
+    return load_original_pickle(path)
+
+
+def tokens_cache_path(data_path: str | Path) -> Path:
+    """``x/oscar_split_ViT-B_32_train.pkl`` -> ``x/oscar_split_ViT-B_32_train_tokens.npz``."""
+    data_path = Path(data_path)
+    stem = data_path.name if data_path.is_dir() else data_path.stem
+    return data_path.with_name(f"{stem}_tokens.npz")
+
+
+def _fingerprint(captions: Sequence[str], tokenizer: Any) -> str:
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    for caption in captions:
+        h.update(caption.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: Any,
+                      cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """GPT-2 ids of every caption as (flat ids, offsets); cached, and re-made when captions or tokenizer change."""
+    fingerprint = _fingerprint(captions, tokenizer)
+    if cache is not None and Path(cache).is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                if str(f["fingerprint"]) == fingerprint:
+                    return f["ids"], f["offsets"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it
+    ids: list[int] = []
+    offsets = np.zeros(len(captions) + 1, dtype=np.int64)
+    for start in range(0, len(captions), 10_000):
+        for i, encoded in enumerate(tokenizer(list(captions[start:start + 10_000]))["input_ids"], start):
+            ids.extend(encoded)
+            offsets[i + 1] = offsets[i] + len(encoded)
+    flat = np.asarray(ids, dtype=np.int32)
+    if cache is not None:
+        with atomic_write(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ids=flat, offsets=offsets, fingerprint=np.array(fingerprint))
+    return flat, offsets
+
+
+def max_caption_length(lengths: np.ndarray, limit: int | None = None) -> int:
+    """The original's truncation length ``min(mean + 10 * std, max)``, capped at ``limit``."""
+    length = int(min(lengths.mean() + 10 * lengths.std(), lengths.max()))
+    return max(1, min(length, limit) if limit is not None else length)
+
+
+class CaptionDataset(Dataset):
+    """(caption token ids, CLIP embedding) pairs; captions truncated to the original's length rule."""
+
+    def __init__(self, features: FeatureSet, tokenizer: Any, cache: str | Path | None = None,
+                 max_positions: int | None = None):
+        self.features = features
+        self.ids, self.offsets = tokenize_captions(features.captions, tokenizer, cache)
+        lengths = np.diff(self.offsets)
+        if (lengths == 0).any():
+            raise ClipCapError(f"caption {int(np.flatnonzero(lengths == 0)[0])} is empty")
+        self.max_length = max_caption_length(lengths, max_positions)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(self.offsets[i])
+        end = min(int(self.offsets[i + 1]), start + self.max_length)
+        tokens = torch.from_numpy(self.ids[start:end].astype(np.int64))
+        return tokens, self.features.embedding(int(self.features.image_index[i]))
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the batch's longest caption: (tokens [B, T], lengths [B], embeddings [B, D])."""
+    tokens, embeddings = zip(*batch)
+    lengths = torch.tensor([len(t) for t in tokens])
+    padded = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
+    for row, t in zip(padded, tokens):
+        row[:len(t)] = t
+    return padded, lengths, torch.stack(embeddings)

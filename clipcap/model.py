@@ -1,0 +1,221 @@
+"""The ClipCap model: a mapping network from one CLIP embedding to a GPT-2 prefix.
+
+State-dict names and shapes are the original implementation's (``gpt.*`` for GPT-2,
+``clip_project.*`` for the mapper), so its released weights load here and ours load there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+MAPPING_TYPES = ("mlp", "transformer")
+
+
+@dataclass
+class ClipCapConfig:
+    """Everything needed to rebuild a ClipCap model; written as JSON beside each checkpoint."""
+
+    prefix_length: int = 10  # K: number of prefix vectors fed to GPT-2
+    prefix_length_clip: int = 10  # transformer mapper only: tokens the CLIP vector is split into
+    prefix_size: int = 512  # D: CLIP embedding width (ViT-B/32 512, RN50x4 640, ViT-L/14 768)
+    mapping_type: str = "mlp"
+    num_layers: int = 8  # transformer mapper depth
+    num_heads: int = 8  # transformer mapper heads
+    only_prefix: bool = False  # GPT-2 frozen; only the mapper is trained and saved
+    normalize_prefix: bool = False  # L2-normalise CLIP embeddings (training and inference alike)
+    gpt2: str = "gpt2"  # Hugging Face name or local directory of GPT-2 and its tokenizer
+    clip_model: str = "ViT-B/32"  # the CLIP that produced the features (for captioning images)
+    gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2 architecture, filled on build
+
+    def __post_init__(self) -> None:
+        if self.mapping_type not in MAPPING_TYPES:
+            raise ValueError(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ClipCapConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class MLPMapper(nn.Module):
+    """Linear(D, EK/2) - Tanh - Linear(EK/2, EK), reshaped to K vectors of width E."""
+
+    def __init__(self, prefix_size: int, embed_dim: int, prefix_length: int):
+        super().__init__()
+        hidden = embed_dim * prefix_length // 2
+        self.model = nn.Sequential(
+            nn.Linear(prefix_size, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim * prefix_length)
+        )
+        self.prefix_length = prefix_length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).view(x.shape[0], self.prefix_length, -1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_queries = nn.Linear(dim, dim, bias=False)
+        self.to_keys_values = nn.Linear(dim, 2 * dim, bias=False)  # keys first, then values
+        self.project = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        queries = self.to_queries(x).view(b, n, h, c // h).transpose(1, 2)
+        keys_values = self.to_keys_values(x).view(b, n, 2, h, c // h)
+        keys = keys_values[:, :, 0].transpose(1, 2)
+        values = keys_values[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values)  # scale head_dim**-0.5, no mask
+        return self.project(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(norm1(x)), then x + mlp(norm2(x)); MLP ratio 2."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(dim, num_heads) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TransformerMapper(nn.Module):
+    """CLIP vector -> clip_length tokens, joined by K learned constants; the constants' outputs are the prefix."""
+
+    def __init__(self, prefix_size: int, embed_dim: int, prefix_length: int, clip_length: int,
+                 num_layers: int, num_heads: int = 8):
+        super().__init__()
+        self.clip_length = clip_length
+        self.linear = nn.Linear(prefix_size, clip_length * embed_dim)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, embed_dim))
+        self.transformer = Transformer(embed_dim, num_heads, num_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x).view(x.shape[0], self.clip_length, -1)
+        const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.transformer(torch.cat((x, const), dim=1))[:, self.clip_length:]
+
+
+class ClipCap(nn.Module):
+    """GPT-2 (``gpt``) conditioned on a prefix made from a CLIP embedding by ``clip_project``."""
+
+    def __init__(self, config: ClipCapConfig, gpt: GPT2LMHeadModel):
+        super().__init__()
+        self.config = config
+        self.gpt = gpt
+        embed_dim = gpt.config.n_embd
+        if config.mapping_type == "mlp":
+            self.clip_project: nn.Module = MLPMapper(config.prefix_size, embed_dim, config.prefix_length)
+        else:
+            self.clip_project = TransformerMapper(config.prefix_size, embed_dim, config.prefix_length,
+                                                  config.prefix_length_clip, config.num_layers, config.num_heads)
+        if config.only_prefix:
+            self.gpt.requires_grad_(False)
+            self.gpt.eval()
+
+    def train(self, mode: bool = True) -> "ClipCap":
+        super().train(mode)
+        if self.config.only_prefix:
+            self.gpt.eval()  # frozen GPT-2 runs without dropout, as in the original
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return self.gpt.config.n_embd
+
+    def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
+        """CLIP embeddings [B, D] -> prefix embeddings [B, K, E] (normalised first if configured)."""
+        clip_embeds = clip_embeds.to(self.clip_project_dtype)
+        if self.config.normalize_prefix:
+            clip_embeds = clip_embeds / clip_embeds.norm(dim=-1, keepdim=True)
+        return self.clip_project(clip_embeds)
+
+    @property
+    def clip_project_dtype(self) -> torch.dtype:
+        return next(self.clip_project.parameters()).dtype
+
+    def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K + T, V] over prefix and caption positions, as the original returns them."""
+        embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
+        return self.gpt(inputs_embeds=embeds, attention_mask=attention_mask).logits
+
+    def loss(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the real caption tokens of a right-padded batch.
+
+        Right padding needs no attention mask under causal attention, and the vocabulary
+        projection runs only at the positions that predict a real token.
+        """
+        k = self.config.prefix_length
+        embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
+        hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
+        real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
+        predicting = hidden[:, k - 1:-1][real]  # the state before each real token predicts it
+        logits = self.gpt.lm_head(predicting)
+        return F.cross_entropy(logits.float(), tokens[real])
+
+
+def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:
+    """The GPT-2 config fields that fix its shapes, so a full checkpoint rebuilds offline."""
+    c = gpt.config
+    return {"vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd,
+            "n_layer": c.n_layer, "n_head": c.n_head, "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id}
+
+
+def build_model(config: ClipCapConfig, pretrained_gpt2: bool = True) -> ClipCap:
+    """Build a ClipCap model: GPT-2 weights from ``config.gpt2`` or random from ``config.gpt2_config``."""
+    if pretrained_gpt2:
+        gpt = GPT2LMHeadModel.from_pretrained(config.gpt2)
+    else:
+        if not config.gpt2_config:
+            raise ValueError("config.gpt2_config is empty: cannot build GPT-2 without its weights")
+        gpt = GPT2LMHeadModel(GPT2Config(**config.gpt2_config))
+    config.gpt2_config = gpt2_architecture(gpt)
+    return ClipCap(config, gpt)
+
+
+def load_tokenizer(name_or_dir: str) -> GPT2TokenizerFast:
+    """GPT-2's byte-level BPE tokenizer from the hub or a local directory."""
+    return GPT2TokenizerFast.from_pretrained(name_or_dir)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

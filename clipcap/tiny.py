@@ -1,0 +1,44 @@
+"""Tiny random backbones built on the spot, for offline tests and the offline demo.
+
+They go through the same ``save_pretrained`` / ``from_pretrained`` path as the real
+``gpt2`` and CLIP checkpoints, so the loading code that runs here is the code that runs online.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> GPT2TokenizerFast:
+    """A byte-level BPE tokenizer like GPT-2's: id 0 is "!", end-of-text is the last id."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.add_special_tokens([END_OF_TEXT])
+    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                             unk_token=END_OF_TEXT)
+
+
+def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32, n_layer: int = 2,
+                   n_head: int = 2, n_positions: int = 128, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Save a random GPT-2 and a tokenizer trained on ``corpus`` into ``out_dir``; returns it."""
+    import torch
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
+                        n_layer=n_layer, n_head=n_head, bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny GPT-2 with a tokenizer trained on the fly, and small feature files.
+
+Everything goes through save_pretrained / from_pretrained, the path real checkpoints take.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from clipcap.tiny import make_tiny_gpt2
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star"]
+ANIMALS = ["dog", "cat", "horse", "bird", "cow", "sheep"]
+PLACES = ["on a bench", "in a field", "next to a car", "under a tree", "on the beach"]
+
+
+def caption_corpus() -> list[str]:
+    """Captions in the style of COCO, used to train the tiny tokenizer."""
+    shapes = [f"a {c} {s} left of a {c2} {s2}." for c in COLOURS for s in SHAPES for c2 in COLOURS[:3] for s2 in SHAPES[:2]]
+    animals = [f"a {a} {p}." for a in ANIMALS for p in PLACES]
+    return shapes + animals + ["a man riding a wave on top of a surfboard!", "two people are playing frisbee."]
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 (width 32, 2 layers) and its tokenizer, saved like a hub checkpoint."""
+    return str(make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), caption_corpus()))
+
+
+def write_feature_pickle(path, captions_per_image: list[list[str]], dim: int = 16, seed: int = 0,
+                         dtype=torch.float32):
+    """The original's feature pickle: one random embedding per image, several captions each."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(len(captions_per_image), dim, generator=g).to(dtype)
+    captions = [{"image_id": 1000 + i, "id": len(caps) * i + j, "caption": c, "clip_embedding": i}
+                for i, caps in enumerate(captions_per_image) for j, c in enumerate(caps)]
+    random.Random(seed).shuffle(captions)
+    with open(path, "wb") as f:
+        pickle.dump({"clip_embedding": embeddings, "captions": captions}, f)
+    return path
+
+
+@pytest.fixture
+def feature_pickle(tmp_path):
+    """Eight images with two captions each, in the original's pickle format."""
+    corpus = caption_corpus()
+    return write_feature_pickle(tmp_path / "oscar_split_ViT-B_32_train.pkl",
+                                [[corpus[i * 7], corpus[i * 7 + 3]] for i in range(8)])
