@@ -42,3 +42,25 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
     GPT2LMHeadModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 8, width: int = 32,
+                   projection_dim: int = 16, seed: int = 0) -> Path:
+    """Save a random CLIP (both towers) and its image processor into ``out_dir``; returns it.
+
+    The processor resizes the shortest side to ``image_size`` and centre-crops, as OpenAI's does.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    out_dir = Path(out_dir)
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(tower, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPConfig(text_config=text,
+                        vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
+                        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(out_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return out_dir

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from clipcap.tiny import make_tiny_gpt2
+from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -33,6 +33,12 @@ def caption_corpus() -> list[str]:
 def gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 (width 32, 2 layers) and its tokenizer, saved like a hub checkpoint."""
     return str(make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), caption_corpus()))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP (32 px images, 16-d embeddings) and its image processor, saved like a hub checkpoint."""
+    return str(make_tiny_clip(tmp_path_factory.mktemp("clip")))
 
 
 def write_feature_pickle(path, captions_per_image: list[list[str]], dim: int = 16, seed: int = 0,

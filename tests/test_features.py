@@ -1,0 +1,110 @@
+"""Image decoding, OpenAI's preprocessing and the CLIP image encoder."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as photos
+from transformers import CLIPImageProcessorPil, CLIPModel
+
+from clipcap.features import Preprocess, load_image, load_image_encoder
+from clipcap.files import ClipCapError
+
+
+def openai_processor(**overrides) -> CLIPImageProcessorPil:
+    """transformers' PIL implementation of the ViT-B/32 processor: an independent reference."""
+    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, **overrides)
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "coffee", "chelsea", "camera", "hubble_deep_field"])
+def test_preprocessing_matches_reference_on_real_photos(photo):
+    image = Image.fromarray(getattr(photos, photo)()).convert("RGB")
+    expected = openai_processor()(image, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(Preprocess()([image]), expected, atol=1e-5)
+
+
+def test_centre_crop_rounds_like_torchvision():
+    # rocket is 640x427 -> 335x224: 111 spare columns. torchvision's CenterCrop (which OpenAI
+    # uses) starts at round(55.5) = 56; transformers' processor starts at 111 // 2 = 55.
+    image = Image.fromarray(photos.rocket())
+    resized = openai_processor(do_center_crop=False)(image, return_tensors="pt")["pixel_values"]
+    assert resized.shape[-2:] == (224, 335)
+    assert torch.allclose(Preprocess()([image]), resized[..., 56:56 + 224], atol=1e-5)
+
+
+def save(image: Image.Image, path, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def photo(size=(64, 48)) -> Image.Image:
+    return Image.fromarray(photos.astronaut()).resize(size)
+
+
+def test_load_image_decodes_every_mode_to_rgb(tmp_path):
+    rgb = photo()
+    gray16 = Image.fromarray(np.full((20, 30), 32896, dtype=np.uint16))  # 32896 / 257 = 128
+    frames = [Image.new("RGB", (30, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    cases = {
+        "cmyk.jpg": save(rgb.convert("CMYK"), tmp_path / "cmyk.jpg", quality=95),
+        "gray.png": save(rgb.convert("L"), tmp_path / "gray.png"),
+        "rgba.png": save(rgb.convert("RGBA"), tmp_path / "rgba.png"),
+        "palette.png": save(rgb.convert("P"), tmp_path / "palette.png"),
+        "gray16.png": save(gray16, tmp_path / "gray16.png"),
+        "anim.gif": save(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:]),
+    }
+    for name, path in cases.items():
+        image = load_image(path)
+        assert image.mode == "RGB", name
+    assert np.asarray(load_image(cases["gray16.png"])).min() == 128  # scaled, not clipped to white
+    assert tuple(np.asarray(load_image(cases["anim.gif"]))[0, 0]) == (255, 0, 0)  # first frame
+    assert np.array_equal(np.asarray(load_image(cases["rgba.png"])), np.asarray(rgb))
+    cmyk = np.asarray(load_image(cases["cmyk.jpg"]), dtype=float)
+    assert np.abs(cmyk - np.asarray(rgb, dtype=float)).mean() < 10  # colours survive the CMYK round trip
+
+
+def test_load_image_reads_file_objects():
+    buffer = io.BytesIO()
+    photo().save(buffer, format="JPEG")
+    buffer.seek(0)
+    assert load_image(buffer, name="member.jpg").size == (64, 48)
+
+
+def test_bad_images_raise_one_clear_error(tmp_path):
+    jpeg = save(photo(), tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_bytes(b"<html>404 not found</html>")
+    save(Image.new("L", (4000, 3000)), tmp_path / "huge.png")  # 12 Mpx of zeros: a few kB on disk
+    for name, reason in [("truncated.jpg", "truncated"), ("empty.jpg", "unreadable"), ("text.jpg", "unreadable"),
+                         ("missing.jpg", "No such file"), ("huge.png", "pixel limit")]:
+        with pytest.raises(ClipCapError, match=reason) as e:
+            load_image(tmp_path / name, max_pixels=10_000_000)
+        assert str(e.value).startswith(str(tmp_path / name))
+
+
+def test_encoder_gives_clip_image_features(clip_dir):
+    encoder = load_image_encoder(clip_dir)
+    images = [photo((50, 40)), photo((30, 90)).convert("L").convert("RGB")]
+    pixels = encoder.preprocess(images)
+    assert pixels.shape == (2, 3, 32, 32) and encoder.dim == 16
+    with torch.no_grad():
+        expected = CLIPModel.from_pretrained(clip_dir).get_image_features(pixel_values=pixels).pooler_output
+    embeddings = encoder.encode(pixels)
+    assert embeddings.shape == (2, 16) and embeddings.dtype == torch.float32
+    assert torch.allclose(embeddings, expected, atol=1e-5)  # projected, not L2-normalised
+    half = load_image_encoder(clip_dir, dtype=torch.bfloat16).encode(pixels)
+    assert torch.allclose(half, expected, atol=0.1, rtol=0.05)
+
+
+def test_unknown_encoders_are_clear_errors(tmp_path):
+    with pytest.raises(ClipCapError, match="not a CLIP checkpoint"):
+        load_image_encoder(str(tmp_path))
+    try:
+        import clip  # noqa: F401
+    except ImportError:
+        with pytest.raises(ClipCapError, match="clip package"):
+            load_image_encoder("RN50x4")
