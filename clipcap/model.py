@@ -177,8 +177,9 @@ class ClipCap(nn.Module):
         embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
         return self.gpt(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
-    def loss(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the real caption tokens of a right-padded batch.
+    def loss(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the real caption tokens of a right-padded batch (mean or sum).
 
         Right padding needs no attention mask under causal attention, and the vocabulary
         projection runs only at the positions that predict a real token.
@@ -189,7 +190,7 @@ class ClipCap(nn.Module):
         real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
         predicting = hidden[:, k - 1:-1][real]  # the state before each real token predicts it
         logits = self.gpt.lm_head(predicting)
-        return F.cross_entropy(logits.float(), tokens[real])
+        return F.cross_entropy(logits.float(), tokens[real], reduction=reduction)
 
 
 def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> GPT2Tokeniz
 
 
 def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32, n_layer: int = 2,
-                   n_head: int = 2, n_positions: int = 128, vocab_size: int = 400, seed: int = 0) -> Path:
+                   n_head: int = 2, n_positions: int = 128, vocab_size: int = 400, dropout: float = 0.1,
+                   seed: int = 0) -> Path:
     """Save a random GPT-2 and a tokenizer trained on ``corpus`` into ``out_dir``; returns it."""
     import torch
 
@@ -37,7 +38,8 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
     tokenizer = train_tokenizer(corpus, vocab_size)
     eos = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=n_head, bos_token_id=eos, eos_token_id=eos)
+                        n_layer=n_layer, n_head=n_head, bos_token_id=eos, eos_token_id=eos,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

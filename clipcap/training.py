@@ -1,0 +1,495 @@
+"""Training ClipCap on cached CLIP features: one process or many (torchrun), resumable.
+
+Read top to bottom: configuration, the data order, the loop, checkpoints and logs.
+
+Where this differs from the original's loop (on purpose):
+- Each batch is padded to its own longest caption and the loss ignores padding only
+  (the original padded to one global length and ignored token 0, which is the real "!").
+- Prefix-only mode computes no gradients for GPT-2's weights.
+- The loss of an optimizer step is the mean over all real tokens of the global batch, however
+  it is split over processes (``--bs`` per process) and accumulation steps (``--grad_accum``),
+  so N processes with batch B equal one process with batch N*B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .checkpoint import check_compatible, load_state, save_checkpoint, save_config
+from .data import CaptionDataset, collate, load_features, tokens_cache_path
+from .files import ClipCapError, atomic_write
+from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the paper's (COCO, MLP mapper, GPT-2 fine-tuned, batch 40, 10 epochs)."""
+
+    data: str = "./data/coco/oscar_split_ViT-B_32_train.pkl"
+    out_dir: str = "./checkpoints"
+    prefix: str = "coco_prefix"
+    epochs: int = 10
+    save_every: int = 1
+    prefix_length: int = 10
+    prefix_length_clip: int = 10
+    bs: int = 40  # per process; the global batch is bs * processes * grad_accum
+    only_prefix: bool = False
+    mapping_type: str = "mlp"
+    num_layers: int = 8
+    normalize_prefix: bool = False
+    lr: float = 2e-5
+    warmup: int = 5000
+    gpt2: str = "gpt2"
+    clip_model: str = "ViT-B/32"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp32)
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping (the original)
+    compile: bool = False
+    resume: str | None = None
+    save_original_format: bool = False
+    save_latest_every: int = 10_000  # optimizer steps between {prefix}_latest checkpoints
+    max_steps: int | None = None  # stop (resumably) after this many steps in this run
+    val_data: str | None = None
+    val_captions: int = 0  # CIDEr on this many validation images each epoch (greedy captions)
+    log_every: int = 20
+
+
+# --------------------------------------------------------------------------- processes, devices
+
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+
+def start_processes(device: str) -> Processes:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes()
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        torch_dist.init_process_group(backend)
+    return Processes(torch_dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str, procs: Processes) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", procs.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in choices:
+        raise ClipCapError(f"--precision must be one of {sorted(choices)} or auto, got {name!r}")
+    return choices[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
+    """[steps, global_batch] caption indices: a fresh shuffle each epoch, the last partial batch dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    steps = n // global_batch
+    return order[:steps * global_batch].view(steps, global_batch)
+
+
+class MicroBatches:
+    """This process's micro-batches of each step: slice ``(micro * world + rank) * bs`` of the step's global batch."""
+
+    def __init__(self, steps: torch.Tensor, procs: Processes, bs: int, grad_accum: int):
+        self.steps, self.procs, self.bs, self.grad_accum = steps, procs, bs, grad_accum
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.steps:
+            for micro in range(self.grad_accum):
+                start = (micro * self.procs.world + self.procs.rank) * self.bs
+                yield step[start:start + self.bs].tolist()
+
+
+class LossOf(nn.Module):
+    """Routes forward() to ClipCap.loss, so DDP's gradient hooks and torch.compile see it."""
+
+    def __init__(self, model: ClipCap):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(embeds, tokens, lengths, reduction="sum")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, write checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history)."""
+    procs = start_processes(cfg.device)
+    device = pick_device(cfg.device, procs)
+    autocast_dtype = pick_precision(cfg.precision, device)
+    out_dir = Path(cfg.out_dir)
+
+    features = load_features(cfg.data)
+    tokenizer = load_tokenizer(cfg.gpt2)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = build_model(ClipCapConfig(
+        prefix_length=cfg.prefix_length, prefix_length_clip=cfg.prefix_length_clip, prefix_size=features.dim,
+        mapping_type=cfg.mapping_type, num_layers=cfg.num_layers, only_prefix=cfg.only_prefix,
+        normalize_prefix=cfg.normalize_prefix, gpt2=cfg.gpt2, clip_model=cfg.clip_model)).to(device)
+    max_positions = model.gpt.config.n_positions - cfg.prefix_length
+    if procs.main:  # the first process writes the token cache, the others read it
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions)
+    procs.barrier()
+    if not procs.main:
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions)
+    token_counts = torch.from_numpy(np.minimum(np.diff(dataset.offsets), dataset.max_length))
+
+    global_batch = cfg.bs * procs.world * cfg.grad_accum
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        raise ClipCapError(f"{cfg.data}: {len(dataset)} captions, fewer than one global batch of {global_batch}")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-6,
+                                  weight_decay=0.0, fused=device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    state = {"epoch": 0, "step": 0, "global_step": 0, "history": [], "best": None}
+    if cfg.resume:
+        state = restore(find_resume_file(cfg.resume, cfg.prefix), model, optimizer, scheduler, scaler)
+
+    loss_of: nn.Module = LossOf(model)
+    if cfg.compile:
+        loss_of = torch.compile(loss_of)
+    if procs.world > 1:
+        loss_of = nn.parallel.DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None)
+
+    val = ValidationSet(cfg, tokenizer, max_positions) if cfg.val_data and procs.main else None
+    log = RunLog(out_dir, cfg.prefix, enabled=procs.main)
+    if procs.main:
+        save_config(model.config, out_dir / f"{cfg.prefix}_config.json")
+        log.text(f"{len(dataset):,} captions, {steps_per_epoch:,} steps/epoch of {global_batch} "
+                 f"({procs.world} process(es) x bs {cfg.bs} x accum {cfg.grad_accum}), {device}, "
+                 f"precision {autocast_dtype or torch.float32}, trainable params "
+                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+
+    steps_this_run = 0
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        batches = epoch_batches(len(dataset), global_batch, cfg.seed, epoch)
+        first = state["step"] if epoch == state["epoch"] else 0
+        loader = DataLoader(dataset, batch_sampler=MicroBatches(batches[first:], procs, cfg.bs, cfg.grad_accum),
+                            collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        micro_batches = iter(loader)
+        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not procs.main, dynamic_ncols=True)
+        window = Throughput(device)
+        for step in range(first, steps_per_epoch):
+            step_tokens = int(token_counts[batches[step]].sum())
+            for micro in range(cfg.grad_accum):
+                tokens, lengths, embeds = (t.to(device, non_blocking=True) for t in next(micro_batches))
+                syncing = micro == cfg.grad_accum - 1 or procs.world == 1
+                with loss_of.no_sync() if not syncing else nullcontext(), autocast(device, autocast_dtype):
+                    loss_sum = loss_of(embeds, tokens, lengths)
+                    # DDP averages gradients over processes; scale so the step's gradient is the global token mean
+                    scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
+                window.add(loss_sum.detach(), int(lengths.sum()), len(lengths))
+            if cfg.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.update(epoch=epoch, step=step + 1, global_step=state["global_step"] + 1)
+            steps_this_run += 1
+            bar.update(1)
+
+            if state["global_step"] % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                record = window.flush(procs) | {"epoch": epoch + 1, "step": state["global_step"],
+                                                "lr": scheduler.get_last_lr()[0]}
+                state["history"].append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                log.scalars(record)
+            if state["global_step"] % cfg.save_latest_every == 0 and procs.main:
+                save_weights(model, out_dir / f"{cfg.prefix}_latest", cfg.save_original_format)
+                save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
+            if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
+                bar.close()
+                if procs.main:
+                    save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
+                    log.text(f"stopped after {steps_this_run} steps (--max_steps); continue with "
+                             f"--resume {out_dir}")
+                procs.barrier()
+                return summary(out_dir, cfg, state, log, finished=False)
+        bar.close()
+
+        state.update(epoch=epoch + 1, step=0)
+        if procs.main:
+            if val is not None:
+                metrics = val.evaluate(model)
+                state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
+                log.scalars({"step": state["global_step"], **metrics})
+                log.text(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                score = metrics.get("val_CIDEr", -metrics["val_loss"])
+                if state["best"] is None or score > state["best"]["score"]:
+                    state["best"] = {"epoch": epoch + 1, "score": score, **metrics}
+                    save_weights(model, out_dir / f"{cfg.prefix}_best", cfg.save_original_format)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                save_weights(model, out_dir / f"{cfg.prefix}-{epoch:03d}", cfg.save_original_format)
+            save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
+            plot_history(state["history"], out_dir / f"{cfg.prefix}_loss.png")
+        procs.barrier()
+    return summary(out_dir, cfg, state, log, finished=True)
+
+
+class Throughput:
+    """Loss and speed over the steps since the last log line (reduced over processes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.tokens = self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, tokens: int, samples: int) -> None:
+        self.loss_sum += loss_sum.float()
+        self.tokens += tokens
+        self.samples += samples
+
+    def flush(self, procs: Processes) -> dict[str, float]:
+        totals = torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=self.device),
+                              torch.tensor(float(self.samples), device=self.device)])
+        if procs.world > 1:
+            torch_dist.all_reduce(totals)
+        seconds = time.perf_counter() - self.start
+        record = {"loss": float(totals[0] / totals[1]), "samples_per_s": float(totals[2]) / seconds,
+                  "tokens_per_s": float(totals[1]) / seconds}
+        if self.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.reset()
+        return record
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class ValidationSet:
+    """Validation loss over a held-out feature file and, optionally, CIDEr of greedy captions."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Any, max_positions: int):
+        self.features = load_features(cfg.val_data)
+        self.dataset = CaptionDataset(self.features, tokenizer, tokens_cache_path(cfg.val_data), max_positions)
+        self.tokenizer, self.bs, self.num_images = tokenizer, cfg.bs, cfg.val_captions
+
+    @torch.no_grad()
+    def evaluate(self, model: ClipCap) -> dict[str, float]:
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for tokens, lengths, embeds in DataLoader(self.dataset, batch_size=self.bs, collate_fn=collate):
+            total += float(model.loss(embeds.to(device), tokens.to(device), lengths.to(device), reduction="sum"))
+            count += int(lengths.sum())
+        metrics = {"val_loss": total / count}
+        if self.num_images > 0:
+            metrics["val_CIDEr"] = self.cider(model)
+        model.train()
+        return metrics
+
+    def cider(self, model: ClipCap) -> float:
+        from .decoding import caption_embeddings
+        from .evaluation import score
+
+        references: dict[Any, list[str]] = {}
+        rows: dict[Any, int] = {}
+        for caption, row, image_id in zip(self.features.captions, self.features.image_index, self.features.image_ids):
+            if image_id in rows or len(rows) < self.num_images:
+                rows.setdefault(image_id, int(row))
+                references.setdefault(image_id, []).append(caption)
+        embeds = torch.stack([self.features.embedding(r) for r in rows.values()])
+        captions = caption_embeddings(model, self.tokenizer, embeds.to(next(model.parameters()).device),
+                                      strategy="greedy")
+        results = [{"image_id": i, "caption": c[0]} for i, c in zip(rows, captions)]
+        return score(results, references, metrics=("CIDEr",))["CIDEr"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_weights(model: ClipCap, stem: Path, original_format: bool) -> None:
+    """``stem.safetensors`` (ours), and ``stem.pt`` (the original's layout) when asked."""
+    save_checkpoint(model, stem.with_name(stem.name + ".safetensors"))
+    if original_format:
+        save_checkpoint(model, stem.with_name(stem.name + ".pt"))
+
+
+def save_resume(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
+                scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Everything needed to continue exactly where this step ended (loadable with weights_only=True)."""
+    trainable = {k: v for k, v in model.state_dict().items()
+                 if not model.config.only_prefix or k.startswith("clip_project.")}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with atomic_write(path) as tmp:
+        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng, "config": json.dumps(model.config.to_dict()),
+                    "state": json.dumps(state)}, tmp)
+
+
+def find_resume_file(path: str, prefix: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{prefix}_resume.pt"
+    if not p.is_file():
+        raise ClipCapError(f"{p}: no resume state to continue from")
+    return p
+
+
+def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
+            scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ClipCapError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:200]})") from None
+    theirs = ClipCapConfig.from_dict(json.loads(saved["config"]))
+    for name in ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers", "only_prefix"):
+        if getattr(theirs, name) != getattr(model.config, name):
+            raise ClipCapError(f"{path}: checkpoint has {name} {getattr(theirs, name)}, "
+                               f"model built with {getattr(model.config, name)}")
+    check_compatible(saved["model"], model, path)
+    load_state(model, saved["model"], path)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return json.loads(saved["state"])
+
+
+# --------------------------------------------------------------------------- logs and plots
+
+
+class RunLog:
+    """Rank 0's record of a run: JSONL and TensorBoard scalars, and messages printed above the bar."""
+
+    def __init__(self, out_dir: Path, prefix: str, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / f"{prefix}_log.jsonl"
+        self.writer = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard" / prefix))
+
+    def text(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def scalars(self, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> None:
+    """Training (and validation) loss against optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_points = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val_points = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss")
+    if val_points:
+        ax.plot(*zip(*val_points), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary(out_dir: Path, cfg: TrainConfig, state: dict[str, Any], log: RunLog, finished: bool) -> dict[str, Any]:
+    last_epoch = state["epoch"] - 1
+    result = {"finished": finished, "out_dir": str(out_dir), "history": state["history"], "best": state["best"],
+              "checkpoint": str(out_dir / f"{cfg.prefix}-{last_epoch:03d}.safetensors") if finished else None,
+              "resume": str(out_dir / f"{cfg.prefix}_resume.pt"), "config": str(out_dir / f"{cfg.prefix}_config.json"),
+              "log": str(log.path), "loss_plot": str(out_dir / f"{cfg.prefix}_loss.png")}
+    if finished:
+        losses = [r["loss"] for r in state["history"] if "loss" in r]
+        log.text(f"done: {state['global_step']} steps, final train loss {losses[-1]:.4f}" if losses else "done")
+        log.text(f"checkpoint: {result['checkpoint']}  (config {result['config']})")
+        if state["best"]:
+            log.text(f"best epoch {state['best']['epoch']}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in state["best"].items() if k.startswith("val_")) +
+                f"  -> {out_dir / (cfg.prefix + '_best.safetensors')}")
+        log.text(f"log: {result['log']}, loss curve: {result['loss_plot']}, tensorboard: {out_dir / 'tensorboard'}")
+    return result
+
+
+def config_from_args(args: Any) -> TrainConfig:
+    known = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
+

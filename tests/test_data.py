@@ -1,0 +1,137 @@
+"""Reading the original's feature pickle, the token cache, and per-batch padding."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from clipcap.data import (CaptionDataset, collate, load_features, max_caption_length, save_original_pickle,
+                          tokenize_captions, tokens_cache_path)
+from clipcap.files import ClipCapError
+from clipcap.model import load_tokenizer
+from clipcap.tiny import train_tokenizer
+
+from conftest import caption_corpus, write_feature_pickle
+
+
+def test_reads_original_pickle_and_upcasts_fp16(tmp_path):
+    path = write_feature_pickle(tmp_path / "f.pkl", [["a dog on a bench.", "a cat."], ["a cow."]], dim=8,
+                                dtype=torch.float16)
+    features = load_features(path)
+    assert len(features) == 3 and features.dim == 8
+    for caption, row, image_id in zip(features.captions, features.image_index, features.image_ids):
+        assert (row == 0) == (caption != "a cow.") and image_id == 1000 + row
+    emb = features.embedding(1)
+    assert emb.dtype == torch.float32
+    torch.testing.assert_close(emb, features.embeddings[1].float())
+
+
+def test_pickle_round_trip(tmp_path):
+    features = load_features(write_feature_pickle(tmp_path / "f.pkl", [["a.", "b."], ["c."]]))
+    save_original_pickle(features, tmp_path / "g.pkl")
+    again = load_features(tmp_path / "g.pkl")
+    assert list(again.captions) == list(features.captions)
+    assert again.image_index.tolist() == features.image_index.tolist()
+    torch.testing.assert_close(torch.as_tensor(again.embeddings), torch.as_tensor(features.embeddings))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ClipCapError, match=r"nope\.pkl: feature file not found"):
+        load_features(tmp_path / "nope.pkl")
+
+
+def test_truncated_pickle(tmp_path):
+    path = write_feature_pickle(tmp_path / "f.pkl", [["a."]] * 20)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ClipCapError, match=r"f\.pkl: not a readable feature pickle"):
+        load_features(path)
+
+
+def test_caption_index_out_of_range(tmp_path):
+    path = tmp_path / "f.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"clip_embedding": torch.zeros(2, 4),
+                     "captions": [{"image_id": 1, "caption": "a.", "clip_embedding": 5}]}, f)
+    with pytest.raises(ClipCapError, match="caption 0 points at embedding row 5, but the file has 2 rows"):
+        load_features(path)
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pkl", "wb") as f:
+        pickle.dump({"clip_embedding": torch.zeros(1, 2), "captions": [Boom()]}, f)
+    with pytest.raises(ClipCapError, match="refusing to load"):
+        load_features("evil.pkl")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_token_cache_is_reused_and_invalidated(tmp_path, gpt2_dir):
+    tokenizer = load_tokenizer(gpt2_dir)
+    cache = tokens_cache_path(tmp_path / "train.pkl")
+    assert cache == tmp_path / "train_tokens.npz"
+    captions = ["a red circle.", "a dog on a bench!"]
+    ids, offsets = tokenize_captions(captions, tokenizer, cache)
+    assert cache.is_file()
+    assert ids[offsets[1]:offsets[2]].tolist() == tokenizer.encode("a dog on a bench!")
+    stamp = cache.stat().st_mtime_ns
+    tokenize_captions(captions, tokenizer, cache)
+    assert cache.stat().st_mtime_ns == stamp  # reused
+    ids2, offsets2 = tokenize_captions(["a blue square."], tokenizer, cache)  # data changed
+    assert ids2.tolist() == tokenizer.encode("a blue square.") and cache.stat().st_mtime_ns != stamp
+    other = train_tokenizer(["zebra crossing."] * 5, vocab_size=300)  # tokenizer changed
+    ids3, _ = tokenize_captions(["a blue square."], other, cache)
+    assert ids3.tolist() == other.encode("a blue square.")
+
+
+def test_truncation_rule():
+    lengths = np.array([10] * 999 + [1000])
+    expected = int(min(lengths.mean() + 10 * lengths.std(), lengths.max()))
+    assert max_caption_length(lengths) == expected < 1000
+    assert max_caption_length(lengths, limit=20) == 20
+    assert max_caption_length(np.array([5, 7])) == 7
+
+
+def test_dataset_truncates_within_gpt2_positions(tmp_path, gpt2_dir):
+    long = " ".join(["a red circle"] * 80) + "."
+    path = write_feature_pickle(tmp_path / "f.pkl", [[long], ["a cat."]])
+    dataset = CaptionDataset(load_features(path), load_tokenizer(gpt2_dir), max_positions=30)
+    assert dataset.max_length == 30
+    assert max(len(dataset[i][0]) for i in range(len(dataset))) == 30
+
+
+def test_collate_pads_each_batch_to_its_longest(gpt2_dir, tmp_path):
+    corpus = caption_corpus()
+    path = write_feature_pickle(tmp_path / "f.pkl", [[corpus[0]], ["a cat."], [corpus[-2]]])
+    dataset = CaptionDataset(load_features(path), load_tokenizer(gpt2_dir))
+    items = [dataset[i] for i in range(3)]
+    tokens, lengths, embeds = collate(items[:2])
+    assert tokens.shape == (2, max(len(t) for t, _ in items[:2]))
+    assert lengths.tolist() == [len(t) for t, _ in items[:2]]
+    for row, (t, e), n in zip(tokens, items, lengths):
+        assert row[:n].tolist() == t.tolist() and not row[n:].any()
+    assert embeds.shape == (2, 16)
+
+
+def test_padding_is_ignored_and_exclamation_mark_is_learned(gpt2_dir):
+    """Padding never changes the loss; the real token "!" (id 0, the original's pad id) does."""
+    from clipcap.model import ClipCapConfig, build_model
+
+    tokenizer = load_tokenizer(gpt2_dir)
+    assert tokenizer.encode("!") == [0]
+    torch.manual_seed(0)
+    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=2)).eval()
+    clip = torch.randn(1, 16)
+    caption = torch.tensor([tokenizer.encode("a dog!")])
+    n = caption.shape[1]
+    padded = torch.cat((caption, torch.full((1, 5), 7)), dim=1)
+    base = model.loss(clip, caption, torch.tensor([n]))
+    torch.testing.assert_close(model.loss(clip, padded, torch.tensor([n])), base)
+    other_end = caption.clone()
+    other_end[0, -1] = tokenizer.encode(".")[0]
+    assert not torch.isclose(model.loss(clip, other_end, torch.tensor([n])), base)
