@@ -23,10 +23,10 @@ from .files import ClipCapError, atomic_write
 class FeatureSet:
     """CLIP embeddings of images and the captions that point at them (many captions per image)."""
 
-    embeddings: torch.Tensor | np.ndarray  # [num_images, D]; a memory map for large stores
-    captions: list[str]  # one per caption
+    embeddings: torch.Tensor | np.ndarray  # [num_images, D]; for a store, any array-like read from disk
+    captions: Sequence[str]  # one per caption (a list, or a store's Arrow-backed sequence)
     image_index: np.ndarray  # caption i describes embeddings[image_index[i]]
-    image_ids: list[Any]  # caption i's image id (COCO id, file key, ...)
+    image_ids: Sequence[Any]  # caption i's image id (COCO id, file key, ...)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -37,8 +37,9 @@ class FeatureSet:
 
     def embedding(self, row: int) -> torch.Tensor:
         """One embedding as float32 (fp16 features are upcast)."""
-        return torch.as_tensor(np.asarray(self.embeddings[row]), dtype=torch.float32) \
-            if isinstance(self.embeddings, np.ndarray) else self.embeddings[row].float()
+        if isinstance(self.embeddings, torch.Tensor):
+            return self.embeddings[row].float()
+        return torch.as_tensor(np.asarray(self.embeddings[row]), dtype=torch.float32)
 
     def validate(self, source: str | Path) -> None:
         """Check the caption -> embedding indices, naming the first bad one."""
@@ -100,8 +101,8 @@ def load_original_pickle(path: str | Path) -> FeatureSet:
 
 def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
     """Write the original's pickle layout (readable by the original's train.py), atomically."""
-    embeddings = torch.as_tensor(np.asarray(features.embeddings)) \
-        if isinstance(features.embeddings, np.ndarray) else features.embeddings
+    embeddings = features.embeddings if isinstance(features.embeddings, torch.Tensor) \
+        else torch.as_tensor(np.asarray(features.embeddings))
     captions = [{"image_id": image_id, "caption": caption, "clip_embedding": int(row)}
                 for caption, row, image_id in zip(features.captions, features.image_index, features.image_ids)]
     with atomic_write(path) as tmp, open(tmp, "wb") as f:

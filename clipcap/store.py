@@ -1,0 +1,296 @@
+"""The feature store: CLIP embeddings in float16 ``.npy`` shards and a Parquet caption index.
+
+The original keeps every embedding and caption in one pickle held in RAM and rewritten whole
+every 10,000 captions. A store is a directory instead::
+
+    store.json              format, CLIP model, embedding width, the shards in row order
+    captions.parquet        caption, image_id, image_index (row of the caption's image embedding)
+    skipped.tsv             images that could not be decoded: path TAB reason
+    shards/NAME.npy         float16 [rows, D]: one row per image
+    shards/NAME.parquet     that shard's captions (``row`` local to the shard); written after the
+                            ``.npy``, so its presence marks a finished shard
+
+Shards are written one at a time, so an extraction killed at any point loses at most the
+shard in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
+touched pages would count against the training process) and keeps captions in Arrow buffers,
+not Python strings: a 3M-caption store trains in well under 2 GB. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from .data import FeatureSet, load_original_pickle, save_original_pickle
+from .files import ClipCapError, atomic_write, run_cli
+
+FORMAT = "clipcap-feature-store"
+VERSION = 1
+STORE_FILE = "store.json"
+INDEX_FILE = "captions.parquet"
+SKIPPED_FILE = "skipped.tsv"
+SHARD_DIR = "shards"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of an ``.npy`` file, from its header alone."""
+    with open(path, "rb") as f:
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:
+            raise ClipCapError(f"{path}: unknown .npy version")
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 2 or dtype.kind != "f":
+            raise ClipCapError(f"{path}: expected a C-ordered [rows, D] float array, got {dtype} {shape}")
+        offset = f.tell()
+    if os.path.getsize(path) != offset + shape[0] * shape[1] * dtype.itemsize:
+        raise ClipCapError(f"{path}: file size does not match its header {shape}: truncated?")
+    return shape, dtype, offset
+
+
+class ShardedEmbeddings:
+    """Embedding rows of several ``.npy`` shards as one [N, D] array, read from disk on demand.
+
+    Indexing with an int gives [D]; with a slice or an integer array, [n, D]. Safe to use from
+    forked DataLoader workers (each process opens its own file handles).
+    """
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+        self.paths = [Path(p) for p in paths]
+        layouts = [_npy_layout(p) for p in self.paths]
+        widths = {shape[1] for shape, _, _ in layouts}
+        dtypes = {dtype for _, dtype, _ in layouts}
+        if len(widths) > 1 or len(dtypes) > 1:
+            raise ClipCapError(f"{self.paths[0].parent}: shards differ in width {widths} or dtype {dtypes}")
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float16)
+        self.dim = widths.pop() if widths else 0
+        self.shape = (sum(shape[0] for shape, _, _ in layouts), self.dim)
+        self.ndim = 2
+        self.starts = np.cumsum([0] + [shape[0] for shape, _, _ in layouts])  # first global row of each shard
+        self.offsets = [offset for _, _, offset in layouts]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": {}, "_pid": -1}
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked child must not share its parent's handles
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def _read(self, row: int, out: np.ndarray) -> None:
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} embeddings")
+        row %= len(self)
+        shard = int(np.searchsorted(self.starts, row, side="right")) - 1
+        offset = self.offsets[shard] + (row - int(self.starts[shard])) * out.nbytes
+        if os.preadv(self._fd(shard), [out], offset) != out.nbytes:
+            raise ClipCapError(f"{self.paths[shard]}: short read at row {row}; the file changed on disk")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            out = np.empty(self.dim, dtype=self.dtype)
+            self._read(int(key), out)
+            return out
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=self.dtype)
+        for i, row in enumerate(rows):
+            self._read(int(row), out[i])
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate([np.load(p, allow_pickle=False) for p in self.paths]) if self.paths \
+            else np.zeros((0, self.dim), self.dtype)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+
+class ArrowSequence(Sequence):
+    """A read-only list over an Arrow column: millions of strings in two buffers, not Python objects."""
+
+    def __init__(self, column: pa.ChunkedArray | pa.Array):
+        self.column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            part = self.column.slice(start, max(0, stop - start)).to_pylist()
+            return part[::step]
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError(key)
+        return self.column[key].as_py()
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, len(self), 10_000):
+            yield from self.column.slice(start, 10_000).to_pylist()
+
+
+def read_meta(store: str | Path) -> dict[str, Any]:
+    """``store.json`` of a finished store, checked."""
+    path = Path(store) / STORE_FILE
+    if not path.is_file():
+        raise ClipCapError(f"{store}: not a finished feature store (no {STORE_FILE}); if an extraction "
+                           "was writing it, run it again to finish")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClipCapError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ClipCapError(f"{path}: not a version-{VERSION} {FORMAT} file")
+    return meta
+
+
+def load_store(store: str | Path) -> FeatureSet:
+    """The store as a FeatureSet whose embeddings are read from disk as rows are asked for."""
+    store = Path(store)
+    meta = read_meta(store)
+    embeddings = ShardedEmbeddings([store / SHARD_DIR / f"{s['name']}.npy" for s in meta["shards"]])
+    if [int(n) for n in np.diff(embeddings.starts)] != [s["rows"] for s in meta["shards"]]:
+        raise ClipCapError(f"{store}: shard sizes differ from {STORE_FILE}; the store was changed after writing")
+    try:
+        index = pq.read_table(store / INDEX_FILE)
+        captions, image_ids = index.column("caption"), index.column("image_id")
+        image_index = index.column("image_index").to_numpy()
+    except (OSError, KeyError, pa.ArrowException) as e:
+        raise ClipCapError(f"{store / INDEX_FILE}: unreadable caption index ({e})") from None
+    features = FeatureSet(embeddings, ArrowSequence(captions), image_index.astype(np.int64, copy=False),
+                          ArrowSequence(image_ids))
+    features.validate(store)
+    return features
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def shard_done(store: str | Path, name: str) -> bool:
+    return (Path(store) / SHARD_DIR / f"{name}.parquet").is_file()
+
+
+def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: Sequence[str],
+                image_ids: Sequence[Any], rows: Sequence[int], skipped: Sequence[tuple[str, str]] = ()) -> None:
+    """One finished shard: embeddings [n, D] (stored float16), captions pointing at local rows, and
+    the (path, reason) of each image skipped. The index is written last: it marks the shard done."""
+    shard_dir = Path(store) / SHARD_DIR
+    with atomic_write(shard_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(embeddings, dtype=np.float16))
+    table = pa.table({"caption": pa.array(list(captions), pa.string()), "image_id": pa.array(list(image_ids)),
+                      "row": pa.array(list(rows), pa.int64())})
+    table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped])})
+    with atomic_write(shard_dir / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None = None) -> int:
+    """Join finished shards, in the order given, into the store's index; returns the number skipped."""
+    store = Path(store)
+    missing = [n for n in names if not shard_done(store, n)]
+    if missing:
+        raise ClipCapError(f"{store}: {len(missing)} shards are unfinished ({', '.join(missing[:3])}...); "
+                           "run the extraction again to finish them")
+    tables, skipped, start = [], [], 0
+    for name in names:
+        table = pq.read_table(store / SHARD_DIR / f"{name}.parquet")
+        tables.append(pa.table({"caption": table.column("caption"), "image_id": table.column("image_id"),
+                                "image_index": pc.add(table.column("row"), start)}))
+        skipped += json.loads(table.schema.metadata[b"clipcap.skipped"])
+        start += _npy_layout(store / SHARD_DIR / f"{name}.npy")[0][0]
+    index = pa.concat_tables(tables, promote_options="default") if tables else None
+    _finish(store, names, index, skipped, meta)
+    return len(skipped)
+
+
+def _finish(store: Path, names: Sequence[str], index: pa.Table | None, skipped: Sequence[Sequence[str]],
+            meta: dict[str, Any] | None) -> None:
+    """Write ``captions.parquet``, ``skipped.tsv`` and, last, ``store.json``: a store is loadable
+    only once everything it lists is on disk."""
+    if index is None:
+        index = pa.table({"caption": pa.array([], pa.string()), "image_id": pa.array([], pa.int64()),
+                          "image_index": pa.array([], pa.int64())})
+    with atomic_write(store / INDEX_FILE) as tmp:
+        pq.write_table(index, tmp)
+    with atomic_write(store / SKIPPED_FILE) as tmp:
+        tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    shapes = [_npy_layout(store / SHARD_DIR / f"{name}.npy")[0] for name in names]
+    meta = {"format": FORMAT, "version": VERSION, **(meta or {}), "dim": int(shapes[0][1]) if shapes else 0,
+            "num_images": sum(int(rows) for rows, _ in shapes), "num_captions": index.num_rows,
+            "num_skipped": len(skipped), "shards": [{"name": n, "rows": int(rows)} for n, (rows, _) in zip(names, shapes)]}
+    with atomic_write(store / STORE_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **meta: Any) -> Path:
+    """Write a FeatureSet as a store, ``shard_rows`` embedding rows per shard, captions in their order."""
+    store = Path(store)
+    if (store / STORE_FILE).exists():
+        raise ClipCapError(f"{store}: a feature store is already there")
+    n = int(features.embeddings.shape[0])
+    if n == 0:
+        raise ClipCapError(f"{store}: no embeddings to write")
+    image_index = np.asarray(features.image_index, dtype=np.int64)
+    shard_of = image_index // shard_rows
+    names = []
+    for k, start in enumerate(range(0, n, shard_rows)):
+        chosen = np.flatnonzero(shard_of == k)
+        embeddings = features.embeddings[start:start + shard_rows]
+        embeddings = embeddings.cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+        names.append(f"{k:05d}")
+        write_shard(store, names[-1], embeddings, [features.captions[i] for i in chosen],
+                    [features.image_ids[i] for i in chosen], image_index[chosen] - start)
+    index = pa.table({"caption": pa.array(list(features.captions), pa.string()),
+                      "image_id": pa.array(list(features.image_ids)), "image_index": pa.array(image_index)})
+    _finish(store, names, index, [], meta)
+    return store
+
+
+def to_pickle(store: str | Path, path: str | Path) -> None:
+    """A store as the original's pickle (all embeddings loaded: meant for stores that fit in RAM)."""
+    save_original_pickle(load_store(store), path)
+
+
+def from_pickle(path: str | Path, store: str | Path) -> Path:
+    """The original's pickle (loaded without running code) as a store."""
+    return write(load_original_pickle(path), store, source=str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Convert between the original's feature pickle and a feature store.")
+    parser.add_argument("src", help="a .pkl file or a store directory")
+    parser.add_argument("dst", help="a store directory (from a .pkl) or a .pkl file (from a store)")
+    args = parser.parse_args()
+    if args.src.endswith(".pkl"):
+        from_pickle(args.src, args.dst)
+    elif args.dst.endswith(".pkl"):
+        to_pickle(args.src, args.dst)
+    else:
+        raise ClipCapError(f"{args.src} -> {args.dst}: one side must be a .pkl file")
+    print(f"wrote {args.dst}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

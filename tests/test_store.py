@@ -1,0 +1,92 @@
+"""The feature store: round trips with the original's pickle, on-demand reads, clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from clipcap import store
+from clipcap.data import CaptionDataset, collate, load_features, load_original_pickle
+from clipcap.files import ClipCapError
+
+
+def test_pickle_store_pickle_round_trip(feature_pickle, tmp_path):
+    original = load_original_pickle(feature_pickle)
+    store.from_pickle(feature_pickle, tmp_path / "store")
+    assert len(list((tmp_path / "store" / "shards").glob("*.npy"))) == 1
+    loaded = load_features(tmp_path / "store")  # a directory is read as a store
+    assert list(loaded.captions) == original.captions
+    assert list(loaded.image_ids) == original.image_ids
+    assert np.array_equal(loaded.image_index, original.image_index)
+    assert loaded.embeddings.shape == original.embeddings.shape and loaded.embeddings.dtype == np.float16
+    expected = original.embeddings.half().float()
+    assert all(torch.equal(loaded.embedding(r), expected[r]) for r in range(len(expected)))
+
+    store.to_pickle(tmp_path / "store", tmp_path / "back.pkl")
+    back = load_original_pickle(tmp_path / "back.pkl")
+    assert back.captions == original.captions and back.image_ids == original.image_ids
+    assert torch.equal(back.embeddings.float(), expected)
+
+
+def test_many_shards_read_like_one_array(feature_pickle, tmp_path):
+    original = load_original_pickle(feature_pickle)
+    store.write(original, tmp_path / "store", shard_rows=3, clip_model="ViT-B/32")
+    meta = store.read_meta(tmp_path / "store")
+    assert [s["rows"] for s in meta["shards"]] == [3, 3, 2] and meta["clip_model"] == "ViT-B/32"
+    loaded = store.load_store(tmp_path / "store")
+    whole = original.embeddings.half().numpy()
+    assert np.array_equal(np.asarray(loaded.embeddings), whole)
+    rows = np.array([7, 0, 3, 3, 5])
+    assert np.array_equal(loaded.embeddings[rows], whole[rows])
+    assert np.array_equal(loaded.embeddings[2:7:2], whole[2:7:2])
+    assert np.array_equal(loaded.embeddings[-1], whole[-1])
+    with pytest.raises(IndexError):
+        loaded.embeddings[8]
+    assert list(loaded.captions) == original.captions and loaded.captions[-1] == original.captions[-1]
+
+
+def test_store_trains_through_dataloader_workers(feature_pickle, tmp_path, gpt2_dir):
+    from transformers import GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(gpt2_dir)
+    store.write(load_original_pickle(feature_pickle), tmp_path / "store", shard_rows=3)
+    in_memory = CaptionDataset(load_original_pickle(feature_pickle), tokenizer)
+    on_disk = CaptionDataset(load_features(tmp_path / "store"), tokenizer)
+    batches = list(DataLoader(on_disk, batch_size=5, num_workers=2, collate_fn=collate))
+    tokens = torch.cat([b[0][i, :n] for b in batches for i, n in enumerate(b[1])])
+    assert torch.equal(tokens, torch.cat([in_memory[i][0] for i in range(len(in_memory))]))
+    embeddings = torch.cat([b[2] for b in batches])
+    expected = torch.stack([in_memory[i][1] for i in range(len(in_memory))]).half().float()
+    assert torch.equal(embeddings, expected)
+
+
+def test_unfinished_or_damaged_stores_are_clear_errors(feature_pickle, tmp_path):
+    path = store.from_pickle(feature_pickle, tmp_path / "store")
+    shard = path / "shards" / "00000.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(ClipCapError, match="truncated"):
+        store.load_store(path)
+    shard.write_bytes(data)
+    (path / "store.json").unlink()
+    with pytest.raises(ClipCapError, match="not a finished feature store"):
+        store.load_store(path)
+    (path / "shards" / "00000.parquet").unlink()
+    with pytest.raises(ClipCapError, match="unfinished"):
+        store.merge(path, ["00000"])
+
+
+def test_loading_never_unpickles(feature_pickle, tmp_path):
+    path = store.from_pickle(feature_pickle, tmp_path / "store")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    shard = path / "shards" / "00000.npy"
+    np.save(shard, np.array([[Exploit()] * 16] * 8, dtype=object), allow_pickle=True)
+    with pytest.raises(ClipCapError, match="float array"):
+        store.load_store(path)
+    assert not marker.exists()
