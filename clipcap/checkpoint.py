@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import GPT2Config
 
 from .files import ClipCapError, atomic_write
 from .model import ClipCap, ClipCapConfig, build_model
@@ -103,7 +104,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
     vocab, width = state["gpt.transformer.wte.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k)))
     gpt2_config = {"vocab_size": vocab, "n_positions": state["gpt.transformer.wpe.weight"].shape[0],
-                   "n_embd": width, "n_layer": depth, "n_head": width // 64,  # GPT-2 heads are 64 wide
+                   "n_embd": width, "n_layer": depth, "n_head": max(1, width // 64),  # GPT-2 heads are 64 wide
                    "bos_token_id": 50256, "eos_token_id": 50256}
     gpt2 = GPT2_NAMES.get((width, depth), "gpt2")
     if "clip_project.model.0.weight" in state:
@@ -120,17 +121,20 @@ def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
     raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")
 
 
-def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str | Path) -> None:
+def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str | Path,
+                     config: ClipCapConfig | None = None) -> None:
     """Fail with one line naming the first setting that differs, instead of a shape traceback."""
-    if any(k.startswith("gpt.") for k in state):
-        theirs = infer_config(state)
-        fields = SHAPE_FIELDS if theirs.mapping_type == "transformer" else SHAPE_FIELDS[:2] + SHAPE_FIELDS[3:4]
+    full = any(k.startswith("gpt.") for k in state)
+    theirs = infer_config(state) if full else config
+    if theirs is not None:
+        fields = SHAPE_FIELDS if theirs.mapping_type == "transformer" else ("mapping_type", "prefix_length", "prefix_size")
         for name in fields:
             a, b = getattr(theirs, name), getattr(model.config, name)
             if a != b:
                 raise ClipCapError(f"{path}: checkpoint has {name} {a}, model built with {b}")
+    if full:
         for name in ("n_embd", "n_layer", "vocab_size"):
-            a, b = theirs.gpt2_config[name], model.gpt.config.to_dict()[name]
+            a, b = theirs.gpt2_config[name], getattr(model.gpt.config, name)
             if a != b:
                 raise ClipCapError(f"{path}: checkpoint has GPT-2 {name} {a}, model built with {b}")
     own = model.state_dict()
@@ -144,8 +148,8 @@ def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str |
 
 def load_weights(model: ClipCap, path: str | Path) -> None:
     """Load a checkpoint's weights into an existing model, checking that it fits first."""
-    state, _ = read_checkpoint(path)
-    check_compatible(state, model, path)
+    state, config = read_checkpoint(path)
+    check_compatible(state, model, path, config)
     load_state(model, state, path)
 
 
@@ -157,6 +161,19 @@ def load_state(model: ClipCap, state: dict[str, torch.Tensor], path: str | Path)
         raise ClipCapError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
 
 
+def gpt2_architecture_for(state: dict[str, torch.Tensor], gpt2: str) -> dict[str, Any]:
+    """The GPT-2 architecture of a checkpoint without config. Shapes fix everything but the head
+    count; take that from ``gpt2``'s config when it is at hand and fits, else GPT-2's 64-wide heads."""
+    inferred = infer_config(state).gpt2_config
+    try:
+        named = GPT2Config.from_pretrained(gpt2)
+    except OSError:  # offline and not cached: the shapes alone decide
+        return inferred
+    if (named.n_embd, named.n_layer, named.vocab_size) == (inferred["n_embd"], inferred["n_layer"], inferred["vocab_size"]):
+        inferred.update(n_head=named.n_head, bos_token_id=named.bos_token_id, eos_token_id=named.eos_token_id)
+    return inferred
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: str | None = None,
                     **overrides: Any) -> ClipCap:
     """Load any ClipCap checkpoint (ours or the original's) with no configuration flags.
@@ -166,19 +183,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: 
     """
     state, config = read_checkpoint(path)
     full = any(k.startswith("gpt.") for k in state)
-    if config is None:
+    inferred = config is None
+    if inferred:
         config = infer_config(state)
     if gpt2 is not None:
         config.gpt2 = gpt2
     for key, value in overrides.items():
         setattr(config, key, value)
-    if full:
-        if not config.gpt2_config:
-            config.gpt2_config = infer_config(state).gpt2_config
-        model = build_model(config, pretrained_gpt2=False)
-    else:
-        model = build_model(config, pretrained_gpt2=True)
-    check_compatible(state, model, path)
+    if full and (inferred or not config.gpt2_config):
+        config.gpt2_config = gpt2_architecture_for(state, config.gpt2)
+    model = build_model(config, pretrained_gpt2=not full)
+    check_compatible(state, model, path, config)
     load_state(model, state, path)
     if full:
         model.gpt.tie_weights()

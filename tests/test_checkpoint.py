@@ -1,0 +1,114 @@
+"""Checkpoint formats: ours (safetensors + config) and the original's (.pt state_dict, no config)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from clipcap.checkpoint import (config_path_for, infer_config, load_checkpoint, load_weights, save_checkpoint,
+                                save_config)
+from clipcap.files import ClipCapError
+from clipcap.model import ClipCapConfig, build_model
+
+
+def tiny(gpt2_dir, **config):
+    torch.manual_seed(0)
+    return build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4, **config)).eval()
+
+
+def same_outputs(a, b):
+    clip, tokens = torch.randn(2, 16), torch.randint(0, 200, (2, 5))
+    torch.testing.assert_close(a(clip, tokens), b(clip, tokens))
+
+
+def test_config_path_for():
+    assert config_path_for("out/coco_prefix-009.pt").name == "coco_prefix_config.json"
+    assert config_path_for("out/coco_prefix_latest.safetensors").name == "coco_prefix_config.json"
+    assert config_path_for("out/coco_prefix_best.pt").name == "coco_prefix_config.json"
+
+
+def test_safetensors_round_trip_is_self_contained(tmp_path, gpt2_dir):
+    model = tiny(gpt2_dir, mapping_type="transformer", prefix_length_clip=3, num_layers=2, normalize_prefix=True)
+    path = save_checkpoint(model, tmp_path / "run-000.safetensors")
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config
+    same_outputs(model, loaded)
+
+
+def test_prefix_only_saves_only_the_mapper(tmp_path, gpt2_dir):
+    model = tiny(gpt2_dir, only_prefix=True)
+    path = save_checkpoint(model, tmp_path / "p-000.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert all(k.startswith("clip_project.") for k in f.keys())
+    loaded = load_checkpoint(path)  # GPT-2 comes from config.gpt2
+    same_outputs(model, loaded)
+    assert path.stat().st_size < sum(p.numel() * 4 for p in model.parameters()) / 2
+
+
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+def test_original_pt_without_config_loads_by_shape(tmp_path, gpt2_dir, mapping):
+    model = tiny(gpt2_dir, mapping_type=mapping, prefix_length_clip=5, num_layers=3)
+    state = model.state_dict()
+    for i in range(model.gpt.config.n_layer):  # buffers that old transformers saved
+        state[f"gpt.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128, dtype=torch.bool)
+        state[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "coco_prefix-009.pt")
+    config = infer_config(state)
+    assert (config.mapping_type, config.prefix_length, config.prefix_size) == (mapping, 4, 16)
+    if mapping == "transformer":
+        assert (config.prefix_length_clip, config.num_layers, config.only_prefix) == (5, 3, True)
+    assert config.gpt2_config["n_embd"] == 32 and config.gpt2_config["n_layer"] == 2
+    loaded = load_checkpoint(tmp_path / "coco_prefix-009.pt", gpt2=gpt2_dir)
+    same_outputs(model, loaded)
+
+
+def test_pt_uses_config_json_beside_it(tmp_path, gpt2_dir):
+    model = tiny(gpt2_dir, normalize_prefix=True)
+    save_checkpoint(model, tmp_path / "run-003.pt")
+    save_config(model.config, tmp_path / "run_config.json")
+    assert load_checkpoint(tmp_path / "run-003.pt").config.normalize_prefix
+
+
+def test_mismatched_checkpoint_is_one_clear_line(tmp_path, gpt2_dir):
+    save_checkpoint(tiny(gpt2_dir), tmp_path / "a.pt")
+    other = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=3))
+    with pytest.raises(ClipCapError, match=r"a\.pt: checkpoint has prefix_length 4, model built with 3"):
+        load_weights(other, tmp_path / "a.pt")
+    save_checkpoint(tiny(gpt2_dir, only_prefix=True), tmp_path / "b.safetensors")
+    with pytest.raises(ClipCapError, match=r"b\.safetensors: checkpoint has prefix_length 4, model built with 3"):
+        load_weights(other, tmp_path / "b.safetensors")
+
+
+def test_not_a_clipcap_checkpoint(tmp_path, gpt2_dir):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ClipCapError, match=r"x\.pt: not a ClipCap checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    (tmp_path / "y.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ClipCapError, match=r"y\.safetensors: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "y.safetensors")
+    with pytest.raises(ClipCapError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, gpt2_dir, monkeypatch):
+    model = tiny(gpt2_dir)
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_config_json_is_plain(tmp_path, gpt2_dir):
+    model = tiny(gpt2_dir)
+    save_config(model.config, tmp_path / "c.json")
+    values = json.loads((tmp_path / "c.json").read_text())
+    assert values["prefix_length"] == 4 and values["gpt2_config"]["n_embd"] == 32
