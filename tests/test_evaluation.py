@@ -1,0 +1,348 @@
+"""Evaluation: the real pycocoevalcap (and Java) on small handmade reference sets.
+
+METEOR's Java process loads a 60 MB paraphrase table (tens of seconds), so the suite starts it
+once: the session fixture ``all_metrics`` holds it, and the direct COCOEvalCap run borrows it.
+Everything else scores BLEU, ROUGE-L and CIDEr only.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from clipcap import evaluation
+from clipcap.evaluation import (Scorer, load_references, load_results, match_images, pair_up, score,
+                                spice_problem)
+from clipcap.files import ClipCapError
+
+REPO = Path(__file__).resolve().parents[1]
+CHEAP = ("Bleu", "ROUGE_L", "CIDEr")
+
+# Four images, listed out of id order, with capitals and punctuation for the PTB tokenizer.
+IMAGES = {
+    42: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
+         "a person on a surf board riding a wave"],
+    7: ["Two dogs play with a frisbee in the park.", "Dogs are running on the grass, chasing a disc.",
+        "two brown dogs playing in a grassy field"],
+    1000: ["A plate of food with broccoli and rice.", "A white plate topped with rice, meat and broccoli.",
+           "a meal of chicken, rice and vegetables on a plate"],
+    3: ["A red double-decker bus on a city street.", "A bus driving down the road next to buildings."],
+}
+CAPTIONS = {42: "A man riding a wave on a surfboard.", 7: "Two dogs playing with a frisbee on the grass.",
+            1000: "A plate of rice and broccoli.", 3: "A red bus driving down a street."}
+
+
+def results_for(ids, captions=CAPTIONS):
+    return [{"image_id": i, "caption": captions[i]} for i in ids]
+
+
+def write_coco(path: Path, images=IMAGES) -> Path:
+    annotations = [{"image_id": i, "id": 10 * i + j, "caption": c}
+                   for i, caps in images.items() for j, c in enumerate(caps)]
+    path.write_text(json.dumps({"images": [{"id": i} for i in images], "annotations": annotations}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def all_metrics():
+    """A Scorer of every metric (METEOR's one start in the suite) and what it printed.
+
+    SPICE takes its offline path wherever the suite runs: its jar names are made unfindable.
+    """
+    log = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(log):
+        mp.setattr(evaluation, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
+        scorer = Scorer()
+    yield scorer, log.getvalue()
+    scorer.close()
+
+
+# --------------------------------------------------------------------------- the toolkit's numbers
+
+
+class NoSpice:
+    """Stands in for SPICE inside COCOEvalCap where its jars cannot be downloaded."""
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        return "SPICE"
+
+
+def test_scores_equal_coco_eval_cap(all_metrics, tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+
+    import pycocoevalcap.eval as coco_eval
+
+    scorer, _ = all_metrics
+    annotations = write_coco(tmp_path / "captions_test.json")
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results_for([3, 42, 1000, 7])))
+
+    ours = scorer(load_results(results_file), load_references(annotations))
+
+    coco = COCO(str(annotations))
+    direct = coco_eval.COCOEvalCap(coco, coco.loadRes(str(results_file)))
+    monkeypatch.setattr(coco_eval, "Meteor", lambda: scorer.scorers["METEOR"])  # the same jar, already loaded
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    direct.evaluate()
+
+    keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    assert list(ours.scores) == keys
+    assert ours.scores == {k: direct.eval[k] for k in keys}  # equal, not close
+    assert [row["image_id"] for row in ours.per_image] == [42, 7, 1000, 3]  # the references' order
+    for row in ours.per_image:
+        assert row == {"image_id": row["image_id"], **{k: direct.imgToEval[row["image_id"]][k] for k in keys}}
+    assert 0 < ours.scores["Bleu_4"] < ours.scores["Bleu_1"] < 1 and ours.scores["CIDEr"] > 0
+
+
+def test_spice_offline_is_skipped_with_instructions(all_metrics, monkeypatch):
+    scorer, log = all_metrics
+    assert "SPICE" not in scorer.scorers and "METEOR" in scorer.scorers
+    assert log.count("\n") == 1 and log.startswith("SPICE skipped: Stanford CoreNLP 3.6.0 jars missing")
+    assert "python -m pycocoevalcap.spice.get_stanford_models" in log
+    monkeypatch.setattr(evaluation, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
+    with pytest.raises(ClipCapError, match="SPICE unavailable: .*get_stanford_models"):
+        Scorer(["CIDEr", "SPICE"])  # asked for by name: an error, not a silent skip
+
+
+def test_spice_found_when_its_jars_are_there(monkeypatch):
+    lib = evaluation.installed_toolkit() / "spice" / "lib"
+    monkeypatch.setattr(evaluation, "SPICE_JARS", tuple(p.name for p in sorted(lib.glob("*.jar"))[:2]))
+    assert spice_problem() is None
+
+
+def test_bleu_and_cider_match_a_hand_computation():
+    """Corpus BLEU (closest reference length) and CIDEr-D (sigma 6, clipped, x10) from their definitions."""
+    pairs = [("a dog running on the grass", ["a dog runs on the grass", "a brown dog is running on the grass"]),
+             ("a cat on a sofa", ["two cats sleep on a big sofa", "a cat is sleeping on a sofa"])]
+
+    def ngrams(words, n):
+        return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+    # BLEU: clipped n-gram matches and n-gram counts summed over the corpus, brevity penalty.
+    correct, guess, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for hyp, refs in pairs:
+        h, rs = hyp.split(), [r.split() for r in refs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            most = Counter()
+            for r in rs:
+                most |= ngrams(r, n)
+            correct[n - 1] += sum(min(c, most[g]) for g, c in ngrams(h, n).items())
+            guess[n - 1] += len(h) - n + 1
+    penalty = min(1.0, math.exp(1 - ref_len / hyp_len))
+    bleu = [penalty * math.prod(correct[k] / guess[k] for k in range(n)) ** (1 / n) for n in range(1, 5)]
+
+    # CIDEr-D: tf-idf n-gram vectors (document frequency over each image's references), clipped cosine
+    # with a Gaussian length penalty, averaged over n = 1..4 and over references, times 10.
+    df = Counter(g for _, refs in pairs for g in {g for r in refs for n in range(1, 5) for g in ngrams(r.split(), n)})
+
+    def tfidf(words, n):
+        return {g: c * (math.log(len(pairs)) - math.log(max(1, df[g]))) for g, c in ngrams(words, n).items()}
+
+    per_image = []
+    for hyp, refs in pairs:
+        h, total = hyp.split(), 0.0
+        for ref in refs:
+            r = ref.split()
+            sims = []
+            for n in range(1, 5):
+                vh, vr = tfidf(h, n), tfidf(r, n)
+                dot = sum(min(v, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, v in vh.items())
+                norms = math.sqrt(sum(v * v for v in vh.values())) * math.sqrt(sum(v * v for v in vr.values()))
+                sims.append((dot / norms if norms else 0.0) * math.exp(-(len(h) - len(r)) ** 2 / (2 * 6.0 ** 2)))
+            total += sum(sims) / 4
+        per_image.append(10 * total / len(refs))
+    cider = sum(per_image) / len(per_image)
+
+    scores = score([{"image_id": i, "caption": hyp} for i, (hyp, _) in enumerate(pairs)],
+                   {i: refs for i, (_, refs) in enumerate(pairs)}, metrics=("Bleu", "CIDEr"))
+    assert correct[3] > 0 and penalty < 1  # every term of the formulas is exercised
+    assert [scores[f"Bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-6)
+    assert scores["CIDEr"] == pytest.approx(cider, rel=1e-9)
+
+
+def test_java_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ClipCapError, match="java not found on PATH.*Java runtime"):
+        Scorer(["CIDEr"])
+
+
+READ_ONLY = r"""
+import json, os, sys, sysconfig
+site = os.path.realpath(sysconfig.get_paths()["purelib"])
+
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+def read_only(event, args):  # what a read-only file system does to writes under site-packages, even for root
+    if event == "open":
+        path, mode, flags = args
+        writes = bool(flags & WRITE) if flags is not None else any(c in (mode or "") for c in "wax+")
+    elif event in ("os.mkdir", "os.remove", "os.rename"):
+        path, writes = args[0], True
+    else:
+        return
+    if writes and isinstance(path, (str, os.PathLike)) and os.path.realpath(path).startswith(site + os.sep):
+        raise PermissionError(30, "Read-only file system", os.fspath(path))
+
+sys.addaudithook(read_only)
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+try:
+    PTBTokenizer().tokenize({1: [{"caption": "a dog"}]})
+    sys.exit("the toolkit wrote into site-packages: the read-only simulation does not hold")
+except PermissionError:
+    pass
+from clipcap.evaluation import score
+results, references = json.load(sys.stdin)
+print(json.dumps(score(results, {int(k): v for k, v in references.items()}, metrics=%r)))
+"""
+
+
+def test_works_with_read_only_site_packages():
+    """pycocoevalcap's own tokenizer fails there (checked first); the evaluation does not."""
+    results, references = results_for(IMAGES), IMAGES
+    run = subprocess.run([sys.executable, "-c", READ_ONLY % (CHEAP,)], input=json.dumps([results, references]),
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == score(results, references, metrics=CHEAP)
+
+
+# --------------------------------------------------------------------------- mismatches
+
+
+def test_mismatched_images_are_errors_unless_asked_for(all_metrics):
+    scorer, _ = all_metrics
+    references = {k: IMAGES[k] for k in (42, 7, 1000)}
+    with pytest.raises(ClipCapError, match=r"r.json: 1 of 4 captions are for images not in refs.json "
+                                           r"\(e.g. 3\).*--only_common_images"):
+        pair_up(results_for([42, 7, 1000, 3]), references, source="r.json", ref_source="refs.json")
+    with pytest.raises(ClipCapError, match=r"r.json: no caption for 1 of the 3 images in refs.json \(e.g. 1000\)"):
+        pair_up(results_for([42, 7]), references, source="r.json", ref_source="refs.json")
+    with pytest.raises(ClipCapError, match="no image matches"):
+        pair_up(results_for([3]), references, only_common_images=True)
+
+    common = scorer(results_for([3, 42, 7]), references, only_common_images=True)
+    subset = scorer(results_for([42, 7]), {k: IMAGES[k] for k in (42, 7)})
+    assert common.scores == subset.scores and [r["image_id"] for r in common.per_image] == [42, 7]
+
+
+def test_duplicates_and_malformed_results_are_errors():
+    duplicated = results_for([42, 7]) + [{"image_id": "42", "caption": "a surfer"}]  # "42" is image 42
+    with pytest.raises(ClipCapError, match=r"r.json: 1 image ids occur more than once \(e.g. 42\)"):
+        pair_up(duplicated, IMAGES, only_common_images=True, source="r.json")
+    with pytest.raises(ClipCapError, match="r.json: entry 1 needs 'image_id' and a 'caption' string"):
+        pair_up([{"image_id": 42, "caption": "x"}, {"image_id": 7, "caption": None}], IMAGES, source="r.json")
+    with pytest.raises(ClipCapError, match="neither an integer nor a string"):
+        pair_up([{"image_id": 4.2, "caption": "x"}], IMAGES)
+    with pytest.raises(ClipCapError, match="images without reference captions"):
+        match_images([42], {42: []})
+
+
+def test_empty_captions_are_reported_and_score_zero(all_metrics, capsys):
+    scorer, _ = all_metrics
+    captions = {**CAPTIONS, 7: "  "}
+    evaluation_ = scorer(results_for(IMAGES, captions), IMAGES, source="r.json")
+    assert "warning: r.json: 1 empty caption(s) (e.g. image 7) score zero" in capsys.readouterr().err
+    empty = next(row for row in evaluation_.per_image if row["image_id"] == 7)
+    assert all(empty[k] == pytest.approx(0.0, abs=1e-6) for k in evaluation_.scores)
+    assert all(row[k] > 0 for row in evaluation_.per_image if row["image_id"] != 7 for k in ("METEOR", "CIDEr"))
+
+
+# --------------------------------------------------------------------------- reference and results files
+
+
+def test_karpathy_split_file(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    images = [{"cocoid": i, "split": split, "filepath": "val2014", "sentences": [{"raw": f"caption {i} {j}"}
+                                                                                  for j in range(2)]}
+              for i, split in [(5, "test"), (1, "train"), (9, "val"), (2, "test"), (4, "restval")]]
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    assert load_references(path, "test") == {5: ["caption 5 0", "caption 5 1"], 2: ["caption 2 0", "caption 2 1"]}
+    assert list(load_references(path, "val")) == [9]
+    with pytest.raises(ClipCapError, match="pass --split test or --split val"):
+        load_references(path)
+    path.write_text(json.dumps({"images": [i for i in images if i["split"] != "val"]}))
+    with pytest.raises(ClipCapError, match="no image in split 'val' \\(the file has restval, test, train\\)"):
+        load_references(path, "val")
+
+
+def test_coco_format_and_plain_lists(tmp_path):
+    coco = write_coco(tmp_path / "captions.json")
+    assert load_references(coco) == IMAGES and list(load_references(coco)) == [42, 7, 1000, 3]
+    with pytest.raises(ClipCapError, match="--split applies to Karpathy's dataset_coco.json only"):
+        load_references(coco, "test")
+    flat = tmp_path / "test_caption.json"
+    flat.write_text(json.dumps([{"image_id": "12", "caption": "a"}, {"image_id": 3, "caption": "b"},
+                                {"image_id": 12, "caption": "c"}]))
+    assert load_references(flat) == {12: ["a", "c"], 3: ["b"]}
+    flat.write_text(json.dumps([{"image_id": 3}]))
+    with pytest.raises(ClipCapError, match="annotation 0 needs 'image_id' and a 'caption' string"):
+        load_references(flat)
+    flat.write_text('{"images": ')
+    with pytest.raises(ClipCapError, match="not valid JSON"):
+        load_references(flat)
+
+
+def test_conceptual_captions_tsv_rows_are_image_ids(tmp_path):
+    tsv = tmp_path / "Validation_GCC-1.1.0-Validation.tsv"
+    tsv.write_text("a dog on a beach\thttp://x/0.jpg\nactor attends the premiere\thttp://x/1.jpg\n"
+                   "a bowl of soup\thttp://x/2.jpg\n")
+    references = load_references(tsv)
+    assert references == {0: ["a dog on a beach"], 1: ["actor attends the premiere"], 2: ["a bowl of soup"]}
+    # Keys of downloaded images such as "00000001" name the same rows.
+    assert match_images(["00000001", "00000002"], references, only_common_images=True) == [1, 2]
+    tsv.write_text("a dog\thttp://x/0.jpg\nno url here\n")
+    with pytest.raises(ClipCapError, match="line 2 is not 'caption<TAB>url'"):
+        load_references(tsv)
+
+
+def test_results_file_errors(tmp_path):
+    path = tmp_path / "captions.json"
+    with pytest.raises(ClipCapError, match="captions.json: results file not found"):
+        load_results(path)
+    path.write_text(json.dumps({"image_id": 1, "caption": "x"}))
+    with pytest.raises(ClipCapError, match="expected a JSON list"):
+        load_results(path)
+
+
+# --------------------------------------------------------------------------- evaluate.py
+
+
+def run_evaluate(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_evaluate_script_writes_metrics_and_table(tmp_path):
+    annotations = write_coco(tmp_path / "captions_test.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(results_for([7, 42, 3, 1000])))
+    run = run_evaluate("--results", results, "--annotations", annotations, "--metrics", ",".join(CHEAP),
+                       "--out", "out/metrics.json", "--per_image", "per_image.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    expected = score(results_for([7, 42, 3, 1000]), IMAGES, metrics=CHEAP)
+    assert metrics == expected
+    header, _, row = run.stdout.splitlines()[:3]
+    assert header == "| images | Bleu_1 | Bleu_2 | Bleu_3 | Bleu_4 | ROUGE_L | CIDEr |"
+    assert row == "| 4 | " + " | ".join(f"{100 * v:.2f}" for v in expected.values()) + " |"
+    per_image = json.loads((tmp_path / "per_image.json").read_text())
+    assert [r["image_id"] for r in per_image] == [42, 7, 1000, 3]
+    assert sum(r["CIDEr"] for r in per_image) / 4 == pytest.approx(metrics["CIDEr"], rel=1e-12)
+
+    results.write_text(json.dumps(results_for([7, 42])))
+    run = run_evaluate("--results", results, "--annotations", annotations, "--metrics", "CIDEr", cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "--only_common_images" in run.stderr
