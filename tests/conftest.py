@@ -15,6 +15,9 @@ from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
+# The test models are tiny: one thread is fastest, and two threads on a busy 2-core machine
+# can be 20 times slower (each small op waits for a descheduled thread).
+torch.set_num_threads(1)
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]

@@ -1,0 +1,233 @@
+"""Caption decoding: greedy, beam search and nucleus sampling, all in one place.
+
+The original decodes one image at a time and re-runs GPT-2 over the whole sequence at every
+step. Here GPT-2 keeps its key/value cache, and all images (times beams or samples) of a batch
+go through one forward pass per step; an image leaves the batch as soon as it is finished, so
+its result is exactly what it would be alone. For the same weights, ``greedy_tokens`` gives
+token for token the original's ``generate2`` (whose top-p filter is followed by an argmax, so
+it is greedy) and ``beam_tokens`` the original's ``generate_beam``, rules and arithmetic
+included; tests/reference_decoding.py holds both against slow re-implementations of the
+original loops. ``sample_tokens`` is real nucleus sampling, which the original never did.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from .files import ClipCapError
+from .model import ClipCap
+
+STRATEGIES = ("beam", "greedy", "sample")
+STOPS = ("period", "eos")
+
+# A caption as token ids and its score: the mean log-probability per token (the beam's sum / length).
+Scored = tuple[list[int], float]
+
+
+def stop_token_id(tokenizer: Any, stop: str) -> int:
+    """``period``: the first token of "." (GPT-2 id 13, the original's rule); ``eos``: end-of-text."""
+    if stop == "period":
+        return tokenizer.encode(".")[0]
+    if stop == "eos":
+        return tokenizer.eos_token_id
+    raise ClipCapError(f"stop must be one of {STOPS}, got {stop!r}")
+
+
+def _check_length(model: ClipCap, max_length: int) -> None:
+    room = model.gpt.config.n_positions - model.config.prefix_length
+    if not 1 <= max_length <= room:
+        raise ClipCapError(f"max_length must be between 1 and {room} (GPT-2's {model.gpt.config.n_positions} "
+                           f"positions minus the prefix of {model.config.prefix_length}), got {max_length}")
+
+
+def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, DynamicCache]:
+    """Run GPT-2 over the prefixes: next-token logits [B * repeats, V] and the cache, rows repeated in place."""
+    cache = DynamicCache(config=model.gpt.config)
+    prefix = model.prefix(clip_embeds.to(next(model.parameters()).device))
+    logits = model.gpt(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits = logits.repeat_interleave(repeats, dim=0)
+    return logits, cache
+
+
+def _step(model: ClipCap, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Feed one new token per row [N]; next-token logits [N, V]."""
+    return model.gpt(input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # softmax().log() rather than log_softmax: the original's arithmetic, so near-ties break the same way.
+    return (logits / (temperature if temperature > 0 else 1.0)).softmax(-1).log()
+
+
+def _extend(model: ClipCap, clip_embeds: torch.Tensor, choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+            repeats: int, max_length: int, stop_token: int) -> list[Scored]:
+    """One token per row per step, picked by ``choose(logits) -> (tokens, log-probs)``, until each row stops.
+
+    Rows are the images, each repeated ``repeats`` times; a row that emits the stop token
+    (kept in its caption) leaves the batch and the cache.
+    """
+    logits, cache = _start(model, clip_embeds, repeats)
+    rows = torch.arange(logits.shape[0])  # which output row each batch row is
+    tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    totals = torch.zeros(logits.shape[0], dtype=torch.float64)
+    for step in range(max_length):
+        next_tokens, log_probs = choose(logits)
+        for row, token in zip(rows.tolist(), next_tokens.tolist()):
+            tokens[row].append(token)
+        totals[rows] += log_probs.double().cpu()
+        going = (next_tokens != stop_token).nonzero().squeeze(1)
+        if step == max_length - 1 or going.numel() == 0:
+            break
+        if going.numel() < len(rows):
+            rows = rows[going.cpu()]
+            next_tokens = next_tokens[going]
+            cache.batch_select_indices(going)
+        logits = _step(model, next_tokens, cache)
+    return [(t, float(total) / len(t)) for t, total in zip(tokens, totals)]
+
+
+@torch.no_grad()
+def greedy_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, max_length: int = 67,
+                  stop_token: int = 13) -> list[list[int]]:
+    """The most likely token at each step, per image: the original's ``generate2``."""
+    _check_length(model, max_length)
+
+    def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = logits.argmax(-1)
+        return tokens, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+
+    return [tokens for tokens, _ in _extend(model, clip_embeds, argmax, 1, max_length, stop_token)]
+
+
+def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep, per row, the most likely tokens until their probability reaches ``top_p``; the rest get -inf.
+
+    A token is kept when the mass of the tokens more likely than it is below ``top_p``, so the
+    top token always stays (the original's rule, which it then followed with an argmax).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = probs.cumsum(-1) - probs > top_p
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+@torch.no_grad()
+def sample_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, num_samples: int = 1, top_p: float = 0.9,
+                  temperature: float = 1.0, max_length: int = 67, stop_token: int = 13,
+                  generator: torch.Generator | None = None) -> list[list[Scored]]:
+    """``num_samples`` nucleus samples per image, each with its mean log-probability under the tempered model."""
+    _check_length(model, max_length)
+    if not 0 < top_p <= 1 or temperature <= 0:
+        raise ClipCapError(f"sampling needs 0 < top_p <= 1 and temperature > 0, got {top_p} and {temperature}")
+
+    def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float() / temperature
+        probs = nucleus_filter(logits, top_p).softmax(-1)
+        tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        return tokens, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+
+    flat = _extend(model, clip_embeds, sample, num_samples, max_length, stop_token)
+    return [flat[i:i + num_samples] for i in range(0, len(flat), num_samples)]
+
+
+@torch.no_grad()
+def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5, max_length: int = 67,
+                stop_token: int = 13, temperature: float = 1.0) -> list[list[Scored]]:
+    """Beam search per image, beams best first: the original's ``generate_beam``, batched.
+
+    Step 0 takes the top ``beam_size`` tokens. At each later step every beam proposes every
+    token, scored by (sum of its log-probabilities) / (its length); a finished beam (one that
+    emitted the stop token) proposes only token 0, at zero cost and without growing, so it
+    keeps its score and competes with the others. The best ``beam_size`` proposals over all
+    beams survive. An image is done when all its beams are finished; the result is its beams
+    sorted by score, each cut to its length.
+    """
+    _check_length(model, max_length)
+    w = beam_size
+    logits, cache = _start(model, clip_embeds)
+    scores, first = _log_probs(logits, temperature).topk(w, -1)  # [B, W]
+    device = first.device
+    cache.batch_repeat_interleave(w)
+    tokens = first[:, :, None]  # [A, W, T]: the beams of the active images
+    lengths = torch.ones(first.shape, device=device, dtype=scores.dtype)
+    finished = first == stop_token
+    images = torch.arange(first.shape[0])  # which input image each active image is
+    results: list[list[Scored]] = [[] for _ in range(first.shape[0])]
+
+    def retire(done: torch.Tensor) -> None:
+        for i in done.nonzero().squeeze(1).tolist():
+            final = scores[i] / lengths[i]
+            results[int(images[i])] = [(tokens[i, j, :int(lengths[i, j])].tolist(), float(final[j]))
+                                  for j in final.argsort(descending=True).tolist()]
+
+    for _ in range(1, max_length):
+        done = finished.all(-1)
+        if done.any():
+            retire(done)
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            images, tokens, scores = images[keep.cpu()], tokens[keep], scores[keep]
+            lengths, finished = lengths[keep], finished[keep]
+            cache.batch_select_indices((keep[:, None] * w + torch.arange(w, device=device)).flatten())
+        a = tokens.shape[0]
+        log_probs = _log_probs(_step(model, tokens[:, :, -1].flatten(), cache), temperature).view(a, w, -1)
+        vocab = log_probs.shape[-1]
+        log_probs[finished] = float("-inf")
+        log_probs[..., 0][finished] = 0.0
+        sums = scores[:, :, None] + log_probs
+        lengths = lengths + (~finished).to(lengths.dtype)
+        best, index = (sums / lengths[:, :, None]).view(a, -1).topk(w, -1)
+        source, token = index // vocab, index % vocab
+        lengths = lengths.gather(1, source)
+        scores = best * lengths
+        tokens = torch.cat((tokens.gather(1, source[:, :, None].expand(-1, -1, tokens.shape[2])),
+                            token[:, :, None]), dim=2)
+        finished = finished.gather(1, source) | (token == stop_token)
+        cache.reorder_cache((source + torch.arange(a, device=device)[:, None] * w).flatten())
+    retire(torch.ones(len(images), dtype=torch.bool))
+    return results
+
+
+def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor, *, strategy: str = "beam",
+                       beam_size: int = 5, max_length: int = 67, stop: str = "period", top_p: float = 0.9,
+                       temperature: float = 1.0, num_captions: int = 1, seed: int | None = None,
+                       batch_size: int = 16, progress: bool = False) -> list[list[str]]:
+    """Captions for CLIP embeddings [N, D]: ``num_captions`` per embedding, best first.
+
+    ``batch_size`` images go through GPT-2 together (times ``beam_size`` or ``num_captions``
+    rows). Sampling with a ``seed`` is reproducible for the same ``batch_size``.
+    """
+    if strategy not in STRATEGIES:
+        raise ClipCapError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if num_captions < 1 or (strategy == "greedy" and num_captions != 1) or \
+            (strategy == "beam" and not 1 <= num_captions <= beam_size):
+        raise ClipCapError(f"num_captions {num_captions} is not possible with {strategy} decoding"
+                           + (f" and beam size {beam_size}" if strategy == "beam" else ""))
+    if clip_embeds.ndim != 2 or clip_embeds.shape[1] != model.config.prefix_size:
+        raise ClipCapError(f"CLIP embeddings of shape {tuple(clip_embeds.shape)} do not fit the model, "
+                           f"which takes [N, {model.config.prefix_size}]")
+    stop_token = stop_token_id(tokenizer, stop)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    skip_special = stop == "eos"
+    captions: list[list[str]] = []
+    for start in tqdm(range(0, len(clip_embeds), batch_size), desc="captioning", unit="batch",
+                      disable=not progress):
+        batch = clip_embeds[start:start + batch_size]
+        if strategy == "greedy":
+            scored = [[(t, 0.0)] for t in greedy_tokens(model, batch, max_length=max_length, stop_token=stop_token)]
+        elif strategy == "beam":
+            scored = beam_tokens(model, batch, beam_size=beam_size, max_length=max_length,
+                                 stop_token=stop_token, temperature=temperature)
+        else:
+            scored = [sorted(s, key=lambda c: -c[1]) for s in sample_tokens(
+                model, batch, num_samples=num_captions, top_p=top_p, temperature=temperature,
+                max_length=max_length, stop_token=stop_token, generator=generator)]
+        captions.extend([tokenizer.decode(t, skip_special_tokens=skip_special) for t, _ in s[:num_captions]]
+                        for s in scored)
+    return captions

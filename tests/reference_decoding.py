@@ -1,0 +1,71 @@
+"""The original's two decoders, re-implemented step for step as the slow reference.
+
+No key/value cache (GPT-2 runs over prefix + all tokens so far at every step), one image at
+a time, the same arithmetic as the original's ``generate2`` and ``generate_beam`` (DESIGN.md
+section 6). tests/test_decoding.py holds clipcap.decoding against these, and
+bench/bench_decoding.py times them; this is the only copy.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def original_greedy(model, clip_embed: torch.Tensor, max_length: int = 67, stop_token: int = 13,
+                    top_p: float = 0.8, temperature: float = 1.0) -> list[int]:
+    """``generate2`` for one embedding [D]: top-p filter, then argmax, until the stop token."""
+    generated = model.prefix(clip_embed[None])
+    tokens: list[int] = []
+    for _ in range(max_length):
+        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :] / (temperature if temperature > 0 else 1.0)
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(sorted_logits.softmax(-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits[:, sorted_indices[remove]] = float("-inf")
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        generated = torch.cat((generated, model.gpt.transformer.wte(torch.tensor([[token]]))), dim=1)
+        if token == stop_token:
+            break
+    return tokens
+
+
+@torch.no_grad()
+def original_beam(model, clip_embed: torch.Tensor, beam_size: int = 5, max_length: int = 67,
+                  stop_token: int = 13, temperature: float = 1.0) -> list[tuple[list[int], float]]:
+    """``generate_beam`` for one embedding [D]: the beams best first, as (tokens, sum / length)."""
+    generated = model.prefix(clip_embed[None])
+    lengths = torch.ones(beam_size)
+    stopped = torch.zeros(beam_size, dtype=torch.bool)
+    tokens = scores = None
+    for _ in range(max_length):
+        logits = model.gpt(inputs_embeds=generated).logits[:, -1, :]
+        log_probs = (logits / (temperature if temperature > 0 else 1.0)).softmax(-1).log()
+        if scores is None:
+            scores, next_tokens = log_probs.topk(beam_size, -1)
+            scores, next_tokens = scores.squeeze(0), next_tokens.permute(1, 0)
+            generated = generated.expand(beam_size, *generated.shape[1:])
+            tokens = next_tokens
+        else:
+            log_probs[stopped] = float("-inf")
+            log_probs[stopped, 0] = 0
+            sums = scores[:, None] + log_probs
+            lengths[~stopped] += 1
+            averages, flat = (sums / lengths[:, None]).view(-1).topk(beam_size, -1)
+            source = flat // sums.shape[1]
+            lengths = lengths[source]
+            next_tokens = (flat % sums.shape[1]).unsqueeze(1)
+            tokens = torch.cat((tokens[source], next_tokens), dim=1)
+            generated = generated[source]
+            scores = averages * lengths
+            stopped = stopped[source]
+        embeds = model.gpt.transformer.wte(next_tokens.squeeze(1)).view(generated.shape[0], 1, -1)
+        generated = torch.cat((generated, embeds), dim=1)
+        stopped = stopped | next_tokens.eq(stop_token).squeeze(1)
+        if stopped.all():
+            break
+    scores = scores / lengths
+    order = scores.argsort(descending=True)
+    return [(tokens[i, :int(lengths[i])].tolist(), float(scores[i])) for i in order.tolist()]

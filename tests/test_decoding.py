@@ -1,0 +1,154 @@
+"""Batched, cached decoding against the original's loops (tests/reference_decoding.py) on tiny models."""
+import pytest
+import torch
+
+from clipcap.decoding import (beam_tokens, caption_embeddings, greedy_tokens, nucleus_filter, sample_tokens,
+                              stop_token_id)
+from clipcap.files import ClipCapError
+from clipcap.model import ClipCapConfig, build_model, load_tokenizer
+from reference_decoding import original_beam, original_greedy
+
+MAX_LENGTH = 24
+
+
+def stopping_model(gpt2_dir, token: int = 13, **config):
+    """A tiny random ClipCap whose GPT-2 emits ``token`` now and then, so captions end at many lengths.
+
+    A random GPT-2 almost never picks "."; scaling that token's (tied) embedding makes its logit
+    large in some states and small in others.
+    """
+    torch.manual_seed(0)
+    model = build_model(ClipCapConfig(gpt2=gpt2_dir, **{"prefix_size": 16, "prefix_length": 4, **config})).eval()
+    with torch.no_grad():
+        model.gpt.transformer.wte.weight[token] *= 5
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(gpt2_dir):
+    return stopping_model(gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def embeds():
+    return torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def reference_beams(model, embeds):
+    return [original_beam(model, e, max_length=MAX_LENGTH) for e in embeds]
+
+
+def test_greedy_equals_original_generate2(model, embeds):
+    expected = [original_greedy(model, e, max_length=MAX_LENGTH) for e in embeds]
+    lengths = {len(t) for t in expected}
+    assert len(lengths) >= 3 and MAX_LENGTH in lengths  # images stop at different steps, some never
+    for batch_size in (1, 5, 12):
+        got = [t for i in range(0, 12, batch_size)
+               for t in greedy_tokens(model, embeds[i:i + batch_size], max_length=MAX_LENGTH)]
+        assert got == expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 12])
+def test_beam_equals_original_generate_beam(model, embeds, reference_beams, batch_size):
+    assert len({len(beams[0][0]) for beams in reference_beams}) >= 3
+    got = [b for i in range(0, 12, batch_size)
+           for b in beam_tokens(model, embeds[i:i + batch_size], max_length=MAX_LENGTH)]
+    assert [[tokens for tokens, _ in beams] for beams in got] == \
+           [[tokens for tokens, _ in beams] for beams in reference_beams]
+    for beams, ref in zip(got, reference_beams):
+        assert [score for _, score in beams] == pytest.approx([score for _, score in ref], abs=1e-5)
+
+
+def test_beam_options_equal_original(model, embeds):
+    """Other beam widths and a temperature, on a batch where beams finish at different steps."""
+    for beam_size, temperature in ((3, 1.0), (5, 0.7)):
+        expected = [original_beam(model, e, beam_size=beam_size, max_length=12, temperature=temperature)
+                    for e in embeds[:6]]
+        got = beam_tokens(model, embeds[:6], beam_size=beam_size, max_length=12, temperature=temperature)
+        assert [[t for t, _ in b] for b in got] == [[t for t, _ in b] for b in expected]
+
+
+def test_beam_of_one_is_greedy(model, embeds):
+    assert [b[0][0] for b in beam_tokens(model, embeds, beam_size=1, max_length=MAX_LENGTH)] == \
+           greedy_tokens(model, embeds, max_length=MAX_LENGTH)
+
+
+@pytest.mark.parametrize("config", [dict(mapping_type="transformer", prefix_length_clip=3, num_layers=2,
+                                         num_heads=4, normalize_prefix=True),
+                                    dict(normalize_prefix=True)])
+def test_other_mappers_and_normalized_prefix(gpt2_dir, embeds, config):
+    model = stopping_model(gpt2_dir, **config)
+    scaled = embeds[:6] * torch.linspace(0.5, 3, 6)[:, None]  # normalised: the scale must not matter
+    assert greedy_tokens(model, scaled, max_length=16) == greedy_tokens(model, embeds[:6], max_length=16) == \
+           [original_greedy(model, e, max_length=16) for e in embeds[:6]]
+    assert [b[0][0] for b in beam_tokens(model, scaled, max_length=16)] == \
+           [original_beam(model, e, max_length=16)[0][0] for e in embeds[:6]]
+
+
+def test_stop_on_end_of_text(gpt2_dir, embeds):
+    tokenizer = load_tokenizer(gpt2_dir)
+    eos = stop_token_id(tokenizer, "eos")
+    model = stopping_model(gpt2_dir, token=eos)
+    expected = [original_greedy(model, e, max_length=16, stop_token=eos) for e in embeds[:6]]
+    assert any(t[-1] == eos for t in expected)
+    assert greedy_tokens(model, embeds[:6], max_length=16, stop_token=eos) == expected
+    texts = caption_embeddings(model, tokenizer, embeds[:6], strategy="greedy", stop="eos", max_length=16)
+    assert [t[0] for t in texts] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+    assert not any("<|endoftext|>" in t[0] for t in texts)
+
+
+def test_caption_embeddings_decodes_the_original_tokens(model, embeds, reference_beams, gpt2_dir):
+    tokenizer = load_tokenizer(gpt2_dir)
+    beams = caption_embeddings(model, tokenizer, embeds, max_length=MAX_LENGTH, num_captions=3, batch_size=5)
+    assert beams == [[tokenizer.decode(t) for t, _ in ref[:3]] for ref in reference_beams]
+    assert any(text.endswith(".") for text, *_ in beams)  # the stop token is part of the caption, as before
+    greedy = caption_embeddings(model, tokenizer, embeds[:4], strategy="greedy", max_length=MAX_LENGTH)
+    assert greedy == [[tokenizer.decode(original_greedy(model, e, max_length=MAX_LENGTH))] for e in embeds[:4]]
+
+
+def test_nucleus_filter_keeps_smallest_set_reaching_top_p():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]]))
+    kept = nucleus_filter(logits, 0.75).isfinite()
+    assert kept.tolist() == [[False, True, True, True], [True, True, False, False]]  # 0.5+0.25 < 0.8 needs 0.15
+    assert nucleus_filter(logits, 0.6).isfinite().tolist() == [[False, True, False, True], [True] + [False] * 3]
+    assert nucleus_filter(logits, 1e-9).isfinite().sum(-1).tolist() == [1, 1]
+
+
+def test_sampling_is_real_and_reproducible(model, embeds, gpt2_dir):
+    tokenizer = load_tokenizer(gpt2_dir)
+    run = lambda seed: caption_embeddings(model, tokenizer, embeds[:4], strategy="sample", num_captions=4,
+                                          top_p=0.95, seed=seed, max_length=MAX_LENGTH)
+    first = run(0)
+    assert first == run(0)
+    assert first != run(1)
+    assert all(len(set(captions)) > 1 for captions in first)  # several different captions per image
+    samples = sample_tokens(model, embeds[:4], num_samples=4, top_p=0.95, max_length=MAX_LENGTH,
+                            generator=torch.Generator().manual_seed(0))
+    for captions, scored in zip(first, samples):  # best first: sorted by mean log-probability
+        assert captions == [tokenizer.decode(t) for t, _ in sorted(scored, key=lambda s: -s[1])]
+
+
+def test_sampling_with_a_tiny_nucleus_is_greedy(model, embeds):
+    samples = sample_tokens(model, embeds, num_samples=2, top_p=1e-9, max_length=MAX_LENGTH,
+                            generator=torch.Generator().manual_seed(0))
+    greedy = greedy_tokens(model, embeds, max_length=MAX_LENGTH)
+    assert [[t for t, _ in s] for s in samples] == [[g, g] for g in greedy]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(strategy="greedy", num_captions=2), "num_captions 2"),
+    (dict(strategy="beam", beam_size=3, num_captions=4), "num_captions 4"),
+    (dict(strategy="nucleus"), "strategy must be"),
+    (dict(stop="comma"), "stop must be"),
+    (dict(max_length=500), "max_length must be"),
+    (dict(strategy="sample", temperature=0), "temperature > 0"),
+])
+def test_bad_options_are_one_line_errors(model, embeds, gpt2_dir, options, message):
+    with pytest.raises(ClipCapError, match=message):
+        caption_embeddings(model, load_tokenizer(gpt2_dir), embeds[:1], **options)
+
+
+def test_embedding_width_must_match(model, gpt2_dir):
+    with pytest.raises(ClipCapError, match=r"takes \[N, 16\]"):
+        caption_embeddings(model, load_tokenizer(gpt2_dir), torch.randn(2, 512))
