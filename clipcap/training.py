@@ -224,7 +224,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         first = state["step"] if epoch == state["epoch"] else 0
         loader = DataLoader(dataset, batch_sampler=MicroBatches(batches[first:], procs, cfg.bs, cfg.grad_accum),
                             collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+                            generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG (dropout) alone
         micro_batches = iter(loader)
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not procs.main, dynamic_ncols=True)
