@@ -1,0 +1,165 @@
+"""The training loop end to end: learning, resume, processes, accumulation, precision, the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipcap.checkpoint import load_checkpoint
+from clipcap.data import load_features
+from clipcap.decoding import caption_embeddings
+from clipcap.model import load_tokenizer
+from clipcap.tiny import make_tiny_gpt2
+from clipcap.training import TrainConfig, train
+
+from conftest import caption_corpus, write_feature_pickle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def no_dropout_gpt2(tmp_path_factory):
+    """Without dropout, runs that split the same batch differently must agree exactly."""
+    return str(make_tiny_gpt2(tmp_path_factory.mktemp("gpt2_nodrop"), caption_corpus(), dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    corpus = caption_corpus()
+    path = tmp_path_factory.mktemp("data") / "train.pkl"
+    return str(write_feature_pickle(path, [[corpus[i * 9], corpus[i * 9 + 4]] for i in range(12)]))
+
+
+def run(tmp_path, data, gpt2, name="run", **overrides):
+    cfg = dict(data=data, out_dir=str(tmp_path / name), gpt2=gpt2, bs=4, epochs=2, warmup=2, lr=1e-3,
+               prefix_length=3, num_workers=0, log_every=1)
+    cfg.update(overrides)
+    return train(TrainConfig(**cfg))
+
+
+def weights(path):
+    return load_file(path)
+
+
+def assert_same_weights(a, b, **tol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k, **tol)
+
+
+def test_learns_and_reproduces_training_captions(tmp_path):
+    """Loss falls at least tenfold, then greedy decoding gives back every training caption."""
+    corpus = caption_corpus()
+    captions = [corpus[i * 13] for i in range(8)] + ["a dog on a bench! a cat in a field."]  # "!" is learned
+    gpt2 = str(make_tiny_gpt2(tmp_path / "gpt2", corpus, n_embd=64))
+    data = str(write_feature_pickle(tmp_path / "train.pkl", [[c] * 8 for c in captions]))
+    result = run(tmp_path, data, gpt2, bs=8, epochs=12, lr=3e-3, warmup=10, prefix_length=4, save_every=100,
+                 log_every=5)
+    losses = [r["loss"] for r in result["history"]]
+    assert losses[-1] < losses[0] / 10, losses
+    model = load_checkpoint(result["checkpoint"])
+    features = load_features(data)
+    embeds = torch.stack([features.embedding(i) for i in range(len(captions))])
+    generated = [c[0] for c in caption_embeddings(model, load_tokenizer(gpt2), embeds, strategy="greedy")]
+    assert generated == captions
+    assert Path(result["loss_plot"]).stat().st_size > 1000
+    log = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
+    assert {"loss", "lr", "samples_per_s", "tokens_per_s"} <= log[0].keys()
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, small_data, gpt2_dir):
+    """Stopped mid-epoch and resumed, a run (with dropout) ends exactly where an uninterrupted one does."""
+    whole = run(tmp_path, small_data, gpt2_dir, "whole", epochs=3)
+    first = run(tmp_path, small_data, gpt2_dir, "parts", epochs=3, max_steps=4)
+    assert not first["finished"] and Path(first["resume"]).is_file()
+    second = run(tmp_path, small_data, gpt2_dir, "parts", epochs=3, resume=str(tmp_path / "parts"))
+    assert second["finished"]
+    assert_same_weights(whole["checkpoint"], second["checkpoint"], rtol=0, atol=0)
+    assert [r["loss"] for r in second["history"]] == pytest.approx([r["loss"] for r in whole["history"]])
+
+
+def test_resume_with_other_settings_is_one_clear_line(tmp_path, small_data, gpt2_dir):
+    from clipcap.files import ClipCapError
+
+    run(tmp_path, small_data, gpt2_dir, "a", epochs=1, max_steps=1)
+    with pytest.raises(ClipCapError, match="checkpoint has prefix_length 3, model built with 5"):
+        run(tmp_path, small_data, gpt2_dir, "a", epochs=1, prefix_length=5, resume=str(tmp_path / "a"))
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_dropout_gpt2):
+    big = run(tmp_path, small_data, no_dropout_gpt2, "big", bs=4)
+    accumulated = run(tmp_path, small_data, no_dropout_gpt2, "acc", bs=2, grad_accum=2)
+    assert_same_weights(big["checkpoint"], accumulated["checkpoint"], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_equal_one(tmp_path, small_data, no_dropout_gpt2):
+    """torchrun with 2 CPU processes (gloo) and bs 2 gives the weights of 1 process with bs 4."""
+    one = run(tmp_path, small_data, no_dropout_gpt2, "one", bs=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "train.py"), "--data", small_data, "--out_dir", str(tmp_path / "two"), "--gpt2",
+           no_dropout_gpt2, "--bs", "2", "--epochs", "2", "--warmup", "2", "--lr", "1e-3", "--prefix_length", "3",
+           "--num_workers", "0", "--log_every", "1", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) x bs 2" in done.stderr + done.stdout
+    assert_same_weights(one["checkpoint"], tmp_path / "two" / "coco_prefix-001.safetensors",
+                        rtol=1e-5, atol=1e-6)
+    two_log = [json.loads(line) for line in (tmp_path / "two" / "coco_prefix_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one["history"]], rel=1e-5)
+
+
+def test_prefix_only_trains_the_mapper_alone(tmp_path, small_data, gpt2_dir):
+    result = run(tmp_path, small_data, gpt2_dir, only_prefix=True, mapping_type="transformer", num_layers=1,
+                 prefix_length_clip=2, epochs=1, save_original_format=True)
+    saved = weights(result["checkpoint"])
+    assert saved and all(k.startswith("clip_project.") for k in saved)
+    original = torch.load(result["checkpoint"].replace(".safetensors", ".pt"), weights_only=True)
+    from transformers import GPT2LMHeadModel
+
+    pretrained = GPT2LMHeadModel.from_pretrained(gpt2_dir).state_dict()
+    for k, v in pretrained.items():  # GPT-2 untouched, and present in the original's layout
+        torch.testing.assert_close(original["gpt." + k], v, rtol=0, atol=0)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, small_data, gpt2_dir):
+    result = run(tmp_path, small_data, gpt2_dir, precision="bf16", epochs=3, lr=3e-3)
+    losses = [r["loss"] for r in result["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_validation_keeps_the_best_checkpoint(tmp_path, small_data, gpt2_dir):
+    result = run(tmp_path, small_data, gpt2_dir, val_data=small_data, epochs=2)
+    val = [r for r in result["history"] if "val_loss" in r]
+    assert len(val) == 2 and result["best"]["epoch"] == min(val, key=lambda r: r["val_loss"])["epoch"]
+    assert (tmp_path / "run" / "coco_prefix_best.safetensors").is_file()
+
+
+def test_cli_reports_a_missing_data_file_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(tmp_path / "none.pkl"),
+                           "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pkl'}: feature file not found"]
+
+
+def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
+    result = run(tmp_path, small_data, gpt2_dir, val_data=small_data, val_captions=5, epochs=1)
+    record = [r for r in result["history"] if "val_CIDEr" in r][0]
+    assert result["best"]["val_CIDEr"] == record["val_CIDEr"]
+    # the same number by hand: greedy captions of the first 5 images against all their captions
+    from clipcap.evaluation import score
+
+    features = load_features(small_data)
+    first = list(dict.fromkeys(features.image_ids))[:5]
+    references = {i: [c for c, j in zip(features.captions, features.image_ids) if j == i] for i in first}
+    rows = [int(features.image_index[features.image_ids.index(i)]) for i in first]
+    model = load_checkpoint(result["checkpoint"])
+    captions = caption_embeddings(model, load_tokenizer(gpt2_dir), torch.stack([features.embedding(r) for r in rows]),
+                                  strategy="greedy")
+    expected = score([{"image_id": i, "caption": c[0]} for i, c in zip(first, captions)], references, ("CIDEr",))
+    assert record["val_CIDEr"] == pytest.approx(expected["CIDEr"])
