@@ -6,16 +6,26 @@ is OpenAI's, step for step: resize the shortest side (bicubic), centre crop, RGB
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import io
+import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import IO, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from .files import ClipCapError
+from .files import ClipCapError, atomic_write
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
 OPENAI_CHECKPOINTS = {
@@ -188,3 +198,206 @@ def _load_openai_clip(name: str, device: torch.device, dtype: torch.dtype) -> Im
     size = model.input_resolution
     return ImageEncoder(model, Preprocess(size=size, crop_size=size), model.output_dim, name, device, dtype)
 
+
+
+# --------------------------------------------------------------------------- extraction at scale
+
+
+@dataclass
+class ImageItem:
+    """One image to encode once, and every caption that describes it."""
+
+    image_id: Any
+    captions: list[str]
+    path: str  # the image file, or the tar archive that holds it
+    span: tuple[int, int] | None = None  # (offset, size) of the image inside the archive
+    name: str = ""  # for the skip report; defaults to ``path``
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path
+
+    def open(self) -> IO[bytes]:
+        if self.span is None:
+            return open(self.path, "rb")
+        with open(self.path, "rb") as f:
+            f.seek(self.span[0])
+            return io.BytesIO(f.read(self.span[1]))
+
+
+@dataclass
+class Shard:
+    """A unit of work and of output: its images are listed only when the shard is processed."""
+
+    name: str
+    list_items: Callable[[], tuple[list[ImageItem], list[tuple[str, str]]]]  # items, and (path, reason) skipped
+    size: int | None = None  # images expected, for the progress bar
+
+
+class _Images(Dataset):
+    """Decodes and crops images in DataLoader workers; a bad image becomes a reason, not an exception."""
+
+    def __init__(self, items: Sequence[ImageItem], transform: Preprocess, max_pixels: int):
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        try:
+            with item.open() as f:
+                image = load_image(f, name=item.name, max_pixels=self.max_pixels)
+        except ClipCapError as e:
+            return i, None, str(e).removeprefix(f"{item.name}: ")
+        except Exception as e:  # a decoder bug on one odd file must not end a day-long job
+            return i, None, f"decoder failed ({type(e).__name__}: {e})"
+        return i, self.transform.crop(image), None
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]
+    pixels = torch.stack([p for _, p in good]) if good else None
+    return [i for i, _ in good], pixels, [(i, reason) for i, _, reason in batch if reason is not None]
+
+
+def _encode_shard(shard: Shard, encoder: ImageEncoder, store: Path, batch_size: int, num_workers: int,
+                  max_pixels: int, progress: tqdm, written_by: str) -> None:
+    from . import store as feature_store
+
+    items, skipped = shard.list_items()
+    progress.update(len(skipped))
+    failed: list[tuple[int, str]] = [(i, "no caption") for i, item in enumerate(items) if not item.captions]
+    todo = [i for i, item in enumerate(items) if item.captions]
+    loader = DataLoader(_Images([items[i] for i in todo], encoder.transform, max_pixels), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
+                        prefetch_factor=4 if num_workers else None)
+    row_of: dict[int, int] = {}
+    chunks = []
+    for indices, pixels, failures in loader:
+        failed += [(todo[i], reason) for i, reason in failures]
+        if pixels is not None:
+            embeddings = encoder.encode(encoder.transform.normalize(pixels.to(encoder.device, non_blocking=True)))
+            finite = torch.isfinite(embeddings).all(dim=1).tolist()
+            failed += [(todo[i], "non-finite embedding") for i, ok in zip(indices, finite) if not ok]
+            for i in (i for i, ok in zip(indices, finite) if ok):
+                row_of[todo[i]] = len(row_of)
+            chunks.append(embeddings[torch.tensor(finite, device=embeddings.device)].half().cpu().numpy())
+        progress.update(len(indices) + len(failures))
+    captions, image_ids, rows = [], [], []
+    for i, row in row_of.items():
+        captions += items[i].captions
+        image_ids += [items[i].image_id] * len(items[i].captions)
+        rows += [row] * len(items[i].captions)
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float16)
+    skipped = skipped + [(items[i].name, reason) for i, reason in sorted(failed)]
+    feature_store.write_shard(store, shard.name, embeddings, captions, image_ids, rows, skipped, written_by)
+
+
+def _distributed() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from torchrun's environment."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def _check_job(store: Path, clip_model: str, transform: Preprocess) -> None:
+    """A rerun must resume with the CLIP and preprocessing the finished shards were made with."""
+    job = {"clip_model": clip_model, "preprocess": dataclasses.asdict(transform)}
+    path = store / "job.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(job)):
+            raise ClipCapError(f"{store}: was started with {before}, not {job}; delete it or choose another output")
+        return
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(job, indent=1) + "\n")
+
+
+def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B/32", *,
+            device: str | torch.device | None = None, dtype: torch.dtype | None = None, batch_size: int = 256,
+            num_workers: int | None = None, max_pixels: int = MAX_PIXELS, meta: dict[str, Any] | None = None,
+            ) -> int | None:
+    """Encode every shard's images once into the feature store ``store``; returns the number skipped.
+
+    Resumable: finished shards are kept and skipped on a rerun. Under torchrun each rank takes
+    every WORLD_SIZE-th shard and writes its own; after a barrier rank 0 merges the index (other
+    ranks return None). The store is the same whatever the number of processes or interruptions.
+    """
+    from . import store as feature_store
+
+    store = Path(store)
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise ClipCapError(f"{store}: shard names repeat")
+    rank, world, local_rank, local_world = _distributed()
+    if world > 1:
+        dist.init_process_group("gloo", timeout=timedelta(days=7))  # ranks may finish hours apart
+    try:
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if num_workers is None:
+            num_workers = max(1, min(8, (os.cpu_count() or 1) // local_world - 1))
+        mine = [s for k, s in enumerate(shards) if k % world == rank and not feature_store.shard_done(store, s.name)]
+        if mine:
+            encoder = load_image_encoder(clip_model, device, dtype)
+            _check_job(store, clip_model, encoder.transform)
+            sizes = [s.size for s in mine]
+            with tqdm(total=sum(sizes) if None not in sizes else None, unit="img", disable=local_rank != 0,
+                      desc=f"CLIP {clip_model}" + (f" rank {rank}/{world}" if world > 1 else "")) as progress:
+                for shard in mine:
+                    _encode_shard(shard, encoder, store, batch_size, num_workers, max_pixels, progress,
+                                  f"rank {rank}/{world}")
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            return None
+        return feature_store.merge(store, names, {"clip_model": clip_model, **(meta or {})})
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags parse_coco.py and parse_conceptual.py share (underscore style, as the original's)."""
+    parser.add_argument("--clip_model_type", default="ViT-B/32",
+                        help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging Face CLIP or a local directory")
+    parser.add_argument("--feature_store", action="store_true",
+                        help="write a feature store directory (float16 shards + Parquet index) instead of the pickle")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=None, help="image decoding processes (default: CPUs - 1, at most 8)")
+    parser.add_argument("--shard_size", type=int, default=10_000, help="images per shard: the most a killed run loses")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if there is a GPU, else cpu")
+    parser.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                        help="CLIP's precision; auto = float16 on GPU (as the original), float32 on CPU")
+    parser.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="larger images are skipped, not decoded")
+
+
+def model_tag(clip_model: str) -> str:
+    """``ViT-B/32`` -> ``ViT-B_32`` (the original's file names); a local directory -> its name."""
+    return Path(clip_model).name if Path(clip_model).is_dir() else clip_model.replace("/", "_")
+
+
+def extract_to(shards: Sequence[Shard], out: str | Path, args: argparse.Namespace, **meta: Any) -> Path | None:
+    """Run :func:`extract` with the shared flags, into a store (``--feature_store``) or the original's pickle.
+
+    The pickle is made from a store kept beside it (``NAME.pkl.parts``) until the pickle is written,
+    so that a pickle run resumes too. Returns the output on the rank that wrote it, else None.
+    """
+    from . import store as feature_store
+
+    out = Path(out)
+    work = out if args.feature_store else out.with_name(out.name + ".parts")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    skipped = extract(shards, work, args.clip_model_type, device=args.device, dtype=dtype,
+                      batch_size=args.batch_size, num_workers=args.num_workers, max_pixels=args.max_pixels, meta=meta)
+    if skipped is None:
+        return None
+    meta = feature_store.read_meta(work)
+    report = work / feature_store.SKIPPED_FILE
+    if not args.feature_store:
+        feature_store.to_pickle(work, out)
+        report = shutil.copyfile(report, out.with_name(out.stem + "_skipped.tsv")) if skipped else None
+        shutil.rmtree(work)
+    print(f"wrote {out}: {meta['num_images']} images, {meta['num_captions']} captions; {skipped} images skipped"
+          + (f", listed in {report}" if skipped else ""))
+    return out

@@ -193,15 +193,18 @@ def shard_done(store: str | Path, name: str) -> bool:
 
 
 def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: Sequence[str],
-                image_ids: Sequence[Any], rows: Sequence[int], skipped: Sequence[tuple[str, str]] = ()) -> None:
-    """One finished shard: embeddings [n, D] (stored float16), captions pointing at local rows, and
-    the (path, reason) of each image skipped. The index is written last: it marks the shard done."""
+                image_ids: Sequence[Any], rows: Sequence[int], skipped: Sequence[tuple[str, str]] = (),
+                written_by: str = "") -> None:
+    """One finished shard: embeddings [n, D] (stored float16), captions pointing at local rows, the
+    (path, reason) of each image skipped, and who wrote it (``rank 1/4``). The index is written
+    last: it marks the shard done."""
     shard_dir = Path(store) / SHARD_DIR
     with atomic_write(shard_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float16))
     table = pa.table({"caption": pa.array(list(captions), pa.string()), "image_id": pa.array(list(image_ids)),
                       "row": pa.array(list(rows), pa.int64())})
-    table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped])})
+    table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped]),
+                                           "clipcap.written_by": written_by})
     with atomic_write(shard_dir / f"{name}.parquet") as tmp:
         pq.write_table(table, tmp)
 

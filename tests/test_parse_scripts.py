@@ -1,0 +1,162 @@
+"""parse_coco.py and parse_conceptual.py on small datasets in every input layout they read."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import runpy
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as photos
+
+from clipcap.data import load_features, load_original_pickle
+from clipcap.features import load_image, load_image_encoder
+from clipcap.sources import add_period
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"]
+
+
+def jpeg(name: str, size=(72, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(photos, name)()).resize(size).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def run_script(script: str, *args, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    runpy.run_path(str(REPO / script), run_name="__main__")
+
+
+def expected_embeddings(clip_dir, paths) -> torch.Tensor:
+    """Each image encoded on its own, straight from the file: what the store must hold."""
+    encoder = load_image_encoder(clip_dir)
+    return encoder([load_image(p) for p in paths]).half().float()
+
+
+def assert_rows_match(features, rows, expected):
+    stored = torch.stack([features.embedding(int(r)) for r in rows])
+    assert torch.allclose(stored, expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """Karpathy's dataset_coco.json over five photos (train, restval, train, test, test) and a corrupt file."""
+    root = tmp_path / "coco"
+    splits = ["train", "restval", "train", "test", "test"]
+    images = []
+    for i, (name, split) in enumerate(zip(PHOTOS, splits), start=1):
+        folder = "train2014" if split != "test" else "val2014"
+        path = root / folder / f"COCO_{folder}_{i:012d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg(name))
+        images.append({"filepath": folder, "filename": path.name, "cocoid": i, "split": split,
+                       "sentences": [{"raw": f"{name} number {j}", "sentid": 10 * i + j} for j in range(5)]})
+    (root / "train2014" / "COCO_train2014_000000000099.jpg").write_bytes(b"<html>not an image</html>")
+    images.append({"filepath": "train2014", "filename": "COCO_train2014_000000000099.jpg", "cocoid": 99,
+                   "split": "train", "sentences": [{"raw": "a broken file", "sentid": 990}]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    return root
+
+
+def test_parse_coco_encodes_each_image_once_into_the_original_pickle(coco, clip_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "oscar_split_tiny_train.pkl"
+    run_script("parse_coco.py", "--annotations", coco / "dataset_coco.json", "--images_root", coco,
+               "--clip_model_type", clip_dir, "--out_path", out, "--shard_size", 2, "--num_workers", 1,
+               monkeypatch=monkeypatch)
+    features = load_original_pickle(out)
+    assert features.embeddings.shape == (3, 16)  # train + restval images, each encoded once
+    assert sorted(features.captions) == sorted(f"{n} number {j}" for n in PHOTOS[:3] for j in range(5))
+    rows = [features.image_index[features.captions.index(f"{n} number 0")] for n in PHOTOS[:3]]
+    assert_rows_match(features, rows, expected_embeddings(
+        clip_dir, [coco / "train2014" / f"COCO_train2014_{i:012d}.jpg" for i in (1, 2, 3)]))
+    for image_id, caption, row in zip(features.image_ids, features.captions, features.image_index):
+        assert row == rows[image_id - 1] and caption.startswith(PHOTOS[image_id - 1])
+    report = (tmp_path / "oscar_split_tiny_train_skipped.tsv").read_text().splitlines()
+    assert len(report) == 1 and report[0].startswith(f"{coco}/train2014/COCO_train2014_000000000099.jpg\t")
+    assert "3 images, 15 captions; 1 images skipped" in capsys.readouterr().out
+    assert not (tmp_path / "oscar_split_tiny_train.pkl.parts").exists()
+
+
+def test_parse_coco_test_split_writes_store_and_references(coco, clip_dir, tmp_path, monkeypatch):
+    out, refs = tmp_path / "test_store", tmp_path / "refs.json"
+    run_script("parse_coco.py", "--annotations", coco / "dataset_coco.json", "--images_root", coco, "--split", "test",
+               "--clip_model_type", clip_dir, "--out_path", out, "--references_path", refs, "--feature_store",
+               "--num_workers", 0, monkeypatch=monkeypatch)
+    features = load_features(out)
+    assert len(features) == 10 and features.embeddings.shape == (2, 16)
+    assert sorted(set(features.image_ids)) == [4, 5]
+    references = json.loads(refs.read_text())
+    assert references["images"] == [{"id": 4}, {"id": 5}]
+    assert references["annotations"][0] == {"image_id": 4, "caption": "rocket number 0", "id": 40}
+    assert len(references["annotations"]) == 10
+
+
+def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, monkeypatch):
+    # The original's train_caption.json: a list of captions; image 4 exists only under val2014/.
+    annotations = [{"image_id": i, "id": 100 * i + j, "caption": f"caption {j} of {i}"} for i in (4, 1) for j in range(2)]
+    (tmp_path / "train_caption.json").write_text(json.dumps(annotations))
+    out = tmp_path / "train.pkl"
+    run_script("parse_coco.py", "--annotations", tmp_path / "train_caption.json", "--images_root", coco,
+               "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    features = load_original_pickle(out)
+    assert features.captions == [a["caption"] for a in annotations] and features.image_ids == [4, 4, 1, 1]
+    assert_rows_match(features, features.image_index[[0, 2]], expected_embeddings(
+        clip_dir, [coco / "val2014" / "COCO_val2014_000000000004.jpg", coco / "train2014" / "COCO_train2014_000000000001.jpg"]))
+
+
+def test_add_period_as_the_original():
+    assert add_period("a dog on a bench") == "a dog on a bench."
+    assert add_period("  a dog on a bench . ") == "a dog on a bench."
+    assert add_period("a dog.") == "a dog."
+
+
+CC_CAPTIONS = ["a man in a space suit ", "a cup of coffee .", "a cat", "a rocket launch", "deep space"]
+
+
+def conceptual_layouts(root: Path) -> dict[str, tuple[Path, Path | None]]:
+    """The same five images (row 1 missing, row 3 truncated) in the three layouts parse_conceptual.py reads."""
+    data = {row: jpeg(name) for row, name in enumerate(PHOTOS) if row != 1}
+    data[3] = data[3][:200]
+    tsv = root / "Validation_GCC-1.1.0-Validation.tsv"
+    with open(tsv, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([c, f"http://example.com/{i}.jpg"] for i, c in enumerate(CC_CAPTIONS))
+    original = root / "original" / "val"
+    files = root / "files"
+    webdataset = root / "webdataset"
+    for folder in (original, files / "00000", files / "00001", webdataset):
+        folder.mkdir(parents=True)
+    for row, image in data.items():
+        (original / f"{row:08d}.jpg").write_bytes(image)
+        key = f"{row // 3:05d}{row % 3:04d}"  # img2dataset's key: shard then index, 3 per shard here
+        (files / key[:5] / f"{key}.jpg").write_bytes(image)
+        (files / key[:5] / f"{key}.txt").write_text(CC_CAPTIONS[row])
+    for shard in ("00000", "00001"):
+        with tarfile.open(webdataset / f"{shard}.tar", "w") as tar:
+            for member in sorted((files / shard).iterdir()):
+                tar.add(member, arcname=member.name)
+    return {"original": (original, tsv), "files": (files, None), "webdataset": (webdataset, None)}
+
+
+def test_parse_conceptual_reads_every_layout_alike(clip_dir, tmp_path, monkeypatch):
+    layouts = conceptual_layouts(tmp_path)
+    results = {}
+    for layout, (images, tsv) in layouts.items():
+        out = tmp_path / f"{layout}.pkl"
+        run_script("parse_conceptual.py", "--split", "val", "--images", images, "--tsv", tsv or tmp_path / "none.tsv",
+                   "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+        results[layout] = load_original_pickle(out), (tmp_path / f"{layout}_skipped.tsv").read_text()
+    for features, report in results.values():
+        assert features.captions == ["a man in a space suit.", "a cat.", "deep space."]
+        assert_rows_match(features, features.image_index, expected_embeddings(
+            clip_dir, [tmp_path / "original" / "val" / f"{row:08d}.jpg" for row in (0, 2, 4)]))
+        assert "truncated" in report.lower()
+    assert results["files"][0].image_ids == results["webdataset"][0].image_ids == ["000000000", "000000002", "000010001"]
+    assert results["original"][0].image_ids == ["00000000", "00000002", "00000004"]
+    assert "00000001.jpg\tnot downloaded" in results["original"][1]
