@@ -63,6 +63,8 @@ def load_image(source: str | Path | IO[bytes], name: str | None = None,
                 return _to_rgb(image)
     except ClipCapError:
         raise
+    except Image.UnidentifiedImageError:  # its message names the file object, not the file
+        raise ClipCapError(f"{name}: unreadable image (not an image format Pillow can read)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         raise ClipCapError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
