@@ -1,0 +1,99 @@
+"""Training throughput of the real train() loop, and the projected time for the paper's 10 COCO epochs.
+
+Runs clipcap.training.train on synthetic features (COCO-like caption lengths) with a randomly
+initialised GPT-2, for the paper's two rows: MLP mapper + GPT-2 fine-tuning (K=10, bs 40) and
+the prefix-only transformer mapper (K=10, 8 layers). Needs no network.
+
+    python bench/bench_train_throughput.py                      # GPU: GPT-2 small, bs 40, bf16
+    python bench/bench_train_throughput.py --device cpu         # CPU: the same figures at a small size
+
+The paper: 7 h (MLP + GPT-2 tuning) and 6 h (transformer) for 10 COCO epochs on one GTX1080.
+"""
+import argparse
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+from clipcap.tiny import train_tokenizer
+from clipcap.training import TrainConfig, train
+
+COCO_CAPTIONS = 566_747  # Karpathy train + restval
+WORDS = ("a man woman dog cat group of people sitting standing on top the table street with next to in front "
+         "red blue white black green large small two three old young is are riding holding playing eating "
+         "plate pizza bus train car bike field grass water beach snow room kitchen bed tree sign clock").split()
+MODES = {"finetune (MLP + GPT-2)": dict(mapping_type="mlp"),
+         "prefix-only transformer": dict(mapping_type="transformer", only_prefix=True, num_layers=8)}
+SIZES = {"small": dict(), "cpu": dict(n_embd=256, n_layer=2, n_head=4)}  # GPT-2 small / a CPU-sized one
+
+
+def coco_like_caption(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(max(5, round(rng.gauss(10.5, 2.5))))) + "."
+
+
+def make_run_files(root: Path, size: str, n_captions: int) -> tuple[str, str]:
+    """A random GPT-2 (vocabulary of 50,257 like the real one) and a feature pickle of synthetic captions."""
+    import pickle
+
+    rng = random.Random(0)
+    captions = [coco_like_caption(rng) for _ in range(n_captions)]
+    tokenizer = train_tokenizer(captions[:2000] + [" ".join(WORDS)], vocab_size=600)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, **SIZES[size])).save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    n_images = n_captions // 5
+    with open(root / "features.pkl", "wb") as f:
+        pickle.dump({"clip_embedding": torch.randn(n_images, 512).half(),
+                     "captions": [{"image_id": i % n_images, "caption": c, "clip_embedding": i % n_images}
+                                  for i, c in enumerate(captions)]}, f)
+    return str(root / "gpt2"), str(root / "features.pkl")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--bs", type=int, default=None, help="default: 40 on GPU (the paper), 8 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="default: 150 on GPU, 12 on CPU")
+    p.add_argument("--size", choices=SIZES, default=None, help="default: small (GPT-2 small) on GPU, cpu on CPU")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    gpu = args.device.startswith("cuda")
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    bs, steps = args.bs or (40 if gpu else 8), args.steps or (150 if gpu else 12)
+    size = args.size or ("small" if gpu else "cpu")
+    log_every = max(1, steps // 6)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    device_name = torch.cuda.get_device_name() if gpu else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"{device_name}; torch {torch.__version__}; GPT-2 {size} (random), bs {bs}, {precision}, "
+          f"{steps} steps per mode{', compiled' if args.compile else ''}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt2, data = make_run_files(Path(tmp), size, bs * (steps + 1))
+        for mode, settings in MODES.items():
+            start = time.perf_counter()
+            result = train(TrainConfig(data=data, gpt2=gpt2, out_dir=str(Path(tmp) / "out"), bs=bs, epochs=1,
+                                       max_steps=steps, log_every=log_every, precision=precision,
+                                       device=args.device, num_workers=4 if gpu else 0, compile=args.compile,
+                                       prefix_length=10, prefix_length_clip=10, warmup=100, **settings))
+            timed = result["history"][1:]  # the first window holds warm-up (and compilation)
+            samples_per_s = sum(r["samples_per_s"] for r in timed) / len(timed)
+            tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
+            memory = max((r.get("gpu_mem_gb", 0.0) for r in timed), default=0.0)
+            hours = 10 * COCO_CAPTIONS / samples_per_s / 3600
+            rows.append((mode, samples_per_s, tokens_per_s, memory, hours, time.perf_counter() - start))
+    print(f"\n{'mode':<26} {'samples/s':>10} {'tokens/s':>10} {'GPU GB':>7} {'10 COCO epochs':>15} {'bench s':>8}")
+    for mode, sps, tps, mem, hours, spent in rows:
+        print(f"{mode:<26} {sps:>10.1f} {tps:>10.0f} {mem:>7.1f} {hours * 60:>11.1f} min {spent:>8.0f}")
+    print(f"(projection: 10 x {COCO_CAPTIONS:,} captions / samples/s; paper: 7 h and 6 h on a GTX1080)")
+
+
+if __name__ == "__main__":
+    main()
