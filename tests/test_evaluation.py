@@ -371,3 +371,37 @@ def test_recipe_commands_parse(monkeypatch):
         monkeypatch.setattr(sys, "argv", argv)
         with pytest.raises(Parsed):
             runpy.run_path(argv[0], run_name="__main__")
+
+
+def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
+    captioner = pytest.importorskip("clipcap.captioner")
+    from clipcap.checkpoint import save_checkpoint
+    from clipcap.data import load_features
+    from clipcap.model import ClipCapConfig, build_model
+
+    from conftest import caption_corpus, write_feature_pickle
+
+    corpus = caption_corpus()
+    per_image = [[corpus[5 * i], corpus[5 * i + 2]] for i in range(4)]
+    features = write_feature_pickle(tmp_path / "test.pkl", per_image, dim=16)  # images 1000..1003
+    annotations = write_coco(tmp_path / "refs.json", {1000 + i: caps for i, caps in enumerate(per_image)})
+    checkpoint = save_checkpoint(build_model(ClipCapConfig(prefix_size=16, prefix_length=2, gpt2=gpt2_dir)),
+                                 tmp_path / "tiny.safetensors")
+    evaluate = runpy.run_path(str(REPO / "evaluate.py"))
+
+    evaluate["main"](["--checkpoint", str(checkpoint), "--features", str(features), "--annotations",
+                      str(annotations), "--metrics", "Bleu,CIDEr", "--beam_size", "3", "--device", "cpu",
+                      "--out", str(tmp_path / "metrics.json"), "--save_captions", str(tmp_path / "captions.json")])
+
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    expected = captioner.Captioner.from_checkpoint(checkpoint).caption_features(
+        load_features(features), strategy="beam", beam_size=3)
+    assert captions == expected and sorted(c["image_id"] for c in captions) == [1000, 1001, 1002, 1003]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == score(
+        captions, load_references(annotations), metrics=("Bleu", "CIDEr"))
+
+    # Images missing from the references are found before any captioning (the checkpoint is not even read).
+    annotations = write_coco(tmp_path / "refs.json", {1000: per_image[0]})
+    with pytest.raises(ClipCapError, match=r"test.pkl: 3 of 4 captions are for images not in .*refs.json"):
+        evaluate["main"](["--checkpoint", str(tmp_path / "absent.safetensors"), "--features", str(features),
+                          "--annotations", str(annotations), "--metrics", "CIDEr"])
