@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     references = load_references(args.annotations, args.split)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
-    scorer = Scorer(metrics)  # METEOR's Java loads while the captions are made
-    with scorer:
+    with Scorer(metrics) as scorer:  # METEOR's Java loads while the captions are made
         if args.results:
             results, source = load_results(args.results), args.results
         else:
