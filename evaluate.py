@@ -59,7 +59,7 @@ def generate(args: argparse.Namespace, references: dict) -> list[dict]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     captioner = Captioner.from_checkpoint(args.checkpoint, device=device, gpt2=args.gpt2,
                                           normalize_prefix=True if args.normalize_prefix else None)
-    results = captioner.caption_features(features, strategy="greedy" if args.greedy else "beam",
+    results = captioner.caption_features(features, args.features, strategy="greedy" if args.greedy else "beam",
                                          beam_size=args.beam_size, batch_size=args.batch_size)
     if args.save_captions:
         with atomic_write(args.save_captions) as tmp:
