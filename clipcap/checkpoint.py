@@ -11,6 +11,7 @@ Both are read with ``weights_only=True`` / safetensors: loading never unpickles 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ CONFIG_KEY = "clipcap_config"
 LEGACY_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 # Hub names of the GPT-2 sizes, by (width, depth): the tokenizer of an inferred checkpoint.
 GPT2_NAMES = {(768, 12): "gpt2", (1024, 24): "gpt2-medium", (1280, 36): "gpt2-large", (1600, 48): "gpt2-xl"}
+# The CLIP behind an original checkpoint, by embedding width D: what captioning images needs.
+CLIP_BY_WIDTH = {512: "ViT-B/32", 640: "RN50x4", 768: "ViT-L/14", 1024: "RN50"}
 # Fields whose disagreement between checkpoint and model is reported by name.
 SHAPE_FIELDS = ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers")
 
@@ -85,7 +88,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapC
                 config_dict = json.loads(meta[CONFIG_KEY])
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint of ours that also holds optimizer state
@@ -111,13 +114,16 @@ def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
         hidden, prefix_size = state["clip_project.model.0.weight"].shape
         return ClipCapConfig(mapping_type="mlp", prefix_size=prefix_size,
                              prefix_length=state["clip_project.model.2.weight"].shape[0] // width,
-                             gpt2=gpt2, gpt2_config=gpt2_config)
+                             gpt2=gpt2, gpt2_config=gpt2_config, clip_model=CLIP_BY_WIDTH.get(prefix_size, "ViT-B/32"))
     if "clip_project.linear.weight" in state:
         layers = {int(m.group(1)) for k in state if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
-        return ClipCapConfig(mapping_type="transformer", prefix_size=state["clip_project.linear.weight"].shape[1],
-                             prefix_length=state["clip_project.prefix_const"].shape[0],
+        prefix_size, prefix_length = state["clip_project.linear.weight"].shape[1], state["clip_project.prefix_const"].shape[0]
+        return ClipCapConfig(mapping_type="transformer", prefix_size=prefix_size, prefix_length=prefix_length,
                              prefix_length_clip=state["clip_project.linear.weight"].shape[0] // width,
-                             num_layers=len(layers), only_prefix=True, gpt2=gpt2, gpt2_config=gpt2_config)
+                             num_layers=len(layers), only_prefix=True, gpt2=gpt2, gpt2_config=gpt2_config,
+                             clip_model=CLIP_BY_WIDTH.get(prefix_size, "ViT-B/32"),
+                             # the released COCO transformer (RN50x4, K=40) ran on L2-normalised embeddings
+                             normalize_prefix=(prefix_size, prefix_length) == (640, 40))
     raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")
 
 

@@ -1,0 +1,145 @@
+"""Captioning with a trained ClipCap: checkpoint in; images or CLIP features in; captions out.
+
+    captioner = Captioner.from_checkpoint("coco_weights.pt")
+    captioner.caption(["photo.jpg"])            # [["A dog sitting on a bench."]]
+
+The CLIP image encoder is the one the checkpoint was trained on (its config, or for an
+original checkpoint its embedding width), loaded on first use: captioning cached features
+needs no CLIP at all.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint
+from .data import FeatureSet
+from .decoding import caption_embeddings
+from .files import ClipCapError
+from .model import ClipCap, load_tokenizer
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_paths(sources: Sequence[str | Path]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, without repeats.
+
+    A named file is kept whatever it is (reading it reports a bad one); a folder without images
+    or a pattern that matches nothing is an error.
+    """
+    paths: list[Path] = []
+    for source in map(str, sources):
+        if Path(source).is_dir():
+            found = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise ClipCapError(f"{source}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        elif glob.has_magic(source):
+            found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+            if not found:
+                raise ClipCapError(f"{source}: no file matches")
+        else:
+            found = [Path(source)]
+        paths.extend(found)
+    return list(dict.fromkeys(paths))
+
+
+class Captioner:
+    """A ClipCap model, its tokenizer and (on first use) its CLIP image encoder."""
+
+    def __init__(self, model: ClipCap, tokenizer: Any, clip_model: str, device: str | torch.device = "cpu"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.clip_model = clip_model
+        self.device = torch.device(device)
+        self._encoder = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", gpt2: str | None = None,
+                        clip_model: str | None = None, normalize_prefix: bool | None = None) -> "Captioner":
+        """Any ClipCap checkpoint, ours or the original's, with nothing to configure.
+
+        ``gpt2`` (name or local directory) replaces where GPT-2 and its tokenizer come from;
+        ``clip_model`` and ``normalize_prefix`` replace the checkpoint's (or inferred) settings.
+        """
+        overrides = {} if normalize_prefix is None else {"normalize_prefix": normalize_prefix}
+        model = load_checkpoint(path, device, gpt2=gpt2, **overrides)
+        tokenizer = load_tokenizer(model.config.gpt2)
+        return cls(model, tokenizer, clip_model or model.config.clip_model, device)
+
+    @property
+    def encoder(self):
+        """The CLIP image encoder, loaded once; it must produce the width the checkpoint takes."""
+        if self._encoder is None:
+            from .features import load_image_encoder
+
+            encoder = load_image_encoder(self.clip_model, self.device)
+            if encoder.dim != self.model.config.prefix_size:
+                raise ClipCapError(f"{self.clip_model}: gives {encoder.dim}-d embeddings, but the checkpoint takes "
+                                   f"{self.model.config.prefix_size}-d ones; pass the CLIP it was trained with")
+            self._encoder = encoder
+        return self._encoder
+
+    def embed(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
+        """CLIP embeddings [N, D] of image files or PIL images (a bad file raises ClipCapError)."""
+        from .features import load_image
+
+        pictures = [image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in images]
+        return self.encoder(pictures)
+
+    def caption_embeddings(self, clip_embeds: torch.Tensor, **decoding: Any) -> list[list[str]]:
+        """Captions per CLIP embedding, best first; ``decoding`` as in :func:`clipcap.decoding.caption_embeddings`."""
+        return caption_embeddings(self.model, self.tokenizer, clip_embeds, **decoding)
+
+    def caption(self, images: Sequence[str | Path | Image.Image], batch_size: int = 16,
+                **decoding: Any) -> list[list[str]]:
+        """Captions per image (file path or PIL image), best first: ``num_captions`` each (default 1)."""
+        captions: list[list[str]] = []
+        for start in range(0, len(images), batch_size):
+            embeds = self.embed(images[start:start + batch_size])
+            captions += self.caption_embeddings(embeds, batch_size=batch_size, **decoding)
+        return captions
+
+    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16,
+                      **decoding: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """COCO results ``[{"image_id": path, "caption"}]`` (``num_captions`` per image, best first),
+        and one line per file that could not be read; the other files are captioned regardless."""
+        from .features import load_image
+
+        results: list[dict[str, Any]] = []
+        problems: list[str] = []
+        with tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2 * batch_size) as bar:
+            for start in range(0, len(paths), batch_size):
+                good, pictures = [], []
+                for path in paths[start:start + batch_size]:
+                    try:
+                        pictures.append(load_image(path))
+                        good.append(str(path))
+                    except ClipCapError as e:
+                        problems.append(str(e))
+                if pictures:
+                    captions = self.caption_embeddings(self.encoder(pictures), batch_size=batch_size, **decoding)
+                    results += [{"image_id": path, "caption": c} for path, cs in zip(good, captions) for c in cs]
+                bar.update(len(paths[start:start + batch_size]))
+        return results, problems
+
+    def caption_features(self, features: FeatureSet, source: str | Path = "features", batch_size: int = 16,
+                         **decoding: Any) -> list[dict[str, Any]]:
+        """COCO results for cached CLIP features: one entry per distinct image id (``num_captions`` with more)."""
+        if features.dim != self.model.config.prefix_size:
+            raise ClipCapError(f"{source}: features are {features.dim}-d, but the checkpoint takes "
+                               f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")
+        first: dict[Any, int] = {}
+        for image_id, row in zip(features.image_ids, features.image_index):
+            first.setdefault(image_id, int(row))
+        rows = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        embeds = features.embeddings[torch.from_numpy(rows)] if isinstance(features.embeddings, torch.Tensor) \
+            else torch.from_numpy(np.asarray(features.embeddings[rows]))  # a memory map or a store reads just these
+        embeds = embeds.float()
+        captions = self.caption_embeddings(embeds, batch_size=batch_size, progress=len(rows) > batch_size, **decoding)
+        return [{"image_id": image_id, "caption": c} for image_id, cs in zip(first, captions) for c in cs]
