@@ -374,7 +374,7 @@ def test_recipe_commands_parse(monkeypatch):
 
 
 def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
-    captioner = pytest.importorskip("clipcap.captioner")
+    from clipcap.captioner import Captioner
     from clipcap.checkpoint import save_checkpoint
     from clipcap.data import load_features
     from clipcap.model import ClipCapConfig, build_model
@@ -394,7 +394,7 @@ def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
                       "--out", str(tmp_path / "metrics.json"), "--save_captions", str(tmp_path / "captions.json")])
 
     captions = json.loads((tmp_path / "captions.json").read_text())
-    expected = captioner.Captioner.from_checkpoint(checkpoint).caption_features(
+    expected = Captioner.from_checkpoint(checkpoint).caption_features(
         load_features(features), strategy="beam", beam_size=3)
     assert captions == expected and sorted(c["image_id"] for c in captions) == [1000, 1001, 1002, 1003]
     assert json.loads((tmp_path / "metrics.json").read_text()) == score(
