@@ -146,16 +146,19 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
     keeps its score and competes with the others. The best ``beam_size`` proposals over all
     beams survive. An image is done when all its beams are finished; the result is its beams
     sorted by score, each cut to its length.
+
+    Only unfinished beams go through GPT-2 (a finished beam's proposal needs no logits), so
+    the cache holds one row per unfinished beam, in (image, beam) order.
     """
     _check_length(model, max_length)
     w = beam_size
     logits, cache = _start(model, clip_embeds)
     scores, first = _log_probs(logits, temperature).topk(w, -1)  # [B, W]
-    device = first.device
-    cache.batch_repeat_interleave(w)
+    vocab, device = logits.shape[-1], first.device
     tokens = first[:, :, None]  # [A, W, T]: the beams of the active images
     lengths = torch.ones(first.shape, device=device, dtype=scores.dtype)
     finished = first == stop_token
+    cache.reorder_cache((~finished).flatten().nonzero().squeeze(1) // w)
     images = torch.arange(first.shape[0])  # which input image each active image is
     results: list[list[Scored]] = [[] for _ in range(first.shape[0])]
 
@@ -163,24 +166,24 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
         for i in done.nonzero().squeeze(1).tolist():
             final = scores[i] / lengths[i]
             results[int(images[i])] = [(tokens[i, j, :int(lengths[i, j])].tolist(), float(final[j]))
-                                  for j in final.argsort(descending=True).tolist()]
+                                       for j in final.argsort(descending=True).tolist()]
 
     for _ in range(1, max_length):
         done = finished.all(-1)
-        if done.any():
+        if done.any():  # a done image has no cache rows left
             retire(done)
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             images, tokens, scores = images[keep.cpu()], tokens[keep], scores[keep]
             lengths, finished = lengths[keep], finished[keep]
-            cache.batch_select_indices((keep[:, None] * w + torch.arange(w, device=device)).flatten())
         a = tokens.shape[0]
-        log_probs = _log_probs(_step(model, tokens[:, :, -1].flatten(), cache), temperature).view(a, w, -1)
-        vocab = log_probs.shape[-1]
-        log_probs[finished] = float("-inf")
-        log_probs[..., 0][finished] = 0.0
-        sums = scores[:, :, None] + log_probs
+        alive = (~finished).flatten().nonzero().squeeze(1)  # the cache's rows
+        step = _log_probs(_step(model, tokens[:, :, -1].flatten()[alive], cache), temperature)
+        log_probs = torch.full((a * w, vocab), float("-inf"), device=device, dtype=step.dtype)
+        log_probs[:, 0] = 0.0  # what a finished beam proposes
+        log_probs[alive] = step
+        sums = scores[:, :, None] + log_probs.view(a, w, vocab)
         lengths = lengths + (~finished).to(lengths.dtype)
         best, index = (sums / lengths[:, :, None]).view(a, -1).topk(w, -1)
         source, token = index // vocab, index % vocab
@@ -189,7 +192,9 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
         tokens = torch.cat((tokens.gather(1, source[:, :, None].expand(-1, -1, tokens.shape[2])),
                             token[:, :, None]), dim=2)
         finished = finished.gather(1, source) | (token == stop_token)
-        cache.reorder_cache((source + torch.arange(a, device=device)[:, None] * w).flatten())
+        row_of = torch.full((a * w,), -1, dtype=torch.long, device=device)
+        row_of[alive] = torch.arange(len(alive), device=device)
+        cache.reorder_cache(row_of[source + torch.arange(a, device=device)[:, None] * w][~finished])
     retire(torch.ones(len(images), dtype=torch.bool))
     return results
 

@@ -51,6 +51,8 @@ def test_greedy_equals_original_generate2(model, embeds):
 
 @pytest.mark.parametrize("batch_size", [1, 5, 12])
 def test_beam_equals_original_generate_beam(model, embeds, reference_beams, batch_size):
+    ends = [[tokens[-1] == 13 for tokens, _ in beams] for beams in reference_beams]
+    assert any(all(e) for e in ends) and any(any(e) and not all(e) for e in ends)  # finished beams compete
     assert len({len(beams[0][0]) for beams in reference_beams}) >= 3
     got = [b for i in range(0, 12, batch_size)
            for b in beam_tokens(model, embeds[i:i + batch_size], max_length=MAX_LENGTH)]
