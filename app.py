@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpt2", default=None, help="GPT-2 name or directory (default: each checkpoint's)")
     p.add_argument("--clip_model", default=None, help="CLIP name or directory (default: each checkpoint's)")
     p.add_argument("--normalize_prefix", action="store_true",
-                   help="L2-normalise CLIP embeddings (the original's released transformer weights need it)")
+                   help="L2-normalise CLIP embeddings (default: each checkpoint's setting)")
     return p.parse_args(argv)
 
 
