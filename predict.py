@@ -23,6 +23,13 @@ from clipcap.decoding import STOPS
 from clipcap.files import ClipCapError, atomic_write, run_cli
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="ours (.safetensors / .pt + config) or the original's .pt")
@@ -34,15 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     strategy = decoding.add_mutually_exclusive_group()
     strategy.add_argument("--greedy", action="store_true", help="greedy decoding (the original's generate2)")
     strategy.add_argument("--sample", action="store_true", help="nucleus sampling (implied by --top_p or --seed)")
-    decoding.add_argument("--beam_size", type=int, default=5)
+    decoding.add_argument("--beam_size", type=positive, default=5)
     decoding.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
     decoding.add_argument("--temperature", type=float, default=1.0)
     decoding.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    decoding.add_argument("--num_captions", type=int, default=1, help="captions per image (beam or sampling)")
-    decoding.add_argument("--max_length", type=int, default=67, help="most tokens per caption")
+    decoding.add_argument("--num_captions", type=positive, default=1, help="captions per image (beam or sampling)")
+    decoding.add_argument("--max_length", type=positive, default=67, help="most tokens per caption")
     decoding.add_argument("--stop", choices=STOPS, default="period",
                           help='end a caption at "." (the original\'s rule) or at end-of-text')
-    parser.add_argument("--batch_size", type=int, default=16, help="images decoded together")
+    parser.add_argument("--batch_size", type=positive, default=16, help="images decoded together")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpt2", help="GPT-2 and tokenizer name or folder (default: the checkpoint's)")
     parser.add_argument("--clip_model", help="CLIP for --images (default: the checkpoint's, or by its width: "

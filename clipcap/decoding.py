@@ -113,7 +113,8 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     drop_sorted = probs.cumsum(-1) - probs > top_p
-    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
 
 
 @torch.no_grad()
@@ -204,6 +205,9 @@ def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor
                        temperature: float = 1.0, num_captions: int = 1, seed: int | None = None,
                        batch_size: int = 16, progress: bool = False) -> list[list[str]]:
     """Captions for CLIP embeddings [N, D]: ``num_captions`` per embedding, best first.
+
+    ``temperature`` divides the logits of beam search (as the original's did) and sampling;
+    greedy decoding ignores it. Sampled captions are ranked by mean log-probability.
 
     ``batch_size`` images go through GPT-2 together (times ``beam_size`` or ``num_captions``
     rows). Sampling with a ``seed`` is reproducible for the same ``batch_size``.
