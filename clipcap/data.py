@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +146,14 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any,
                     return f["ids"], f["offsets"]
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: rebuild it
-    ids: list[int] = []
+    chunks: list[np.ndarray] = []  # int32 per 10k captions: a list of Python ints would take 10x the memory
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)
     for start in range(0, len(captions), 10_000):
-        for i, encoded in enumerate(tokenizer(list(captions[start:start + 10_000]))["input_ids"], start):
-            ids.extend(encoded)
-            offsets[i + 1] = offsets[i] + len(encoded)
-    flat = np.asarray(ids, dtype=np.int32)
+        encoded = tokenizer(list(captions[start:start + 10_000]))["input_ids"]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        offsets[start + 1:start + 1 + len(encoded)] = offsets[start] + np.cumsum(lengths)
+        chunks.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum())))
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     if cache is not None:
         with atomic_write(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, ids=flat, offsets=offsets, fingerprint=np.array(fingerprint))

@@ -7,7 +7,6 @@ is OpenAI's, step for step: resize the shortest side (bicubic), centre crop, RGB
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import store as feature_store
 from .files import ClipCapError, atomic_write
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
@@ -201,7 +201,6 @@ def _load_openai_clip(name: str, device: torch.device, dtype: torch.dtype) -> Im
     return ImageEncoder(model, Preprocess(size=size, crop_size=size), model.output_dim, name, device, dtype)
 
 
-
 # --------------------------------------------------------------------------- extraction at scale
 
 
@@ -264,8 +263,6 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
 
 def _encode_shard(shard: Shard, encoder: ImageEncoder, store: Path, batch_size: int, num_workers: int,
                   max_pixels: int, progress: tqdm, written_by: str) -> None:
-    from . import store as feature_store
-
     items, skipped = shard.list_items()
     progress.update(len(skipped))
     failed: list[tuple[int, str]] = [(i, "no caption") for i, item in enumerate(items) if not item.captions]
@@ -302,17 +299,17 @@ def _distributed() -> tuple[int, int, int, int]:
     return int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
 
 
-def _check_job(store: Path, clip_model: str, transform: Preprocess) -> None:
-    """A rerun must resume with the CLIP and preprocessing the finished shards were made with."""
-    job = {"clip_model": clip_model, "preprocess": dataclasses.asdict(transform)}
+def _check_job(store: Path, clip_model: str) -> None:
+    """A rerun must resume with the CLIP that the finished shards were made with."""
     path = store / "job.json"
     if path.is_file():
-        before = json.loads(path.read_text())
-        if before != json.loads(json.dumps(job)):
-            raise ClipCapError(f"{store}: was started with {before}, not {job}; delete it or choose another output")
+        before = json.loads(path.read_text())["clip_model"]
+        if before != clip_model:
+            raise ClipCapError(f"{store}: was started with CLIP {before}, not {clip_model}; "
+                               "delete it or choose another output")
         return
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(job, indent=1) + "\n")
+        tmp.write_text(json.dumps({"clip_model": clip_model}) + "\n")
 
 
 def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B/32", *,
@@ -325,8 +322,6 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
     every WORLD_SIZE-th shard and writes its own; after a barrier rank 0 merges the index (other
     ranks return None). The store is the same whatever the number of processes or interruptions.
     """
-    from . import store as feature_store
-
     store = Path(store)
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
@@ -339,10 +334,10 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         if num_workers is None:
             num_workers = max(1, min(8, (os.cpu_count() or 1) // local_world - 1))
+        _check_job(store, clip_model)
         mine = [s for k, s in enumerate(shards) if k % world == rank and not feature_store.shard_done(store, s.name)]
         if mine:
             encoder = load_image_encoder(clip_model, device, dtype)
-            _check_job(store, clip_model, encoder.transform)
             sizes = [s.size for s in mine]
             with tqdm(total=sum(sizes) if None not in sizes else None, unit="img", disable=local_rank != 0,
                       desc=f"CLIP {clip_model}" + (f" rank {rank}/{world}" if world > 1 else "")) as progress:
@@ -385,8 +380,6 @@ def extract_to(shards: Sequence[Shard], out: str | Path, args: argparse.Namespac
     The pickle is made from a store kept beside it (``NAME.pkl.parts``) until the pickle is written,
     so that a pickle run resumes too. Returns the output on the rank that wrote it, else None.
     """
-    from . import store as feature_store
-
     out = Path(out)
     work = out if args.feature_store else out.with_name(out.name + ".parts")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
