@@ -1,0 +1,102 @@
+"""Captioning speed: the original's decoding loops against clipcap.decoding, same weights, same run.
+
+The original runs GPT-2 over the whole sequence at every step, one image at a time
+(tests/reference_decoding.py re-implements its generate2 / generate_beam). clipcap.decoding
+keeps GPT-2's key/value cache and batches images (times beams). Both run on a GPT-2 of the real
+small size (124M, random weights) with an MLP mapper (K=10, D=512).
+
+A random GPT-2 never says ".", so every caption would run to the 67-token limit. To get
+caption lengths like real ones, the position embeddings get a component along the "." token's
+embedding that grows with the position (--stop_slope): "." becomes likely after about 10-20
+tokens, at a step that differs from image to image. Lengths are printed with the results.
+
+    python bench/bench_decoding.py            # ~5 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reference_decoding import original_beam, original_greedy  # noqa: E402
+
+from clipcap.decoding import beam_tokens, greedy_tokens  # noqa: E402
+from clipcap.model import ClipCap, ClipCapConfig  # noqa: E402
+
+PERIOD = 13  # GPT-2's "."
+
+
+def random_clipcap(stop_slope: float, seed: int = 0) -> ClipCap:
+    """GPT-2 small with random weights, MLP mapper K=10 / D=512, biased to end captions with "."."""
+    torch.manual_seed(seed)
+    model = ClipCap(ClipCapConfig(prefix_length=10, prefix_size=512), GPT2LMHeadModel(GPT2Config())).eval()
+    with torch.no_grad():
+        wpe, period = model.gpt.transformer.wpe.weight, model.gpt.transformer.wte.weight[PERIOD]
+        steps = torch.arange(1, wpe.shape[0] - 10 + 1, dtype=wpe.dtype)[:, None]
+        wpe[10:] += stop_slope * steps * period / period.norm()
+    return model
+
+
+def timed(fn: Callable[[], list]) -> tuple[list, float, float]:
+    """The result, wall-clock seconds and this process's CPU seconds (steadier on a shared machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8, help="CLIP embeddings to caption (random)")
+    parser.add_argument("--beam_size", type=int, default=5)
+    parser.add_argument("--max_length", type=int, default=67)
+    parser.add_argument("--stop_slope", type=float, default=0.15, help="0 = captions never end before max_length")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = random_clipcap(args.stop_slope)
+    embeds = torch.randn(args.images, 512, generator=torch.Generator().manual_seed(1))
+    n = args.images
+    print(f"{n} images, GPT-2 small (random weights), MLP mapper K=10 D=512, max_length {args.max_length}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    greedy_tokens(model, embeds[:1], max_length=2)  # warm-up
+
+    runs = {
+        "greedy": (lambda e: [original_greedy(model, x, max_length=args.max_length) for x in e],
+                   lambda e: greedy_tokens(model, e, max_length=args.max_length)),
+        f"beam {args.beam_size}": (
+            lambda e: [[t for t, _ in original_beam(model, x, beam_size=args.beam_size, max_length=args.max_length)]
+                       for x in e],
+            lambda e: [[t for t, _ in beams] for beams in
+                       beam_tokens(model, e, beam_size=args.beam_size, max_length=args.max_length)]),
+    }
+    rows = []
+    for name, (original, ours) in runs.items():
+        expected, *t_orig = timed(lambda: original(embeds))
+        one, *t_one = timed(lambda: [c for i in range(n) for c in ours(embeds[i:i + 1])])
+        batched, *t_batch = timed(lambda: ours(embeds))
+        best = [c if name == "greedy" else c[0] for c in expected]
+        lengths = [len(t) for t in best]
+        print(f"{name}: caption lengths (tokens) mean {statistics.mean(lengths):.1f}, "
+              f"min {min(lengths)}, max {max(lengths)}", flush=True)
+        for method, (wall, cpu), result in (("original loop (no cache, 1 image)", t_orig, expected),
+                                            ("clipcap, batch 1", t_one, one),
+                                            (f"clipcap, batch {n}", t_batch, batched)):
+            rows.append((name, method, wall, cpu, t_orig[0] / wall, t_orig[1] / cpu, result == expected))
+
+    print("\n| decoding | method | wall s | CPU s | captions/s (wall) | vs original (wall) | vs original (CPU) | identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, method, wall, cpu, ratio_wall, ratio_cpu, same in rows:
+        print(f"| {name} | {method} | {wall:.1f} | {cpu:.1f} | {n / wall:.2f} | {ratio_wall:.1f}x | {ratio_cpu:.1f}x "
+              f"| {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
