@@ -112,3 +112,14 @@ def test_config_json_is_plain(tmp_path, gpt2_dir):
     save_config(model.config, tmp_path / "c.json")
     values = json.loads((tmp_path / "c.json").read_text())
     assert values["prefix_length"] == 4 and values["gpt2_config"]["n_embd"] == 32
+
+
+def test_written_files_get_the_usual_mode(tmp_path, gpt2_dir):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny(gpt2_dir), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
