@@ -10,7 +10,7 @@ caption lengths like real ones, the position embeddings get a component along th
 embedding that grows with the position (--stop_slope): "." becomes likely after about 10-20
 tokens, at a step that differs from image to image. Lengths are printed with the results.
 
-    python bench/bench_decoding.py            # ~5 minutes on 2 CPU cores
+    python bench/bench_decoding.py --threads 1   # ~4 minutes on one free CPU core
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def timed(fn: Callable[[], list]) -> tuple[list, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=8, help="CLIP embeddings to caption (random)")
+    parser.add_argument("--greedy_images", type=int, default=16, help="CLIP embeddings (random) for greedy")
+    parser.add_argument("--beam_images", type=int, default=8, help="CLIP embeddings (random) for beam search")
     parser.add_argument("--beam_size", type=int, default=5)
     parser.add_argument("--max_length", type=int, default=67)
     parser.add_argument("--stop_slope", type=float, default=0.15, help="0 = captions never end before max_length")
@@ -62,39 +63,40 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = random_clipcap(args.stop_slope)
-    embeds = torch.randn(args.images, 512, generator=torch.Generator().manual_seed(1))
-    n = args.images
-    print(f"{n} images, GPT-2 small (random weights), MLP mapper K=10 D=512, max_length {args.max_length}, "
+    embeds = torch.randn(max(args.greedy_images, args.beam_images), 512, generator=torch.Generator().manual_seed(1))
+    print(f"GPT-2 small (random weights), MLP mapper K=10 D=512, max_length {args.max_length}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     greedy_tokens(model, embeds[:1], max_length=2)  # warm-up
 
     runs = {
-        "greedy": (lambda e: [original_greedy(model, x, max_length=args.max_length) for x in e],
+        "greedy": (args.greedy_images,
+                   lambda e: [original_greedy(model, x, max_length=args.max_length) for x in e],
                    lambda e: greedy_tokens(model, e, max_length=args.max_length)),
         f"beam {args.beam_size}": (
+            args.beam_images,
             lambda e: [[t for t, _ in original_beam(model, x, beam_size=args.beam_size, max_length=args.max_length)]
                        for x in e],
             lambda e: [[t for t, _ in beams] for beams in
                        beam_tokens(model, e, beam_size=args.beam_size, max_length=args.max_length)]),
     }
     rows = []
-    for name, (original, ours) in runs.items():
-        expected, *t_orig = timed(lambda: original(embeds))
-        one, *t_one = timed(lambda: [c for i in range(n) for c in ours(embeds[i:i + 1])])
-        batched, *t_batch = timed(lambda: ours(embeds))
-        best = [c if name == "greedy" else c[0] for c in expected]
-        lengths = [len(t) for t in best]
-        print(f"{name}: caption lengths (tokens) mean {statistics.mean(lengths):.1f}, "
+    for name, (n, original, ours) in runs.items():
+        images = embeds[:n]
+        expected, *t_orig = timed(lambda: original(images))
+        one, *t_one = timed(lambda: [c for i in range(n) for c in ours(images[i:i + 1])])
+        batched, *t_batch = timed(lambda: ours(images))
+        lengths = [len(c if name == "greedy" else c[0]) for c in expected]
+        print(f"{name}: {n} images, caption lengths (tokens) mean {statistics.mean(lengths):.1f}, "
               f"min {min(lengths)}, max {max(lengths)}", flush=True)
         for method, (wall, cpu), result in (("original loop (no cache, 1 image)", t_orig, expected),
                                             ("clipcap, batch 1", t_one, one),
                                             (f"clipcap, batch {n}", t_batch, batched)):
-            rows.append((name, method, wall, cpu, t_orig[0] / wall, t_orig[1] / cpu, result == expected))
+            rows.append((name, method, wall, cpu, n / wall, t_orig[0] / wall, t_orig[1] / cpu, result == expected))
 
     print("\n| decoding | method | wall s | CPU s | captions/s (wall) | vs original (wall) | vs original (CPU) | identical |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, method, wall, cpu, ratio_wall, ratio_cpu, same in rows:
-        print(f"| {name} | {method} | {wall:.1f} | {cpu:.1f} | {n / wall:.2f} | {ratio_wall:.1f}x | {ratio_cpu:.1f}x "
+    for name, method, wall, cpu, rate, ratio_wall, ratio_cpu, same in rows:
+        print(f"| {name} | {method} | {wall:.1f} | {cpu:.1f} | {rate:.2f} | {ratio_wall:.1f}x | {ratio_cpu:.1f}x "
               f"| {'yes' if same else 'NO'} |")
 
 
