@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.data import max_caption_length
 from clipcap.model import ClipCap, ClipCapConfig
+from clipcap.training import make_optimizer
 
 MODES = {
     "finetune": dict(mapping_type="mlp", prefix_length=10),  # the paper's MLP + GPT-2 tuning row
@@ -102,7 +103,7 @@ def main() -> None:
             theirs.train(), ours.train()
         opt_theirs = torch.optim.AdamW([p for n, p in theirs.named_parameters()
                                         if not (theirs.config.only_prefix and n.startswith("gpt."))], lr=2e-5, eps=1e-6)
-        opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-5, eps=1e-6)
+        opt_ours = make_optimizer(ours, lr=2e-5)
         spent = {"theirs": 0.0, "ours": 0.0}
         for i, (clip, tokens, lengths) in enumerate(batches):  # interleaved, so machine noise hits both
             start = time.perf_counter()

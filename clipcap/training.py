@@ -126,6 +126,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def make_optimizer(model: ClipCap, lr: float) -> torch.optim.AdamW:
+    """The original's AdamW (eps 1e-6, no weight decay) over the trainable weights, fused:
+    one kernel for all tensors, several times faster than the per-tensor loop on CPU and GPU."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-6,
+                             weight_decay=0.0, fused=True)
+
+
 # --------------------------------------------------------------------------- data order
 
 
@@ -193,8 +200,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise ClipCapError(f"{cfg.data}: {len(dataset)} captions, fewer than one global batch of {global_batch}")
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-6,
-                                  weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
