@@ -47,22 +47,31 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
 
 
 def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 8, width: int = 32,
-                   projection_dim: int = 16, seed: int = 0) -> Path:
+                   projection_dim: int = 16, seed: int = 0, initializer_factor: float = 1.0,
+                   position_scale: float = 1.0) -> Path:
     """Save a random CLIP (both towers) and its image processor into ``out_dir``; returns it.
 
     The processor resizes the shortest side to ``image_size`` and centre-crops, as OpenAI's does.
+    At the default initialisation an untrained ViT's embedding hardly depends on the image
+    (nearly all of it is the same direction for every image) and hardly says where things are;
+    the demo's random CLIP needs both, so ``initializer_factor`` scales every initial weight
+    (a CLIPConfig field) and ``position_scale`` the position embeddings on top of that.
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     out_dir = Path(out_dir)
-    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
+                 initializer_factor=float(initializer_factor))
     text = dict(tower, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     config = CLIPConfig(text_config=text,
                         vision_config=dict(tower, image_size=image_size, patch_size=patch_size),
-                        projection_dim=projection_dim)
+                        projection_dim=projection_dim, initializer_factor=float(initializer_factor))
     torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(out_dir)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.mul_(position_scale)
+    model.save_pretrained(out_dir)
     CLIPImageProcessorPil(size={"shortest_edge": image_size},
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
     return out_dir
