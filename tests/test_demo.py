@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from clipcap.data import load_features
-from clipcap.demo import BACKGROUND, BASELINE, COLOURS, MODEL, SHAPES, SIZES, DemoConfig, draw_scene, make_shapes_dataset, run
+from clipcap.demo import (BACKGROUND, BASELINE, COLOURS, MODEL, SHAPES, SIZES, DemoConfig, draw_scene,
+                          make_shapes_dataset, real_backbones_cached, run)
 from clipcap.evaluation import load_references
 from clipcap.sources import coco_images
 
@@ -49,6 +50,22 @@ def test_dataset_reads_like_karpathy_split_file(tmp_path):
     assert list(references) == [6, 7, 8] and all(CAPTION.fullmatch(c) for refs in references.values() for c in refs)
     again = make_shapes_dataset(tmp_path / "again", n_train=6, n_test=3, seed=1)
     assert json.loads(again.read_text()) == json.loads(annotations.read_text())  # the seed fixes the dataset
+
+
+def test_real_backbones_are_used_when_cached(tmp_path, monkeypatch):
+    """The demo switches to CLIP ViT-B/32 and GPT-2 when both are in the Hugging Face cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert not real_backbones_cached()
+    for repo, weights in (("openai/clip-vit-base-patch32", "pytorch_model.bin"), ("gpt2", "model.safetensors")):
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        for name in ("config.json", weights):
+            (folder / "snapshots" / ("0" * 40)).mkdir(parents=True, exist_ok=True)
+            (folder / "snapshots" / ("0" * 40) / name).write_text("{}")
+        assert real_backbones_cached() == (repo == "gpt2")  # both are needed
 
 
 @pytest.fixture(scope="module")
