@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
 
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, read_json
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
@@ -72,15 +72,6 @@ def _examples(ids: Iterable[Any], n: int = 3) -> str:
 # --------------------------------------------------------------------------- references and results
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ClipCapError(f"{path}: {what} file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipCapError(f"{path}: not valid JSON ({e})") from None
-
-
 def load_references(path: str | Path, split: str | None = None) -> References:
     """References from Karpathy's ``dataset_coco.json`` (``split`` required), COCO-format annotations,
     a JSON list of ``{"image_id", "caption"}``, or the Conceptual Captions validation TSV."""
@@ -89,7 +80,7 @@ def load_references(path: str | Path, split: str | None = None) -> References:
         if split is not None:
             raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only")
         return load_conceptual_tsv(path)
-    data = _read_json(path, "annotations")
+    data = read_json(path, "annotations")
     if isinstance(data, dict) and data.get("images") and isinstance(data["images"][0], dict) \
             and "sentences" in data["images"][0]:
         if split is None:
@@ -162,7 +153,7 @@ def load_conceptual_tsv(path: str | Path) -> References:
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """A results JSON: ``[{"image_id", "caption"}, ...]`` (predict.py's output); checked by :func:`pair_up`."""
     path = Path(path)
-    results = _read_json(path, "results")
+    results = read_json(path, "results")
     if not isinstance(results, list):
         raise ClipCapError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}")
     return results

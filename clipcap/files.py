@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 class ClipCapError(Exception):
@@ -30,6 +31,16 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_json(path: Path, what: str = "annotations") -> Any:
+    """A JSON file, or a one-line error naming it: missing, or not valid JSON."""
+    if not path.is_file():
+        raise ClipCapError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClipCapError(f"{path}: not valid JSON ({e})") from None
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .features import ImageItem, Shard
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Karpathy split names, and what each of our --split values takes from them.
@@ -35,15 +35,6 @@ def chunked(items: list[ImageItem], shard_size: int) -> list[Shard]:
 
 
 # --------------------------------------------------------------------------- COCO
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise ClipCapError(f"{path}: annotations file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipCapError(f"{path}: not valid JSON ({e})") from None
 
 
 def coco_image_path(images_root: Path, image_id: int) -> Path:
