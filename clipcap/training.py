@@ -407,11 +407,10 @@ def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, schedu
     except (RuntimeError, EOFError, OSError) as e:
         raise ClipCapError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:200]})") from None
     theirs = ClipCapConfig.from_dict(json.loads(saved["config"]))
-    for name in ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers", "only_prefix"):
-        if getattr(theirs, name) != getattr(model.config, name):
-            raise ClipCapError(f"{path}: checkpoint has {name} {getattr(theirs, name)}, "
-                               f"model built with {getattr(model.config, name)}")
-    check_compatible(saved["model"], model, path)
+    if theirs.only_prefix != model.config.only_prefix:
+        raise ClipCapError(f"{path}: checkpoint has only_prefix {theirs.only_prefix}, "
+                           f"model built with {model.config.only_prefix}")
+    check_compatible(saved["model"], model, path, theirs)
     load_state(model, saved["model"], path)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
