@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from clipcap.captioner import Captioner
 from clipcap.features import load_image
-from clipcap.files import ClipCapError, run_cli
+from clipcap.files import ClipCapError, resolve_device, run_cli
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # 8000 x 5000; decoding one takes 120 MB
@@ -177,11 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
     import uvicorn
 
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     app = create_app(args.checkpoint, device, gpt2=args.gpt2, clip_model=args.clip_model,
                      normalize_prefix=True if args.normalize_prefix else None)
     uvicorn.run(app, host=args.host, port=args.port)

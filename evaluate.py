@@ -13,7 +13,7 @@ import argparse
 import json
 
 from clipcap.evaluation import SCORERS, Scorer, load_references, load_results, match_images
-from clipcap.files import atomic_write, run_cli
+from clipcap.files import atomic_write, resolve_device, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,15 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def generate(args: argparse.Namespace, references: dict) -> list[dict]:
     """Caption every image of --features with --checkpoint, after checking the images match the references."""
-    import torch
-
     from clipcap.captioner import Captioner
     from clipcap.data import load_features
 
     features = load_features(args.features)
     match_images(list(dict.fromkeys(features.image_ids)), references, args.only_common_images,
                  args.features, args.annotations)  # fail before hours of decoding, not after
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     captioner = Captioner.from_checkpoint(args.checkpoint, device=device, gpt2=args.gpt2,
                                           normalize_prefix=True if args.normalize_prefix else None)
     results = captioner.caption_features(features, args.features, strategy="greedy" if args.greedy else "beam",

@@ -36,7 +36,7 @@ from .captioner import Captioner
 from .data import FeatureSet, load_features, save_original_pickle
 from .evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
 from .features import OPENAI_CHECKPOINTS, extract
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, resolve_device
 from .sources import coco_images, coco_shards
 from .tiny import make_tiny_clip, make_tiny_gpt2
 from .training import TrainConfig, train
@@ -299,7 +299,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     for part in ("shapes", "backbones", "features", "train", "train_baseline", "report"):
         shutil.rmtree(out / part, ignore_errors=True)  # a rerun starts from scratch, never from stale parts
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     real = cfg.real if cfg.real is not None else real_backbones_cached()
     if real and not real_backbones_cached():
         check_hub()

@@ -30,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import check_compatible, load_state, save_checkpoint, save_config
 from .data import CaptionDataset, collate, load_features, tokens_cache_path
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 
 
@@ -100,9 +100,7 @@ def start_processes(device: str) -> Processes:
 
 
 def pick_device(name: str, procs: Processes) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = torch.device(resolve_device(name))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", procs.local_rank)
     if device.type == "cuda":
