@@ -184,13 +184,25 @@ class ClipCap(nn.Module):
         Right padding needs no attention mask under causal attention, and the vocabulary
         projection runs only at the positions that predict a real token.
         """
+        positions = real_token_positions(lengths, tokens.shape[1]).to(tokens.device, non_blocking=True)
+        return self.loss_at(clip_embeds, tokens, positions, reduction)
+
+    def loss_at(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        """``loss`` given the real tokens' flat positions (``real_token_positions``): no value is read
+        back from the device, so a GPU step is queued without waiting for the one before."""
         k = self.config.prefix_length
         embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
         hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
-        real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
-        predicting = hidden[:, k - 1:-1][real]  # the state before each real token predicts it
-        logits = self.gpt.lm_head(predicting)
-        return F.cross_entropy(logits.float(), tokens[real], reduction=reduction)
+        before = hidden[:, k - 1:-1].reshape(-1, hidden.shape[-1])  # the state before each token predicts it
+        logits = self.gpt.lm_head(before.index_select(0, positions))
+        return F.cross_entropy(logits.float(), tokens.flatten().index_select(0, positions), reduction=reduction)
+
+
+def real_token_positions(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat indices into a right-padded [B, width] batch of its real tokens, worked out on the CPU
+    (a boolean mask on the GPU would make every step wait to learn how many tokens there are)."""
+    return (torch.arange(width) < lengths.cpu()[:, None]).flatten().nonzero().squeeze(1)
 
 
 def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:

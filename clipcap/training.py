@@ -31,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from .checkpoint import check_compatible, load_state, save_checkpoint, save_config
 from .data import CaptionDataset, collate, load_features, tokens_cache_path
 from .files import ClipCapError, atomic_write, resolve_device
-from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
+from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
 
 
 @dataclass
@@ -164,8 +164,8 @@ class LossOf(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(embeds, tokens, lengths, reduction="sum")
+    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.loss_at(embeds, tokens, positions, reduction="sum")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -236,13 +236,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for step in range(first, steps_per_epoch):
             step_tokens = int(token_counts[batches[step]].sum())
             for micro in range(cfg.grad_accum):
-                tokens, lengths, embeds = (t.to(device, non_blocking=True) for t in next(micro_batches))
+                tokens, lengths, embeds = next(micro_batches)
+                positions = real_token_positions(lengths, tokens.shape[1])  # on the CPU: nothing waits for the GPU
+                tokens, embeds, positions = (t.to(device, non_blocking=True) for t in (tokens, embeds, positions))
                 syncing = micro == cfg.grad_accum - 1 or procs.world == 1
                 with loss_of.no_sync() if not syncing else nullcontext(), autocast(device, autocast_dtype):
-                    loss_sum = loss_of(embeds, tokens, lengths)
+                    loss_sum = loss_of(embeds, tokens, positions)
                     # DDP averages gradients over processes; scale so the step's gradient is the global token mean
                     scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
-                window.add(loss_sum.detach(), int(lengths.sum()), len(lengths))
+                window.add(loss_sum.detach(), len(positions), len(lengths))
             if cfg.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -340,7 +342,7 @@ class ValidationSet:
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for tokens, lengths, embeds in DataLoader(self.dataset, batch_size=self.bs, collate_fn=collate):
-            total += float(model.loss(embeds.to(device), tokens.to(device), lengths.to(device), reduction="sum"))
+            total += float(model.loss(embeds.to(device), tokens.to(device), lengths, reduction="sum"))
             count += int(lengths.sum())
         metrics = {"val_loss": total / count}
         if self.num_images > 0:

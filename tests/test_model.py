@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clipcap.model import ClipCap, ClipCapConfig, build_model, count_parameters
+from clipcap.model import ClipCap, ClipCapConfig, build_model, count_parameters, real_token_positions
 
 
 def gpt2_small(**overrides) -> GPT2LMHeadModel:
@@ -107,6 +107,19 @@ def test_fast_loss_equals_full_logits_loss(gpt2_dir):
     targets = tokens.masked_fill(torch.arange(6)[None] >= lengths[:, None], -100)
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(model.loss(clip, tokens, lengths), expected)
+
+
+def test_training_loss_reads_no_value_back_from_the_device(gpt2_dir):
+    """Meta tensors hold no values, so any .item() or boolean mask in forward or backward fails on them;
+    on a GPU each such read would stall the step until the device catches up."""
+    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4)).to("meta")
+    tokens, lengths = torch.randint(1, 200, (3, 6)), torch.tensor([6, 2, 4])
+    positions = real_token_positions(lengths, 6)
+    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
+    loss = model.loss_at(torch.randn(3, 16, device="meta"), tokens.to("meta"), positions.to("meta"), reduction="sum")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert model.clip_project.model[0].weight.grad.device.type == "meta"
 
 
 def test_only_prefix_freezes_gpt2(gpt2_dir):
