@@ -4,7 +4,8 @@
     python parse_coco.py --annotations data/coco/dataset_coco.json --split test    # Karpathy test + its references
     torchrun --nproc_per_node 4 parse_coco.py --annotations data/coco/dataset_coco.json --feature_store
 
-Killed, it resumes where it stopped when run again with the same arguments.
+Killed, it resumes where it stopped when run again with the same arguments; a finished pickle is
+kept (delete it to encode again).
 """
 import argparse
 

@@ -387,6 +387,8 @@ def extract_to(shards: Sequence[Shard], out: str | Path, args: argparse.Namespac
     """
     out = Path(out)
     work = out if args.feature_store else out.with_name(out.name + ".parts")
+    if not args.feature_store and out.exists() and not work.exists():
+        raise ClipCapError(f"{out}: already exists from a finished run; delete it to encode the images again")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     skipped = extract(shards, work, args.clip_model_type, device=args.device, dtype=dtype,
                       batch_size=args.batch_size, num_workers=args.num_workers, max_pixels=args.max_pixels, meta=meta)

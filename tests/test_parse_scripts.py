@@ -97,7 +97,7 @@ def test_parse_coco_test_split_writes_store_and_references(coco, clip_dir, tmp_p
     assert len(references["annotations"]) == 10
 
 
-def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, monkeypatch):
+def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, monkeypatch, capsys):
     # The original's train_caption.json: a list of captions; image 4 exists only under val2014/.
     annotations = [{"image_id": i, "id": 100 * i + j, "caption": f"caption {j} of {i}"} for i in (4, 1) for j in range(2)]
     (tmp_path / "train_caption.json").write_text(json.dumps(annotations))
@@ -108,6 +108,14 @@ def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, mon
     assert features.captions == [a["caption"] for a in annotations] and features.image_ids == [4, 4, 1, 1]
     assert_rows_match(features, features.image_index[[0, 2]], expected_embeddings(
         clip_dir, [coco / "val2014" / "COCO_val2014_000000000004.jpg", coco / "train2014" / "COCO_train2014_000000000001.jpg"]))
+
+    # Run again by mistake: the finished pickle is kept, not encoded over.
+    before = out.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_:
+        run_script("parse_coco.py", "--annotations", tmp_path / "train_caption.json", "--images_root", coco,
+                   "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    assert exit_.value.code == 2 and out.stat().st_mtime_ns == before
+    assert f"{out}: already exists from a finished run" in capsys.readouterr().err
 
 
 def test_add_period_as_the_original():
