@@ -4,7 +4,8 @@ The original loads its whole feature pickle into RAM (CC3M with ViT-B/32: 3.3M x
 embeddings, 6.3 GB, plus 3.3M caption dicts). A store is read on demand. This script writes a
 synthetic store (random float16 embeddings, COCO-like captions), then, in a fresh process, does
 what training does: load it, tokenise every caption (clipcap.data.CaptionDataset), and draw
-shuffled batches of 40 through DataLoader workers. It prints each process's peak RSS.
+shuffled batches of 40 (in the training process, or through DataLoader workers with --num_workers).
+It prints each process's peak RSS.
 
     python bench/bench_store.py                     # 3M images, 1 caption each (CC3M-like); ~3.2 GB of disk
     python bench/bench_store.py --images 600000 --captions_per_image 5     # COCO-like, 3M captions
@@ -53,9 +54,9 @@ def synthetic_store(path: Path, images: int, captions_per_image: int, dim: int, 
 def measure(path: Path, batches: int, num_workers: int) -> None:
     """What training does with the store, in this (fresh) process."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    from clipcap.data import CaptionDataset, collate, load_features
+    from clipcap.data import CaptionDataset, load_features
     from clipcap.tiny import train_tokenizer
 
     start = time.perf_counter()
@@ -64,8 +65,8 @@ def measure(path: Path, batches: int, num_workers: int) -> None:
     dataset = CaptionDataset(features, tokenizer)
     print(f"loaded and tokenised {len(dataset):,} captions over {features.embeddings.shape[0]:,} images "
           f"in {time.perf_counter() - start:.0f} s; peak RSS so far {peak_rss_mb():.0f} MB")
-    loader = DataLoader(dataset, batch_size=40, shuffle=True, drop_last=True, num_workers=num_workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    shuffled = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(0)), 40, drop_last=True)
+    loader = DataLoader(dataset, sampler=shuffled, batch_size=None, num_workers=num_workers)
     start = time.perf_counter()
     seen = 0
     for i, (tokens, lengths, embeddings) in enumerate(tqdm(loader, total=batches, desc="random batches")):
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--captions_per_image", type=int, default=1)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batches", type=int, default=5000)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=0, help="train.py's default")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the child's half
     args = parser.parse_args()
     if args.measure:

@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: 150 on GPU, 12 on CPU")
     p.add_argument("--size", choices=SIZES, default=None, help="default: small (GPT-2 small) on GPU, cpu on CPU")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (train.py's default: 0)")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     precision = args.precision or ("bf16" if gpu else "fp32")
@@ -81,7 +82,7 @@ def main() -> None:
             start = time.perf_counter()
             result = train(TrainConfig(data=data, gpt2=gpt2, out_dir=str(Path(tmp) / "out"), bs=bs, epochs=1,
                                        max_steps=steps, log_every=log_every, precision=precision,
-                                       device=args.device, num_workers=4 if gpu else 0, compile=args.compile,
+                                       device=args.device, compile=args.compile, num_workers=args.num_workers,
                                        prefix_length=10, prefix_length_clip=10, warmup=100, **settings))
             timed = result["history"][1:]  # the first window holds warm-up (and compilation)
             samples_per_s = sum(r["samples_per_s"] for r in timed) / len(timed)

@@ -39,9 +39,13 @@ class FeatureSet:
 
     def embedding(self, row: int) -> torch.Tensor:
         """One embedding as float32 (fp16 features are upcast)."""
+        return self.embeddings_at(np.array([row]))[0]
+
+    def embeddings_at(self, rows: np.ndarray) -> torch.Tensor:
+        """Embedding rows [n, D] as float32, in one gather."""
         if isinstance(self.embeddings, torch.Tensor):
-            return self.embeddings[row].float()
-        return torch.as_tensor(np.asarray(self.embeddings[row]), dtype=torch.float32)
+            return self.embeddings[torch.from_numpy(rows)].float()
+        return torch.as_tensor(np.asarray(self.embeddings[rows]), dtype=torch.float32)
 
     def validate(self, source: str | Path) -> None:
         """Check the caption -> embedding indices, naming the first bad one."""
@@ -170,7 +174,13 @@ def max_caption_length(lengths: np.ndarray, limit: int | None = None) -> int:
 
 
 class CaptionDataset(Dataset):
-    """(caption token ids, CLIP embedding) pairs; captions truncated to the original's length rule."""
+    """Captions as GPT-2 ids with their CLIP embeddings, fetched a whole batch at a time.
+
+    ``dataset[indices]`` gives the batch of those captions, right-padded with zeros to its
+    longest: (tokens [B, T], lengths [B], embeddings [B, D]). One vectorised gather per batch
+    instead of one Python call per caption; a DataLoader fetches it that way with
+    ``batch_size=None`` and a sampler of index lists. Captions are truncated by the original's rule.
+    """
 
     def __init__(self, features: FeatureSet, tokenizer: Any, cache: str | Path | None = None,
                  max_positions: int | None = None):
@@ -184,18 +194,12 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = int(self.offsets[i])
-        end = min(int(self.offsets[i + 1]), start + self.max_length)
-        tokens = torch.from_numpy(self.ids[start:end].astype(np.int64))
-        return tokens, self.features.embedding(int(self.features.image_index[i]))
-
-
-def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the batch's longest caption: (tokens [B, T], lengths [B], embeddings [B, D])."""
-    tokens, embeddings = zip(*batch)
-    lengths = torch.tensor([len(t) for t in tokens])
-    padded = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
-    for row, t in zip(padded, tokens):
-        row[:len(t)] = t
-    return padded, lengths, torch.stack(embeddings)
+    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        captions = np.asarray(indices, dtype=np.int64)
+        starts = self.offsets[captions]
+        lengths = np.minimum(self.offsets[captions + 1] - starts, self.max_length)
+        columns = np.arange(lengths.max())
+        real = columns < lengths[:, None]
+        tokens = np.where(real, self.ids[np.where(real, starts[:, None] + columns, 0)], 0).astype(np.int64)
+        embeddings = self.features.embeddings_at(self.features.image_index[captions])
+        return torch.from_numpy(tokens), torch.from_numpy(lengths), embeddings

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import check_compatible, load_state, save_checkpoint, save_config
-from .data import CaptionDataset, collate, load_features, tokens_cache_path
+from .data import CaptionDataset, load_features, tokens_cache_path
 from .files import ClipCapError, atomic_write, resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
 
@@ -56,7 +56,7 @@ class TrainConfig:
     clip_model: str = "ViT-B/32"
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 2
+    num_workers: int = 0  # a batch is one NumPy gather in this process; workers only add copies between processes
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp32)
     grad_accum: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping (the original)
@@ -226,8 +226,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.train()
         batches = epoch_batches(len(dataset), global_batch, cfg.seed, epoch)
         first = state["step"] if epoch == state["epoch"] else 0
-        loader = DataLoader(dataset, batch_sampler=MicroBatches(batches[first:], procs, cfg.bs, cfg.grad_accum),
-                            collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        loader = DataLoader(dataset, sampler=MicroBatches(batches[first:], procs, cfg.bs, cfg.grad_accum),
+                            batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG (dropout) alone
         micro_batches = iter(loader)
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -341,7 +341,8 @@ class ValidationSet:
         model.eval()
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for tokens, lengths, embeds in DataLoader(self.dataset, batch_size=self.bs, collate_fn=collate):
+        for start in range(0, len(self.dataset), self.bs):
+            tokens, lengths, embeds = self.dataset[range(start, min(start + self.bs, len(self.dataset)))]
             total += float(model.loss(embeds.to(device), tokens.to(device), lengths, reduction="sum"))
             count += int(lengths.sum())
         metrics = {"val_loss": total / count}

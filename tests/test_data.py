@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipcap.data import (CaptionDataset, collate, load_features, max_caption_length, save_original_pickle,
+from clipcap.data import (CaptionDataset, load_features, max_caption_length, save_original_pickle,
                           tokenize_captions, tokens_cache_path)
 from clipcap.files import ClipCapError
 from clipcap.model import load_tokenizer
@@ -102,20 +102,24 @@ def test_dataset_truncates_within_gpt2_positions(tmp_path, gpt2_dir):
     path = write_feature_pickle(tmp_path / "f.pkl", [[long], ["a cat."]])
     dataset = CaptionDataset(load_features(path), load_tokenizer(gpt2_dir), max_positions=30)
     assert dataset.max_length == 30
-    assert max(len(dataset[i][0]) for i in range(len(dataset))) == 30
+    tokens, lengths, _ = dataset[range(len(dataset))]
+    assert tokens.shape[1] == 30 and lengths.max() == 30
 
 
-def test_collate_pads_each_batch_to_its_longest(gpt2_dir, tmp_path):
+def test_a_batch_is_its_captions_padded_to_the_longest(gpt2_dir, tmp_path):
     corpus = caption_corpus()
-    path = write_feature_pickle(tmp_path / "f.pkl", [[corpus[0]], ["a cat."], [corpus[-2]]])
-    dataset = CaptionDataset(load_features(path), load_tokenizer(gpt2_dir))
-    items = [dataset[i] for i in range(3)]
-    tokens, lengths, embeds = collate(items[:2])
-    assert tokens.shape == (2, max(len(t) for t, _ in items[:2]))
-    assert lengths.tolist() == [len(t) for t, _ in items[:2]]
-    for row, (t, e), n in zip(tokens, items, lengths):
-        assert row[:n].tolist() == t.tolist() and not row[n:].any()
-    assert embeds.shape == (2, 16)
+    captions = [corpus[0], "a cat.", corpus[-2], "two dogs!"]
+    path = write_feature_pickle(tmp_path / "f.pkl", [[c] for c in captions])
+    features, tokenizer = load_features(path), load_tokenizer(gpt2_dir)
+    dataset = CaptionDataset(features, tokenizer)
+    order = [2, 1, 3]
+    tokens, lengths, embeds = dataset[order]
+    expected = [tokenizer.encode(features.captions[i]) for i in order]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert tokens.shape == (3, max(map(len, expected))) and tokens.dtype == torch.long
+    for row, e in zip(tokens, expected):
+        assert row[:len(e)].tolist() == e and not row[len(e):].any()
+    assert torch.equal(embeds, torch.stack([features.embedding(int(features.image_index[i])) for i in order]))
 
 
 def test_padding_is_ignored_and_exclamation_mark_is_learned(gpt2_dir):
