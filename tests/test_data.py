@@ -100,10 +100,13 @@ def test_truncation_rule():
 def test_dataset_truncates_within_gpt2_positions(tmp_path, gpt2_dir):
     long = " ".join(["a red circle"] * 80) + "."
     path = write_feature_pickle(tmp_path / "f.pkl", [[long], ["a cat."]])
-    dataset = CaptionDataset(load_features(path), load_tokenizer(gpt2_dir), max_positions=30)
+    features, tokenizer = load_features(path), load_tokenizer(gpt2_dir)
+    dataset = CaptionDataset(features, tokenizer, max_positions=30)
     assert dataset.max_length == 30
     tokens, lengths, _ = dataset[range(len(dataset))]
-    assert tokens.shape[1] == 30 and lengths.max() == 30
+    assert tokens.shape[1] == 30
+    for row, n, caption in zip(tokens, lengths, features.captions):
+        assert row[:n].tolist() == tokenizer.encode(caption)[:30]
 
 
 def test_a_batch_is_its_captions_padded_to_the_longest(gpt2_dir, tmp_path):
