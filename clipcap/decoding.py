@@ -11,17 +11,22 @@ original loops. ``sample_tokens`` is real nucleus sampling, which the original n
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, GPT2LMHeadModel
 
 from .files import ClipCapError
 from .model import ClipCap
 
 STRATEGIES = ("beam", "greedy", "sample")
 STOPS = ("period", "eos")
+
+# transformers renamed GPT-2's cache argument within 5.x (past_key_values -> cache) and ignores an
+# unknown keyword silently, which would decode without the cache: ask this version's signature.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 # A caption as token ids and its score: the mean log-probability per token (the beam's sum / length).
 Scored = tuple[list[int], float]
@@ -47,7 +52,7 @@ def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple
     """Run GPT-2 over the prefixes: next-token logits [B * repeats, V] and the cache, rows repeated in place."""
     cache = DynamicCache(config=model.gpt.config)
     prefix = model.prefix(clip_embeds.to(next(model.parameters()).device))
-    logits = model.gpt(inputs_embeds=prefix, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model.gpt(inputs_embeds=prefix, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits = logits.repeat_interleave(repeats, dim=0)
@@ -56,7 +61,7 @@ def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple
 
 def _step(model: ClipCap, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Feed one new token per row [N]; next-token logits [N, V]."""
-    return model.gpt(input_ids=tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
+    return model.gpt(input_ids=tokens[:, None], **{CACHE_ARGUMENT: cache}, use_cache=True).logits[:, -1]
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
