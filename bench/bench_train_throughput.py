@@ -6,6 +6,9 @@ the prefix-only transformer mapper (K=10, 8 layers). Needs no network.
 
     python bench/bench_train_throughput.py                      # GPU: GPT-2 small, bs 40, bf16
     python bench/bench_train_throughput.py --device cpu         # CPU: the same figures at a small size
+    PYTHONPATH=. python3 bench/bench_train_throughput.py        # from the repository root, not installed
+
+Needs torch, transformers, tokenizers, safetensors, tensorboard, matplotlib and tqdm, nothing else.
 
 The paper: 7 h (MLP + GPT-2 tuning) and 6 h (transformer) for 10 COCO epochs on one GTX1080.
 """
