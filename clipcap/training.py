@@ -361,7 +361,7 @@ class ValidationSet:
             if image_id in rows or len(rows) < self.num_images:
                 rows.setdefault(image_id, int(row))
                 references.setdefault(image_id, []).append(caption)
-        embeds = torch.stack([self.features.embedding(r) for r in rows.values()])
+        embeds = self.features.embeddings_at(np.array(list(rows.values())))
         captions = caption_embeddings(model, self.tokenizer, embeds.to(next(model.parameters()).device),
                                       strategy="greedy")
         results = [{"image_id": i, "caption": c[0]} for i, c in zip(rows, captions)]
