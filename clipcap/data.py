@@ -29,6 +29,7 @@ class FeatureSet:
     captions: Sequence[str]  # one per caption (a list, or a store's Arrow-backed sequence)
     image_index: np.ndarray  # caption i describes embeddings[image_index[i]]
     image_ids: Sequence[Any]  # caption i's image id (COCO id, file key, ...)
+    clip_model: str | None = None  # the CLIP that made the embeddings, when the file records it
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -100,19 +101,24 @@ def load_original_pickle(path: str | Path) -> FeatureSet:
         ids = [c.get("image_id", c["clip_embedding"]) for c in data["captions"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ClipCapError(f"{path}: caption entries need 'caption' and 'clip_embedding' ({e!r})") from None
-    features = FeatureSet(embeddings, captions, index, ids)
+    clip_model = data.get("clip_model") if isinstance(data.get("clip_model"), str) else None
+    features = FeatureSet(embeddings, captions, index, ids, clip_model)
     features.validate(path)
     return features
 
 
 def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
-    """Write the original's pickle layout (readable by the original's train.py), atomically."""
+    """Write the original's pickle layout (readable by the original's train.py, which ignores the
+    extra ``clip_model`` key), atomically."""
     embeddings = features.embeddings if isinstance(features.embeddings, torch.Tensor) \
         else torch.as_tensor(np.asarray(features.embeddings))
     captions = [{"image_id": image_id, "caption": caption, "clip_embedding": int(row)}
                 for caption, row, image_id in zip(features.captions, features.image_index, features.image_ids)]
+    data = {"clip_embedding": embeddings, "captions": captions}
+    if features.clip_model is not None:
+        data["clip_model"] = features.clip_model
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump({"clip_embedding": embeddings, "captions": captions}, f)
+        pickle.dump(data, f)
 
 
 def load_features(path: str | Path) -> FeatureSet:

@@ -179,8 +179,9 @@ def load_store(store: str | Path) -> FeatureSet:
         image_index = index.column("image_index").to_numpy()
     except (OSError, KeyError, pa.ArrowException) as e:
         raise ClipCapError(f"{store / INDEX_FILE}: unreadable caption index ({e})") from None
+    clip_model = meta.get("clip_model") if isinstance(meta.get("clip_model"), str) else None
     features = FeatureSet(embeddings, ArrowSequence(captions), image_index.astype(np.int64, copy=False),
-                          ArrowSequence(image_ids))
+                          ArrowSequence(image_ids), clip_model)
     features.validate(store)
     return features
 
@@ -267,6 +268,8 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
                     [features.image_ids[i] for i in chosen], image_index[chosen] - start)
     index = pa.table({"caption": pa.array(list(features.captions), pa.string()),
                       "image_id": pa.array(list(features.image_ids)), "image_index": pa.array(image_index)})
+    if features.clip_model is not None:
+        meta.setdefault("clip_model", features.clip_model)
     _finish(store, names, index, [], meta)
     return store
 

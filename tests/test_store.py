@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipcap import store
-from clipcap.data import CaptionDataset, load_features, load_original_pickle
+from clipcap.data import CaptionDataset, load_features, load_original_pickle, save_original_pickle
+from clipcap.store import load_store
 from clipcap.files import ClipCapError
 
 
@@ -91,3 +92,15 @@ def test_loading_never_unpickles(feature_pickle, tmp_path):
     with pytest.raises(ClipCapError, match="float array"):
         store.load_store(path)
     assert not marker.exists()
+
+
+def test_the_features_clip_survives_pickle_and_store(feature_pickle, tmp_path):
+    features = load_original_pickle(feature_pickle)
+    assert features.clip_model is None  # the original's pickles do not say
+    features.clip_model = "RN50x4"
+    save_original_pickle(features, tmp_path / "a.pkl")
+    assert load_original_pickle(tmp_path / "a.pkl").clip_model == "RN50x4"
+    store.from_pickle(tmp_path / "a.pkl", tmp_path / "store")
+    assert load_store(tmp_path / "store").clip_model == "RN50x4"
+    store.to_pickle(tmp_path / "store", tmp_path / "b.pkl")
+    assert load_original_pickle(tmp_path / "b.pkl").clip_model == "RN50x4"
