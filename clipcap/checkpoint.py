@@ -55,12 +55,28 @@ def model_state_dict(model: ClipCap, full: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def original_state_dict(model: ClipCap) -> dict[str, torch.Tensor]:
+    """The whole model under the keys of the original's released files, which transformers 4.10 wrote:
+    each attention layer also holds its causal mask ``attn.bias`` (uint8 [1, 1, P, P]) and
+    ``attn.masked_bias`` (float32 -1e4), so the original's code loads the file strictly."""
+    state = model_state_dict(model, full=True)
+    positions = model.gpt.config.n_positions
+    causal = torch.tril(torch.ones((positions, positions), dtype=torch.uint8)).view(1, 1, positions, positions)
+    legacy = {}
+    for key, tensor in state.items():
+        legacy[key] = tensor
+        if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.ln_1\.bias$", key)):  # 4.10's order: ln_1, then attn
+            legacy[f"gpt.transformer.h.{m.group(1)}.attn.bias"] = causal
+            legacy[f"gpt.transformer.h.{m.group(1)}.attn.masked_bias"] = torch.tensor(-1e4)
+    return legacy
+
+
 def save_checkpoint(model: ClipCap, path: str | Path) -> Path:
     """Write ``path`` atomically: ``.safetensors`` is our format, ``.pt`` the original's."""
     path = Path(path)
     with atomic_write(path) as tmp:
         if path.suffix == ".pt":
-            torch.save(model_state_dict(model, full=True), tmp)
+            torch.save(original_state_dict(model), tmp)
         elif path.suffix == ".safetensors":
             state = {k: v.detach().contiguous() for k, v in model_state_dict(model, full=False).items()}
             if "gpt.lm_head.weight" in state:  # tied to the input embedding; stored once

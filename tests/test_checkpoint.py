@@ -123,3 +123,26 @@ def test_written_files_get_the_usual_mode(tmp_path, gpt2_dir):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def released_layout(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes of a state dict saved by the original with transformers 4.10."""
+    layout = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    n = model.gpt.config.n_positions
+    for i in range(model.gpt.config.n_layer):
+        layout[f"gpt.transformer.h.{i}.attn.bias"] = ((1, 1, n, n), torch.uint8)
+        layout[f"gpt.transformer.h.{i}.attn.masked_bias"] = ((), torch.float32)
+    return layout
+
+
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+def test_original_format_has_the_released_keys_and_buffers(tmp_path, gpt2_dir, mapping):
+    model = tiny(gpt2_dir, mapping_type=mapping, prefix_length_clip=3, num_layers=2, only_prefix=mapping == "transformer")
+    save_checkpoint(model, tmp_path / "run-000.pt")
+    saved = torch.load(tmp_path / "run-000.pt", weights_only=True)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in saved.items()} == released_layout(model)
+    n = model.gpt.config.n_positions
+    assert torch.equal(saved["gpt.transformer.h.1.attn.bias"][0, 0], torch.tril(torch.ones(n, n, dtype=torch.uint8)))
+    assert float(saved["gpt.transformer.h.0.attn.masked_bias"]) == -1e4
+    assert list(saved).index("gpt.transformer.h.0.attn.bias") == list(saved).index("gpt.transformer.h.0.ln_1.bias") + 1
+    same_outputs(model, load_checkpoint(tmp_path / "run-000.pt", gpt2=gpt2_dir))  # and it loads back here
