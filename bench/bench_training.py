@@ -1,7 +1,7 @@
 """Training step speed: this project's loop against a re-creation of the original's per-step work.
 
 Same model (GPT-2 small size, random weights), same batches, one run, ratios printed.
-The original's step, as DESIGN.md section 5 describes it: every caption padded to one global
+The original's step, as docs/original.md describes it: every caption padded to one global
 length min(mean + 10 std, max), an attention mask, logits at every position, cross-entropy with
 ignore_index=0, and in prefix-only mode gradients computed for all of GPT-2's weights (only the
 mapper is in the optimizer). Ours: each batch padded to its own longest caption, no mask,

@@ -1,7 +1,7 @@
 """The original's two decoders, re-implemented step for step as the slow reference.
 
 No key/value cache (GPT-2 runs over prefix + all tokens so far at every step), one image at
-a time, the same arithmetic as the original's ``generate2`` and ``generate_beam`` (DESIGN.md
+a time, the same arithmetic as the original's ``generate2`` and ``generate_beam`` (docs/original.md
 section 6). tests/test_decoding.py holds clipcap.decoding against these, and
 bench/bench_decoding.py times them; this is the only copy.
 """

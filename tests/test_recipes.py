@@ -1,0 +1,122 @@
+"""Every recipe in recipes/ runs end to end on tiny backbones and a small generated dataset.
+
+The recipes are the paper's rows; their settings come from the environment, so here they run
+with a tiny CLIP and GPT-2, one epoch and small batches, through the real scripts, Java metrics
+included. A recipe that drifts from the scripts' flags, or a CLIP that is not carried from the
+features into the checkpoint, fails here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 214)}
+SHAPES = ("circle", "square")
+
+
+def draw(path: Path, k: int) -> list[str]:
+    """An image of one coloured shape, and two captions naming it."""
+    colour, shape = list(COLOURS)[k % 3], SHAPES[k // 3 % 2]
+    image = Image.new("RGB", (48, 40), (245, 245, 240))
+    box = (10, 8, 38, 32)
+    (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(box, fill=COLOURS[colour])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return [f"a {colour} {shape}.", f"a {shape} that is {colour}."]
+
+
+def make_coco(root: Path) -> None:
+    """COCO images under train2014/ and val2014/ with Karpathy's split file."""
+    images = []
+    for k, split in enumerate(["train"] * 10 + ["restval"] * 2 + ["val"] * 4 + ["test"] * 4):
+        folder = "train2014" if split in ("train", "restval") else "val2014"
+        name = f"COCO_{folder}_{k + 1:012d}.jpg"
+        captions = draw(root / folder / name, k)
+        images.append({"filepath": folder, "filename": name, "cocoid": k + 1, "split": split,
+                       "sentences": [{"raw": c, "sentid": 2 * k + j} for j, c in enumerate(captions)]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+
+def make_conceptual(root: Path) -> None:
+    """The original's layout: each split's TSV (caption TAB url) beside {split}/{row:08d}.jpg."""
+    for split, tsv, n in (("train", "Train_GCC-training.tsv", 12), ("val", "Validation_GCC-1.1.0-Validation.tsv", 4)):
+        lines = [f"{draw(root / split / f'{row:08d}.jpg', row + (0 if split == 'train' else 1))[0]}\thttp://x/{row}"
+                 for row in range(n)]
+        (root / tsv).write_text("\n".join(lines) + "\n")
+
+
+def make_nocaps(root: Path) -> None:
+    """nocaps_val_4500_captions.json's layout: COCO format, a domain per image, ten references each."""
+    domains = ["in-domain", "near-domain", "out-domain"]
+    images, annotations = [], []
+    for k in range(6):
+        name = f"{k:016x}.jpg"
+        captions = draw(root / "val" / name, k)
+        images.append({"id": k, "file_name": name, "open_images_id": f"{k:016x}", "domain": domains[k % 3],
+                       "coco_url": f"https://example.invalid/{name}", "height": 40, "width": 48})
+        annotations += [{"image_id": k, "caption": captions[j % 2], "id": 10 * k + j} for j in range(10)]
+    (root / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, gpt2_dir, clip_dir):
+    root = tmp_path_factory.mktemp("recipes")
+    make_coco(root / "coco")
+    make_conceptual(root / "conceptual")
+    make_nocaps(root / "nocaps")
+    env = {**os.environ, "PY": sys.executable, "COCO": str(root / "coco"), "CC": str(root / "conceptual"),
+           "NOCAPS": str(root / "nocaps"), "RUNS": str(root / "runs"), "GPT2": gpt2_dir, "EPOCHS": "2", "BS": "4",
+           "VAL_CAPTIONS": "4", "K": "3", "CLIP": clip_dir, "TAG": "tiny", "MLP_CLIP": clip_dir, "MLP_TAG": "tiny",
+           "TRANSFORMER_CLIP": clip_dir, "TRANSFORMER_TAG": "tiny"}
+    return root, env
+
+
+def run_recipe(name: str, env: dict) -> None:
+    run = subprocess.run(["bash", str(REPO / "recipes" / name)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{name} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+
+
+def checkpoint_config(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["clipcap_config"])
+
+
+@pytest.mark.parametrize("row, best, only_prefix", [
+    ("coco_mlp", "coco_mlp/coco_mlp_best", False),
+    ("coco_mlp_frozen", "coco_mlp_frozen/coco_mlp_frozen_best", True),
+    ("coco_transformer", "coco_transformer_k3/coco_transformer_k3_best", True),
+    ("coco_transformer_tuned", "coco_transformer_tuned_k3/coco_transformer_tuned_k3_best", False),
+    ("conceptual_mlp", "conceptual_mlp/conceptual_mlp-001", False),
+    ("conceptual_transformer", "conceptual_transformer_k3/conceptual_transformer_k3-001", True),
+])
+def test_paper_row_recipe_runs_end_to_end(workspace, row, best, only_prefix):
+    root, env = workspace
+    run_recipe(f"{row}.sh", env)
+    run = (root / "runs" / best).parent
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics)
+    assert len(json.loads(next(run.glob("captions_*.json")).read_text())) == 4
+    config = checkpoint_config(root / "runs" / f"{best}.safetensors")
+    assert config["clip_model"] == env["CLIP"]  # the features' CLIP, recorded without a flag
+    assert config["only_prefix"] is only_prefix
+    assert config["mapping_type"] == ("transformer" if "transformer" in row else "mlp")
+
+
+def test_nocaps_recipe_scores_both_coco_models_per_domain(workspace):
+    root, env = workspace
+    for row in ("coco_mlp", "coco_transformer"):
+        if not (root / "runs" / ("coco_mlp" if row == "coco_mlp" else "coco_transformer_k3")).is_dir():
+            run_recipe(f"{row}.sh", env)
+    run_recipe("nocaps.sh", env)
+    for run in ("coco_mlp", "coco_transformer_k3"):
+        scores = json.loads((root / "runs" / run / "metrics_nocaps.json").read_text())
+        assert set(scores) == {"entire", "in-domain", "near-domain", "out-domain"}
+        assert all("CIDEr" in s for s in scores.values())
