@@ -1,7 +1,7 @@
 """Captioning speed: the original's decoding loops against clipcap.decoding, same weights, same run.
 
 The original runs GPT-2 over the whole sequence at every step, one image at a time
-(tests/reference_decoding.py re-implements its generate2 / generate_beam). clipcap.decoding
+(clipcap/reference.py re-implements its generate2 / generate_beam). clipcap.decoding
 keeps GPT-2's key/value cache and batches images (times beams). Both run on a GPT-2 of the real
 small size (124M, random weights) with an MLP mapper (K=10, D=512).
 
@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from reference_decoding import original_beam, original_greedy  # noqa: E402
-
-from clipcap.decoding import beam_tokens, greedy_tokens  # noqa: E402
-from clipcap.model import ClipCap, ClipCapConfig  # noqa: E402
+from clipcap.decoding import beam_tokens, greedy_tokens
+from clipcap.model import ClipCap, ClipCapConfig
+from clipcap.reference import original_beam, original_greedy
 
 PERIOD = 13  # GPT-2's "."
 

@@ -6,7 +6,7 @@ go through one forward pass per step; an image leaves the batch as soon as it is
 its result is exactly what it would be alone. For the same weights, ``greedy_tokens`` gives
 token for token the original's ``generate2`` (whose top-p filter is followed by an argmax, so
 it is greedy) and ``beam_tokens`` the original's ``generate_beam``, rules and arithmetic
-included; tests/reference_decoding.py holds both against slow re-implementations of the
+included; clipcap/reference.py holds both against slow re-implementations of the
 original loops. ``sample_tokens`` is real nucleus sampling, which the original never did.
 """
 from __future__ import annotations

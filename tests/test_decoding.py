@@ -1,4 +1,4 @@
-"""Batched, cached decoding against the original's loops (tests/reference_decoding.py) on tiny models."""
+"""Batched, cached decoding against the original's loops (clipcap/reference.py) on tiny models."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ from clipcap.decoding import (beam_tokens, caption_embeddings, greedy_tokens, nu
                               stop_token_id)
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
-from reference_decoding import original_beam, original_greedy
+from clipcap.reference import original_beam, original_greedy
 
 MAX_LENGTH = 24
 

@@ -18,7 +18,7 @@ from clipcap.features import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 from conftest import write_feature_pickle
-from reference_decoding import original_beam, original_greedy
+from clipcap.reference import original_beam, original_greedy
 
 REPO = Path(__file__).resolve().parent.parent
 PREDICT = runpy.run_path(str(REPO / "predict.py"))

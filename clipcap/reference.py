@@ -1,9 +1,8 @@
-"""The original's two decoders, re-implemented step for step as the slow reference.
+"""The original's two decoders, step for step: the slow reference for clipcap.decoding.
 
-No key/value cache (GPT-2 runs over prefix + all tokens so far at every step), one image at
-a time, the same arithmetic as the original's ``generate2`` and ``generate_beam`` (docs/original.md
-section 6). tests/test_decoding.py holds clipcap.decoding against these, and
-bench/bench_decoding.py times them; this is the only copy.
+No key/value cache (GPT-2 runs over the prefix and every token so far at each step), one image
+at a time, the arithmetic of the original's ``generate2`` and ``generate_beam``
+(docs/original.md). The tests hold the fast decoders against these; the benchmark times both.
 """
 from __future__ import annotations
 
