@@ -71,6 +71,7 @@ def test_parse_coco_encodes_each_image_once_into_the_original_pickle(coco, clip_
                monkeypatch=monkeypatch)
     features = load_original_pickle(out)
     assert features.embeddings.shape == (3, 16)  # train + restval images, each encoded once
+    assert features.clip_model == str(clip_dir)  # the CLIP is recorded, for training to pass on
     assert sorted(features.captions) == sorted(f"{n} number {j}" for n in PHOTOS[:3] for j in range(5))
     rows = [features.image_index[features.captions.index(f"{n} number 0")] for n in PHOTOS[:3]]
     assert_rows_match(features, rows, expected_embeddings(
@@ -89,7 +90,7 @@ def test_parse_coco_test_split_writes_store_and_references(coco, clip_dir, tmp_p
                "--clip_model_type", clip_dir, "--out_path", out, "--references_path", refs, "--feature_store",
                "--num_workers", 0, monkeypatch=monkeypatch)
     features = load_features(out)
-    assert len(features) == 10 and features.embeddings.shape == (2, 16)
+    assert len(features) == 10 and features.embeddings.shape == (2, 16) and features.clip_model == str(clip_dir)
     assert sorted(set(features.image_ids)) == [4, 5]
     references = json.loads(refs.read_text())
     assert references["images"] == [{"id": 4}, {"id": 5}]
@@ -161,9 +162,17 @@ def test_parse_conceptual_reads_every_layout_alike(clip_dir, tmp_path, monkeypat
         results[layout] = load_original_pickle(out), (tmp_path / f"{layout}_skipped.tsv").read_text()
     for features, report in results.values():
         assert features.captions == ["a man in a space suit.", "a cat.", "deep space."]
+        assert features.clip_model == str(clip_dir)
         assert_rows_match(features, features.image_index, expected_embeddings(
             clip_dir, [tmp_path / "original" / "val" / f"{row:08d}.jpg" for row in (0, 2, 4)]))
         assert "truncated" in report.lower()
     assert results["files"][0].image_ids == results["webdataset"][0].image_ids == ["000000000", "000000002", "000010001"]
     assert results["original"][0].image_ids == ["00000000", "00000002", "00000004"]
     assert "00000001.jpg\tnot downloaded" in results["original"][1]
+
+    store = tmp_path / "webdataset_store"
+    images, _ = layouts["webdataset"]
+    run_script("parse_conceptual.py", "--split", "val", "--images", images, "--clip_model_type", clip_dir,
+               "--out_path", store, "--feature_store", "--num_workers", 0, monkeypatch=monkeypatch)
+    features = load_features(store)
+    assert features.clip_model == str(clip_dir) and list(features.captions) == results["webdataset"][0].captions
