@@ -11,6 +11,8 @@ Images come from img2dataset (see the README for the command) or the original's 
 
 Captions get the original's trailing period. Killed, it resumes when run again with the same arguments.
 """
+from __future__ import annotations
+
 import argparse
 
 from clipcap.features import add_extraction_arguments, extract_to, model_tag
@@ -18,7 +20,7 @@ from clipcap.files import ClipCapError, run_cli
 from clipcap.sources import CONCEPTUAL_TSV, conceptual_shards
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default="./data/conceptual")
     parser.add_argument("--split", default="both", choices=("val", "train", "both"), help="both: val, then train")
@@ -27,8 +29,13 @@ def main() -> None:
     parser.add_argument("--out_path", default=None,
                         help="default {data_root}/conceptual_clip_{clip model}_{split}.pkl (no .pkl with --feature_store)")
     add_extraction_arguments(parser)
-    args = parser.parse_args()
+    parser.add_argument("--num_threads", type=int, dest="num_workers",
+                        help="the original's flag (its download threads): taken as --num_workers")
+    return parser.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
     splits = ("val", "train") if args.split == "both" else (args.split,)
     if len(splits) > 1 and (args.images or args.tsv or args.out_path):
         raise ClipCapError("--images, --tsv and --out_path name one split's files: pass --split too")

@@ -44,7 +44,9 @@ def parse_args() -> argparse.Namespace:
 
     run = p.add_argument_group("models, devices, checkpoints, validation")
     run.add_argument("--gpt2", default=d.gpt2, help="GPT-2 name on the hub or local directory")
-    run.add_argument("--clip_model", default=d.clip_model, help="the CLIP that made the features (recorded)")
+    run.add_argument("--clip_model", default=d.clip_model,
+                     help="the CLIP that made the features, recorded in the checkpoint (default: the one the "
+                          "features record; for the original's pickles, the CLIP of their width)")
     run.add_argument("--device", default=d.device)
     run.add_argument("--num_workers", type=int, default=d.num_workers)
     run.add_argument("--resume", default=None, help="out_dir or {prefix}_resume.pt to continue from")

@@ -35,6 +35,11 @@ CLIP_BY_WIDTH = {512: "ViT-B/32", 640: "RN50x4", 768: "ViT-L/14", 1024: "RN50"}
 SHAPE_FIELDS = ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers")
 
 
+def clip_for_width(width: int) -> str:
+    """The CLIP assumed for embeddings of this width when nothing names it (ViT-B/32 for unknown widths)."""
+    return CLIP_BY_WIDTH.get(width, "ViT-B/32")
+
+
 def config_path_for(weights: str | Path) -> Path:
     """``out/coco_prefix-009.pt`` or ``out/coco_prefix_latest.safetensors`` -> ``out/coco_prefix_config.json``."""
     weights = Path(weights)
@@ -130,14 +135,14 @@ def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
         hidden, prefix_size = state["clip_project.model.0.weight"].shape
         return ClipCapConfig(mapping_type="mlp", prefix_size=prefix_size,
                              prefix_length=state["clip_project.model.2.weight"].shape[0] // width,
-                             gpt2=gpt2, gpt2_config=gpt2_config, clip_model=CLIP_BY_WIDTH.get(prefix_size, "ViT-B/32"))
+                             gpt2=gpt2, gpt2_config=gpt2_config, clip_model=clip_for_width(prefix_size))
     if "clip_project.linear.weight" in state:
         layers = {int(m.group(1)) for k in state if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
         prefix_size, prefix_length = state["clip_project.linear.weight"].shape[1], state["clip_project.prefix_const"].shape[0]
         return ClipCapConfig(mapping_type="transformer", prefix_size=prefix_size, prefix_length=prefix_length,
                              prefix_length_clip=state["clip_project.linear.weight"].shape[0] // width,
                              num_layers=len(layers), only_prefix=True, gpt2=gpt2, gpt2_config=gpt2_config,
-                             clip_model=CLIP_BY_WIDTH.get(prefix_size, "ViT-B/32"),
+                             clip_model=clip_for_width(prefix_size),
                              # the released COCO transformer (RN50x4, K=40) ran on L2-normalised embeddings
                              normalize_prefix=(prefix_size, prefix_length) == (640, 40))
     raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")

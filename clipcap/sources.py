@@ -1,10 +1,13 @@
-"""Where the images and captions come from: COCO and Conceptual Captions, in the layouts in use.
+"""Where the images and captions come from: COCO, nocaps and Conceptual Captions, in the layouts in use.
 
 Each reader turns its layout into :class:`clipcap.features.Shard` s of images with their
 captions; :func:`clipcap.features.extract` encodes them. Readers list files, they decode nothing.
 
 - COCO: Karpathy's ``dataset_coco.json`` (by split) or the original's ``train_caption.json``
   (a list of ``{"image_id", "caption"}``); images under ``train2014/`` and ``val2014/``.
+- COCO-format captions files (nocaps' ``nocaps_val_4500_captions.json``, COCO's
+  ``captions_val2014.json``): ``images`` with ``id`` and ``file_name``, ``annotations`` with
+  ``image_id`` and ``caption``; the images in one folder under their ``file_name``.
 - Conceptual Captions: img2dataset output (webdataset ``*.tar`` shards, or its ``files``
   layout of numbered folders holding ``{key}.jpg`` + ``{key}.txt``), or the original's layout
   (the TSV beside ``{split}/{row:08d}.jpg``).
@@ -28,10 +31,17 @@ KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val"
 CONCEPTUAL_TSV = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
 
 
+def _present(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    """The items whose file is there, and the others as skipped."""
+    there = [Path(item.path).is_file() for item in items]
+    return ([item for item, ok in zip(items, there) if ok],
+            [(item.name, "not downloaded") for item, ok in zip(items, there) if not ok])
+
+
 def chunked(items: list[ImageItem], shard_size: int) -> list[Shard]:
-    """Fixed-size shards of an image list known up front, named by position."""
+    """Fixed-size shards of an image list known up front, named by position; missing files are skipped."""
     parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
-    return [Shard(f"{k:05d}", lambda part=part: (part, []), len(part)) for k, part in enumerate(parts)]
+    return [Shard(f"{k:05d}", lambda part=part: _present(part), len(part)) for k, part in enumerate(parts)]
 
 
 # --------------------------------------------------------------------------- COCO
@@ -101,6 +111,41 @@ def write_coco_references(images: list[dict[str, Any]], path: str | Path) -> Non
                                   for image in images for c in image["captions"]]}
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(references))
+
+
+# --------------------------------------------------------------------------- COCO-format captions (nocaps)
+
+
+def coco_format_images(annotations: str | Path, images_root: str | Path) -> list[dict[str, Any]]:
+    """A COCO-format captions file's images as ``{"id", "path", "captions": [{"caption", "id"}]}``, in file order.
+
+    ``images_root/file_name`` is each image's file; an image without annotations keeps no
+    caption (extraction reports it).
+    """
+    annotations, images_root = Path(annotations), Path(images_root)
+    data = read_json(annotations)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise ClipCapError(f"{annotations}: expected a COCO-format captions file ('images' and 'annotations' lists)")
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, image in enumerate(data["images"]):
+        try:
+            image_id = int(image["id"])
+            by_id[image_id] = {"id": image_id, "path": images_root / image["file_name"], "captions": []}
+        except (KeyError, TypeError, ValueError):
+            raise ClipCapError(f"{annotations}: image entry {i} needs an integer 'id' and a 'file_name'") from None
+    for i, entry in enumerate(data["annotations"]):
+        try:
+            image_id = int(entry["image_id"])
+            caption = {"caption": str(entry["caption"]), "id": entry.get("id", i)}
+        except (KeyError, TypeError, ValueError):
+            raise ClipCapError(f"{annotations}: annotation {i} needs an integer 'image_id' and a 'caption'") from None
+        if image_id not in by_id:
+            raise ClipCapError(f"{annotations}: annotation {i} is of image {image_id}, which 'images' does not list")
+        by_id[image_id]["captions"].append(caption)
+    if not by_id:
+        raise ClipCapError(f"{annotations}: no images")
+    return list(by_id.values())
 
 
 # --------------------------------------------------------------------------- Conceptual Captions

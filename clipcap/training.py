@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import check_compatible, load_state, save_checkpoint, save_config
-from .data import CaptionDataset, load_features, tokens_cache_path
+from .checkpoint import CLIP_BY_WIDTH, check_compatible, clip_for_width, load_state, save_checkpoint, save_config
+from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
+from .features import OPENAI_CHECKPOINTS
 from .files import ClipCapError, atomic_write, resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
 
@@ -53,7 +54,7 @@ class TrainConfig:
     lr: float = 2e-5
     warmup: int = 5000
     gpt2: str = "gpt2"
-    clip_model: str = "ViT-B/32"
+    clip_model: str | None = None  # default: the CLIP the training features record
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0  # a batch is one NumPy gather in this process; workers only add copies between processes
@@ -168,6 +169,45 @@ class LossOf(nn.Module):
         return self.model.loss_at(embeds, tokens, positions, reduction="sum")
 
 
+# --------------------------------------------------------------------------- the features' CLIP
+
+
+def same_clip(a: str, b: str) -> bool:
+    """Whether two CLIP names mean one model (``ViT-B/32`` is ``openai/clip-vit-base-patch32``;
+    a local directory is itself however its path is spelled)."""
+    def identity(name: str) -> str:
+        name = OPENAI_CHECKPOINTS.get(name, name)
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
+    return identity(a) == identity(b)
+
+
+def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureSet | None) -> tuple[str, str | None]:
+    """The CLIP the checkpoint records (what captioning images will load), and a note when it is a guess.
+
+    The training features name it; ``--clip_model`` may name it too, and must agree. Features
+    that do not (the original's pickles) get ``--clip_model``, or the CLIP of their width.
+    """
+    recorded = features.clip_model
+    if recorded and cfg.clip_model and not same_clip(recorded, cfg.clip_model):
+        raise ClipCapError(f"--clip_model {cfg.clip_model}: {cfg.data} was made with CLIP {recorded}")
+    if val_features is not None:
+        if val_features.dim != features.dim:
+            raise ClipCapError(f"--val_data {cfg.val_data}: {val_features.dim}-d embeddings, but the training "
+                               f"features are {features.dim}-d")
+        theirs = val_features.clip_model
+        ours = recorded or cfg.clip_model
+        if theirs and ours and not same_clip(theirs, ours):
+            raise ClipCapError(f"--val_data {cfg.val_data}: made with CLIP {theirs}, the training features with {ours}")
+    if cfg.clip_model or recorded:
+        return cfg.clip_model or recorded, None
+    guess = clip_for_width(features.dim)
+    if features.dim in CLIP_BY_WIDTH:
+        return guess, (f"{cfg.data} does not name its CLIP: recording {guess}, the CLIP of {features.dim}-d "
+                       "embeddings (--clip_model names another)")
+    return guess, (f"{cfg.data} does not name its CLIP and no known CLIP gives {features.dim}-d embeddings: "
+                   f"recording {guess}; pass --clip_model to name the right one")
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -179,12 +219,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
 
     features = load_features(cfg.data)
+    val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
+    clip_model, note = features_clip(cfg, features, val_features)
+    log = RunLog(out_dir, cfg.prefix, enabled=procs.main)
+    if note:
+        log.text(note)
     tokenizer = load_tokenizer(cfg.gpt2)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = build_model(ClipCapConfig(
         prefix_length=cfg.prefix_length, prefix_length_clip=cfg.prefix_length_clip, prefix_size=features.dim,
         mapping_type=cfg.mapping_type, num_layers=cfg.num_layers, only_prefix=cfg.only_prefix,
-        normalize_prefix=cfg.normalize_prefix, gpt2=cfg.gpt2, clip_model=cfg.clip_model)).to(device)
+        normalize_prefix=cfg.normalize_prefix, gpt2=cfg.gpt2, clip_model=clip_model)).to(device)
     max_positions = model.gpt.config.n_positions - cfg.prefix_length
     if procs.main:  # the first process writes the token cache, the others read it
         dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions)
@@ -212,8 +257,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if procs.world > 1:
         loss_of = nn.parallel.DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None)
 
-    val = ValidationSet(cfg, tokenizer, max_positions) if cfg.val_data and procs.main else None
-    log = RunLog(out_dir, cfg.prefix, enabled=procs.main)
+    val = ValidationSet(val_features, cfg, tokenizer, max_positions) if val_features is not None else None
     if procs.main:
         save_config(model.config, out_dir / f"{cfg.prefix}_config.json")
         log.text(f"{len(dataset):,} captions, {steps_per_epoch:,} steps/epoch of {global_batch} "
@@ -331,8 +375,8 @@ class Throughput:
 class ValidationSet:
     """Validation loss over a held-out feature file and, optionally, CIDEr of greedy captions."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Any, max_positions: int):
-        self.features = load_features(cfg.val_data)
+    def __init__(self, features: FeatureSet, cfg: TrainConfig, tokenizer: Any, max_positions: int):
+        self.features = features
         self.dataset = CaptionDataset(self.features, tokenizer, tokens_cache_path(cfg.val_data), max_positions)
         self.tokenizer, self.bs, self.num_images = tokenizer, cfg.bs, cfg.val_captions
 

@@ -71,6 +71,7 @@ def test_parse_coco_encodes_each_image_once_into_the_original_pickle(coco, clip_
                monkeypatch=monkeypatch)
     features = load_original_pickle(out)
     assert features.embeddings.shape == (3, 16)  # train + restval images, each encoded once
+    assert features.clip_model == str(clip_dir)  # the CLIP is recorded, for training to pass on
     assert sorted(features.captions) == sorted(f"{n} number {j}" for n in PHOTOS[:3] for j in range(5))
     rows = [features.image_index[features.captions.index(f"{n} number 0")] for n in PHOTOS[:3]]
     assert_rows_match(features, rows, expected_embeddings(
@@ -89,7 +90,7 @@ def test_parse_coco_test_split_writes_store_and_references(coco, clip_dir, tmp_p
                "--clip_model_type", clip_dir, "--out_path", out, "--references_path", refs, "--feature_store",
                "--num_workers", 0, monkeypatch=monkeypatch)
     features = load_features(out)
-    assert len(features) == 10 and features.embeddings.shape == (2, 16)
+    assert len(features) == 10 and features.embeddings.shape == (2, 16) and features.clip_model == str(clip_dir)
     assert sorted(set(features.image_ids)) == [4, 5]
     references = json.loads(refs.read_text())
     assert references["images"] == [{"id": 4}, {"id": 5}]
@@ -161,9 +162,78 @@ def test_parse_conceptual_reads_every_layout_alike(clip_dir, tmp_path, monkeypat
         results[layout] = load_original_pickle(out), (tmp_path / f"{layout}_skipped.tsv").read_text()
     for features, report in results.values():
         assert features.captions == ["a man in a space suit.", "a cat.", "deep space."]
+        assert features.clip_model == str(clip_dir)
         assert_rows_match(features, features.image_index, expected_embeddings(
             clip_dir, [tmp_path / "original" / "val" / f"{row:08d}.jpg" for row in (0, 2, 4)]))
         assert "truncated" in report.lower()
     assert results["files"][0].image_ids == results["webdataset"][0].image_ids == ["000000000", "000000002", "000010001"]
     assert results["original"][0].image_ids == ["00000000", "00000002", "00000004"]
     assert "00000001.jpg\tnot downloaded" in results["original"][1]
+
+    store = tmp_path / "webdataset_store"
+    images, _ = layouts["webdataset"]
+    run_script("parse_conceptual.py", "--split", "val", "--images", images, "--clip_model_type", clip_dir,
+               "--out_path", store, "--feature_store", "--num_workers", 0, monkeypatch=monkeypatch)
+    features = load_features(store)
+    assert features.clip_model == str(clip_dir) and list(features.captions) == results["webdataset"][0].captions
+
+
+def test_parse_conceptual_takes_the_original_command_line():
+    """The original README's line: --num_threads (its download threads) sets the decoding workers."""
+    script = runpy.run_path(str(REPO / "parse_conceptual.py"), run_name="not_main")
+    args = script["parse_args"](["--clip_model_type", "ViT-B/32", "--data_root", "/data/cc", "--num_threads", "16"])
+    assert (args.clip_model_type, args.data_root, args.num_workers, args.split) == ("ViT-B/32", "/data/cc", 16, "both")
+    assert script["parse_args"]([]).num_workers is None  # the default worker count still applies
+
+
+@pytest.fixture
+def nocaps(tmp_path):
+    """nocaps_val_4500_captions.json in small: four images (ids not in file order), one not downloaded,
+    one without annotations."""
+    folder = tmp_path / "nocaps" / "val"
+    folder.mkdir(parents=True)
+    ids = {"astronaut": 7, "coffee": 0, "rocket": 12, "chelsea": 5}
+    images = [{"id": i, "file_name": f"{i:016x}.jpg", "open_images_id": f"{i:016x}", "domain": "near-domain",
+               "coco_url": f"https://example.com/nocaps/val/{i:016x}.jpg", "height": 48, "width": 72}
+              for i in ids.values()]
+    for name, i in ids.items():
+        if name != "rocket":
+            (folder / f"{i:016x}.jpg").write_bytes(jpeg(name))
+    annotations = [{"image_id": i, "caption": f"{name} caption {j}", "id": 10 * i + j}
+                   for name, i in ids.items() if name != "chelsea" for j in range(10)]
+    path = tmp_path / "nocaps" / "nocaps_val_4500_captions.json"
+    path.write_text(json.dumps({"licenses": [], "info": {}, "images": images, "annotations": annotations}))
+    return path, folder
+
+
+def test_parse_nocaps_keys_features_by_nocaps_id(nocaps, clip_dir, tmp_path, monkeypatch, capsys):
+    annotations, folder = nocaps
+    out = tmp_path / "nocaps.pkl"
+    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model_type", clip_dir,
+               "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    features = load_original_pickle(out)
+    assert features.clip_model == str(clip_dir)
+    assert features.image_ids == [7] * 10 + [0] * 10
+    assert features.captions == [f"{name} caption {j}" for name in ("astronaut", "coffee") for j in range(10)]
+    assert_rows_match(features, features.image_index[[0, 10]],
+                      expected_embeddings(clip_dir, [folder / f"{7:016x}.jpg", folder / f"{0:016x}.jpg"]))
+    report = (tmp_path / "nocaps_skipped.tsv").read_text().splitlines()
+    assert sorted(report) == sorted([f"{folder / f'{12:016x}.jpg'}\tnot downloaded",
+                                     f"{folder / f'{5:016x}.jpg'}\tno caption"])
+    assert "2 images, 20 captions; 2 images skipped" in capsys.readouterr().out
+
+    # By default, a store (or pickle) under ./data/nocaps named by the CLIP.
+    monkeypatch.chdir(tmp_path)
+    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model_type", clip_dir,
+               "--feature_store", "--num_workers", 0, monkeypatch=monkeypatch)
+    store = load_features(tmp_path / "data" / "nocaps" / f"nocaps_val_{Path(clip_dir).name}")
+    assert list(store.image_ids) == features.image_ids and store.clip_model == str(clip_dir)
+
+
+def test_parse_nocaps_names_a_file_that_is_not_coco_format(coco, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_script("parse_nocaps.py", "--annotations", coco / "dataset_coco.json", "--images", coco,
+                   monkeypatch=monkeypatch)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {coco / 'dataset_coco.json'}: expected a COCO-format "
+                                               "captions file ('images' and 'annotations' lists)")

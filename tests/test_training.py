@@ -1,6 +1,7 @@
 """The training loop end to end: learning, resume, processes, accumulation, precision, the CLI."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,85 @@ def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
                                   strategy="greedy")
     expected = score([{"image_id": i, "caption": c[0]} for i, c in zip(first, captions)], references, ("CIDEr",))
     assert record["val_CIDEr"] == pytest.approx(expected["CIDEr"])
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    from PIL import Image
+    from skimage import data as photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        Image.fromarray(getattr(photos, name)()).resize((64, 48)).save(folder / f"{name}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_store(tmp_path_factory, clip_dir, photo_dir):
+    """Features of the photos made by the real extraction with the tiny CLIP, which the store records."""
+    from clipcap.features import ImageItem, extract
+    from clipcap.sources import chunked
+
+    corpus = caption_corpus()
+    items = [ImageItem(i, [corpus[i * 5 + j] for j in range(3)], str(path))
+             for i, path in enumerate(sorted(photo_dir.iterdir()))]
+    store = tmp_path_factory.mktemp("features") / "train"
+    assert extract(chunked(items, 2), store, clip_dir, num_workers=0) == 0
+    return str(store)
+
+
+def test_checkpoint_names_the_clip_of_its_features_and_captions_images_without_flags(
+        tmp_path, clip_store, clip_dir, gpt2_dir, photo_dir):
+    result = run(tmp_path, clip_store, gpt2_dir, epochs=1)
+    assert json.loads(Path(result["config"]).read_text())["clip_model"] == clip_dir
+    assert load_checkpoint(result["checkpoint"]).config.clip_model == clip_dir
+    out = tmp_path / "captions.json"
+    runpy.run_path(str(REPO / "predict.py"))["main"](
+        ["--checkpoint", result["checkpoint"], "--images", str(photo_dir), "--out", str(out), "--greedy",
+         "--max_length", "5", "--device", "cpu"])
+    captions = json.loads(out.read_text())
+    assert sorted(c["image_id"] for c in captions) == sorted(str(p) for p in photo_dir.iterdir())
+
+
+def test_clip_contradictions_stop_before_training(tmp_path, clip_store, clip_dir, gpt2_dir):
+    from clipcap.data import save_original_pickle
+    from clipcap.files import ClipCapError
+
+    with pytest.raises(ClipCapError) as error:
+        run(tmp_path, clip_store, gpt2_dir, "flag", clip_model="ViT-B/32")
+    assert str(error.value) == f"--clip_model ViT-B/32: {clip_store} was made with CLIP {clip_dir}"
+    assert not (tmp_path / "flag").exists()  # nothing written, nothing trained
+
+    val = load_features(clip_store)
+    val.clip_model = "ViT-L/14"
+    save_original_pickle(val, tmp_path / "val.pkl")
+    with pytest.raises(ClipCapError) as error:
+        run(tmp_path, clip_store, gpt2_dir, "val", val_data=str(tmp_path / "val.pkl"))
+    assert str(error.value) == (f"--val_data {tmp_path / 'val.pkl'}: made with CLIP ViT-L/14, "
+                                f"the training features with {clip_dir}")
+    assert not (tmp_path / "val").exists()
+    wide = write_feature_pickle(tmp_path / "wide.pkl", [["a dog on a bench."]], dim=24)
+    with pytest.raises(ClipCapError, match=f"--val_data {wide}: 24-d embeddings, but the training features are 16-d"):
+        run(tmp_path, clip_store, gpt2_dir, "wide", val_data=str(wide))
+
+    # One CLIP under two names is no contradiction, and the flag is what the checkpoint records.
+    same = load_features(clip_store)
+    same.clip_model = "openai/clip-vit-base-patch32"
+    save_original_pickle(same, tmp_path / "same.pkl")
+    result = run(tmp_path, str(tmp_path / "same.pkl"), gpt2_dir, "same", clip_model="ViT-B/32", max_steps=1)
+    assert json.loads(Path(result["config"]).read_text())["clip_model"] == "ViT-B/32"
+
+
+def test_features_without_a_clip_fall_back_to_the_clip_of_their_width(tmp_path, gpt2_dir, capsys):
+    corpus = caption_corpus()
+    data = str(write_feature_pickle(tmp_path / "rn.pkl", [[corpus[i], corpus[i + 20]] for i in range(4)], dim=640))
+    result = run(tmp_path, data, gpt2_dir, "rn", max_steps=1)
+    assert json.loads(Path(result["config"]).read_text())["clip_model"] == "RN50x4"
+    assert f"{data} does not name its CLIP: recording RN50x4, the CLIP of 640-d embeddings" in capsys.readouterr().out
+
+    tiny = str(write_feature_pickle(tmp_path / "tiny.pkl", [[corpus[i], corpus[i + 20]] for i in range(4)]))
+    run(tmp_path, tiny, gpt2_dir, "tiny", max_steps=1)
+    assert "no known CLIP gives 16-d embeddings" in capsys.readouterr().out
+    result = run(tmp_path, tiny, gpt2_dir, "named", max_steps=1, clip_model="RN50")
+    assert json.loads(Path(result["config"]).read_text())["clip_model"] == "RN50"
+    assert "does not name its CLIP" not in capsys.readouterr().out
