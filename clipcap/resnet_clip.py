@@ -15,6 +15,7 @@ import hashlib
 import pickle
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -201,8 +202,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except zipfile.BadZipFile:
         scripted = False
     try:
-        state = (torch.jit.load(path, map_location="cpu").state_dict() if scripted
-                 else torch.load(path, map_location="cpu", weights_only=True))
+        if scripted:
+            with warnings.catch_warnings():  # deprecated, yet the one reader of TorchScript that runs no pickle code
+                warnings.simplefilter("ignore", DeprecationWarning)
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: not a TorchScript archive or state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
