@@ -36,7 +36,6 @@ URLS = {
     "RN50x64": "https://openaipublic.azureedge.net/clip/models/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
 }
 CACHE = Path("~/.cache/clip").expanduser()  # where OpenAI's clip package keeps them too
-SCALARS = ("input_resolution", "context_length", "vocab_size")  # saved beside the weights
 
 
 # --------------------------------------------------------------------------- the modified ResNet
@@ -254,7 +253,7 @@ def fetch(url: str, root: Path | None = None) -> Path:
     if target.is_file() and sha256(target) == expected:
         return target
     if target.exists():
-        tqdm.write(f"{target}: SHA256 does not match, downloading it again")
+        warnings.warn(f"{target}: SHA256 does not match; downloading it again")
     try:
         with urllib.request.urlopen(url, timeout=60) as source, atomic_write(target) as tmp:
             digest = hashlib.sha256()
