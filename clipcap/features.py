@@ -354,7 +354,8 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags parse_coco.py and parse_conceptual.py share (underscore style, as the original's)."""
     parser.add_argument("--clip_model_type", default="ViT-B/32",
-                        help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging Face CLIP or directory, or an OpenAI CLIP file")
+                        help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging Face CLIP or "
+                             "directory, or an OpenAI CLIP file (.pt)")
     parser.add_argument("--feature_store", action="store_true",
                         help="write a feature store directory (float16 shards + Parquet index) instead of the pickle")
     parser.add_argument("--batch_size", type=int, default=256)

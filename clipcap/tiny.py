@@ -77,8 +77,8 @@ def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 
     return out_dir
 
 
-def make_tiny_resnet_clip(path: str | Path, image_size: int = 64, width: int = 8,
-                          layers: tuple[int, int, int, int] = (1, 1, 1, 1), output_dim: int = 24, seed: int = 0) -> Path:
+def make_tiny_resnet_clip(path: str | Path, image_size: int = 64, width: int = 8, output_dim: int = 24,
+                          layers: tuple[int, int, int, int] = (1, 1, 1, 1), seed: int = 0) -> Path:
     """Save a random ResNet CLIP image tower as an OpenAI CLIP file (``visual.*`` weights and the
     three scalars OpenAI saves beside them) at ``path``; returns it.
 
