@@ -1,7 +1,8 @@
 """CLIP image features: image decoding, OpenAI's preprocessing, and the frozen image encoder.
 
 The original ran ``clip.load(...)`` and its torchvision transform. Here the same checkpoints
-come through transformers (``ViT-B/32`` -> ``openai/clip-vit-base-patch32``), and the transform
+come through transformers (``ViT-B/32`` -> ``openai/clip-vit-base-patch32``), the ResNet CLIPs
+(``RN50x4``...) from OpenAI's own files through :mod:`clipcap.resnet_clip`, and the transform
 is OpenAI's, step for step: resize the shortest side (bicubic), centre crop, RGB, mean/std.
 
 :func:`extract` encodes a dataset at scale: each image once (the original encoded a COCO image
@@ -29,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import store as feature_store
+from . import resnet_clip, store as feature_store
 from .files import ClipCapError, atomic_write
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
@@ -39,8 +40,8 @@ OPENAI_CHECKPOINTS = {
     "ViT-L/14": "openai/clip-vit-large-patch14",
     "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
 }
-# ResNet CLIPs exist only in OpenAI's own package (optional extra ``clip``).
-OPENAI_RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
+# ResNet CLIPs exist only as OpenAI's own files, read by clipcap.resnet_clip.
+OPENAI_RESNETS = tuple(resnet_clip.URLS)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Pillow's own decompression-bomb limit (~89 Mpx); larger images are skipped, not decoded.
@@ -158,11 +159,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_image_encoder(name: str = "ViT-B/32", device: str | torch.device = "cpu",
                        dtype: torch.dtype | None = None) -> ImageEncoder:
-    """A CLIP by the original's name (``ViT-B/32``, ``RN50x4``...), a Hugging Face name, or a local directory."""
+    """A CLIP by the original's name (``ViT-B/32``, ``RN50x4``...), a Hugging Face name or directory, or
+    an OpenAI CLIP file (TorchScript archive or state dict)."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    if name in OPENAI_RESNETS:
-        return _load_openai_clip(name, device, dtype)
+    if name in OPENAI_RESNETS or Path(name).is_file():
+        model = resnet_clip.load(name, device, dtype)
+        size = model.input_resolution
+        return ImageEncoder(model, Preprocess(size=size, crop_size=size), model.output_dim, name, device, dtype)
     return _load_hf_clip(name, device, dtype)
 
 
@@ -192,18 +196,6 @@ def _load_hf_clip(name: str, device: torch.device, dtype: torch.dtype) -> ImageE
                            mean=tuple(processor.image_mean), std=tuple(processor.image_std))
     return ImageEncoder(lambda pixels: model(pixel_values=pixels).image_embeds, transform,
                         config.projection_dim, name, device, dtype)
-
-
-def _load_openai_clip(name: str, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
-    try:
-        import clip
-    except ImportError:
-        raise ClipCapError(f"{name}: ResNet CLIPs need OpenAI's clip package: "
-                           "pip install 'clipcap[clip]'") from None
-    model, _ = clip.load(name, device=device, jit=False)
-    model = model.visual.eval().requires_grad_(False).to(device, dtype)
-    size = model.input_resolution
-    return ImageEncoder(model, Preprocess(size=size, crop_size=size), model.output_dim, name, device, dtype)
 
 
 # --------------------------------------------------------------------------- extraction at scale
@@ -362,7 +354,8 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags parse_coco.py and parse_conceptual.py share (underscore style, as the original's)."""
     parser.add_argument("--clip_model_type", default="ViT-B/32",
-                        help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging Face CLIP or a local directory")
+                        help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging Face CLIP or "
+                             "directory, or an OpenAI CLIP file (.pt)")
     parser.add_argument("--feature_store", action="store_true",
                         help="write a feature store directory (float16 shards + Parquet index) instead of the pickle")
     parser.add_argument("--batch_size", type=int, default=256)
@@ -375,8 +368,9 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_tag(clip_model: str) -> str:
-    """``ViT-B/32`` -> ``ViT-B_32`` (the original's file names); a local directory -> its name."""
-    return Path(clip_model).name if Path(clip_model).is_dir() else clip_model.replace("/", "_")
+    """``ViT-B/32`` -> ``ViT-B_32`` (the original's file names); a local directory -> its name, a file -> its stem."""
+    path = Path(clip_model)
+    return path.name if path.is_dir() else path.stem if path.is_file() else clip_model.replace("/", "_")
 
 
 def extract_to(shards: Sequence[Shard], out: str | Path, args: argparse.Namespace, **meta: Any) -> Path | None:

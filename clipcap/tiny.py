@@ -75,3 +75,31 @@ def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 
     CLIPImageProcessorPil(size={"shortest_edge": image_size},
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_resnet_clip(path: str | Path, image_size: int = 64, width: int = 8, output_dim: int = 24,
+                          layers: tuple[int, int, int, int] = (1, 1, 1, 1), seed: int = 0) -> Path:
+    """Save a random ResNet CLIP image tower as an OpenAI CLIP file (``visual.*`` weights and the
+    three scalars OpenAI saves beside them) at ``path``; returns it.
+
+    ``image_size`` must be a multiple of 32 (the tower's total stride); ``width`` an even number.
+    The convolutions get He initialisation, so that activations keep their scale through the
+    layers and the embedding depends on the image (at PyTorch's default it is nearly constant).
+    """
+    import torch
+
+    from .files import atomic_write
+    from .resnet_clip import ModifiedResNet
+
+    torch.manual_seed(seed)
+    tower = ModifiedResNet(layers, output_dim, width * 32 // 64, image_size, width)
+    for module in tower.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    state = {f"visual.{k}": v for k, v in tower.state_dict().items()}
+    state.update(input_resolution=torch.tensor(image_size), context_length=torch.tensor(77),
+                 vocab_size=torch.tensor(49408))
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+    return path

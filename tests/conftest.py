@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pickle
 import random
+import socket
 
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from clipcap import resnet_clip
 from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
 
 hf_logging.disable_progress_bar()
@@ -63,3 +65,16 @@ def feature_pickle(tmp_path):
     corpus = caption_corpus()
     return write_feature_pickle(tmp_path / "oscar_split_ViT-B_32_train.pkl",
                                 [[corpus[i * 7], corpus[i * 7 + 3]] for i in range(8)])
+
+
+@pytest.fixture
+def offline_openai_clip(monkeypatch, tmp_path):
+    """OpenAI's ResNet CLIP URLs pointed at a closed local port, and an empty cache: as if offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, url in resnet_clip.URLS.items():
+        monkeypatch.setitem(resnet_clip.URLS, name, url.replace("https://openaipublic.azureedge.net",
+                                                                f"http://127.0.0.1:{port}"))
+    monkeypatch.setattr(resnet_clip, "CACHE", tmp_path / "clip_cache")
+    return tmp_path / "clip_cache"

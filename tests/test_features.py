@@ -111,14 +111,14 @@ def test_encoder_gives_clip_image_features(clip_dir):
     assert torch.allclose(half, expected, atol=0.1, rtol=0.05)
 
 
-def test_unknown_encoders_are_clear_errors(tmp_path):
+def test_unknown_encoders_are_clear_errors(tmp_path, offline_openai_clip):
     with pytest.raises(ClipCapError, match="not a CLIP checkpoint"):
         load_image_encoder(str(tmp_path))
-    try:
-        import clip  # noqa: F401
-    except ImportError:
-        with pytest.raises(ClipCapError, match="clip package"):
-            load_image_encoder("RN50x4")
+    (tmp_path / "weights.pt").write_bytes(b"\0" * 64)
+    with pytest.raises(ClipCapError, match="weights.pt: not a TorchScript archive or state dict"):
+        load_image_encoder(str(tmp_path / "weights.pt"))
+    with pytest.raises(ClipCapError, match=r"cannot download .*/RN50x4.pt .*download it yourself and put it at"):
+        load_image_encoder("RN50x4")
 
 
 # --------------------------------------------------------------------------- the extraction pipeline

@@ -1,0 +1,235 @@
+"""OpenAI's CLIP image towers from OpenAI's own files, against OpenAI's own code, and their download.
+
+The oracle is ``clip/model.py`` from the openai-clip wheel (``pip install --no-deps
+openai-clip==1.0.1``), loaded by file path: its package ``clip`` does not import beside current
+setuptools. Tiny random CLIPs are built with it and saved as OpenAI ships theirs: fp16 weights in
+a traced TorchScript archive, with ``input_resolution``, ``context_length`` and ``vocab_size``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import importlib.metadata
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcap import resnet_clip
+from clipcap.features import Preprocess, load_image_encoder, model_tag
+from clipcap.files import ClipCapError
+from clipcap.tiny import make_tiny_resnet_clip
+
+# (vision_layers, vision_width, image_resolution, vision_patch_size): OpenAI's CLIP arguments
+# OpenAI's code traced and saved the TorchScript way, whose warnings are not this test's concern.
+pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.(save|trace_method)` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
+RESNETS = [((1, 2, 1, 1), 8, 64, None), ((2, 1, 1, 1), 16, 96, None)]
+VIT = (2, 64, 32, 16)
+
+
+@pytest.fixture(scope="module")
+def openai_model():
+    """OpenAI's clip/model.py as a module, never imported as ``clip``."""
+    try:
+        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the oracle needs OpenAI's model.py: pip install --no-deps openai-clip==1.0.1")
+    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def openai_clip(model_py, path, vision_layers, vision_width, resolution, patch_size, traced=True):
+    """Save a tiny random CLIP made by OpenAI's code at ``path``, as OpenAI ships it; returns OpenAI's
+    model in float32 (the saved fp16 weights, widened): the reference."""
+    torch.manual_seed(0)
+    model = model_py.CLIP(embed_dim=24, image_resolution=resolution, vision_layers=vision_layers,
+                          vision_width=vision_width, vision_patch_size=patch_size, context_length=8, vocab_size=50,
+                          transformer_width=16, transformer_heads=2, transformer_layers=1)
+    for module in model.modules():  # so that the embedding depends on the image, and every branch counts
+        if isinstance(module, torch.nn.Conv2d) and patch_size is None:  # He, not PyTorch's shrinking default
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if isinstance(module, torch.nn.BatchNorm2d):  # OpenAI zero-initialises bn3
+            for t in (module.weight, module.bias, module.running_mean):
+                t.data.uniform_(-1, 1)
+            module.running_var.data.uniform_(0.5, 2)
+    for key, value in dict(input_resolution=resolution, context_length=8, vocab_size=50).items():
+        model.__dict__.pop(key, None)  # CLIP keeps two of them as plain attributes
+        model.register_buffer(key, torch.tensor(value))
+    model_py.convert_weights(model)
+    model.eval()
+    if traced:
+        example = torch.randn(1, 3, resolution, resolution).half()
+        torch.jit.save(torch.jit.trace_module(model, {"encode_image": example}), str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return model.float()
+
+
+def random_images(resolution: int, n: int = 3) -> torch.Tensor:
+    """Normalised pixels: noise around a colour of each image's own (pure noise pools to the same features)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, resolution, resolution, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+@pytest.mark.parametrize("arch", [*RESNETS, VIT], ids=["rn-64px", "rn-96px", "vit-32px"])
+def test_openai_files_give_openai_embeddings(openai_model, tmp_path, arch):
+    path = tmp_path / "clip.pt"
+    reference = openai_clip(openai_model, path, *arch)
+    assert torch.jit.load(path).state_dict()["visual.conv1.weight"].dtype == torch.float16
+    ours = resnet_clip.load(str(path))  # strict: every visual.* weight has its place
+    resolution = arch[2]
+    assert ours.input_resolution == resolution and ours.output_dim == 24
+    assert isinstance(ours, resnet_clip.ModifiedResNet if arch[3] is None else resnet_clip.VisionTransformer)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ours.parameters())
+    images = random_images(resolution)
+    with torch.no_grad():
+        expected = reference.encode_image(images)
+        got = ours(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # a real comparison, not of constants
+
+
+def test_plain_state_dicts_load_too(openai_model, tmp_path):
+    path = tmp_path / "clip_state.pt"
+    reference = openai_clip(openai_model, path, *RESNETS[0], traced=False)
+    ours = resnet_clip.load(str(path))
+    images = random_images(ours.input_resolution)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference.encode_image(images), rtol=1e-5, atol=1e-5)
+
+
+def test_load_image_encoder_reads_openai_files(openai_model, tmp_path):
+    """A file path loads through load_image_encoder, with OpenAI's preprocessing at the file's resolution."""
+    path = tmp_path / "rn.pt"
+    reference = openai_clip(openai_model, path, *RESNETS[1])
+    encoder = load_image_encoder(str(path))
+    assert (encoder.name, encoder.dim) == (str(path), 24)
+    assert encoder.transform == Preprocess(size=96, crop_size=96)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((120, 200), (300, 96))]
+    with torch.no_grad():
+        expected = reference.encode_image(Preprocess(96, 96)(images))
+    torch.testing.assert_close(encoder(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_resnet_clip_works_through_the_encoder(tmp_path):
+    path = make_tiny_resnet_clip(tmp_path / "tiny.pt", image_size=32, output_dim=20)
+    encoder = load_image_encoder(str(path))
+    assert encoder.dim == 20 and encoder.transform == Preprocess(size=32, crop_size=32)
+    images = [Image.new("RGB", (50, 40), colour) for colour in ("red", "blue", "white")]
+    embeddings = encoder(images)
+    assert embeddings.shape == (3, 20) and torch.isfinite(embeddings).all()
+    assert not torch.allclose(embeddings[0], embeddings[1], rtol=1e-3)
+    assert model_tag(str(path)) == "tiny"  # in the names of the feature files it makes
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights\n")
+    with pytest.raises(ClipCapError, match="notes.pt: not a TorchScript archive or state dict"):
+        load_image_encoder(str(text))
+    no_tower = tmp_path / "no_tower.pt"
+    torch.save({"text_projection": torch.zeros(4, 4)}, no_tower)
+    with pytest.raises(ClipCapError, match=r"no_tower.pt: not an OpenAI CLIP file \(no visual\.layer1"):
+        load_image_encoder(str(no_tower))
+    state = torch.load(make_tiny_resnet_clip(tmp_path / "tiny.pt"), weights_only=True)
+    del state["visual.attnpool.q_proj.bias"]
+    torch.save(state, tmp_path / "short.pt")
+    with pytest.raises(ClipCapError, match=r"short.pt: weights do not fit .*attnpool.q_proj.bias"):
+        load_image_encoder(str(tmp_path / "short.pt"))
+    state = torch.load(make_tiny_resnet_clip(tmp_path / "tiny.pt"), weights_only=True)
+    state["input_resolution"] = torch.tensor(224)
+    torch.save(state, tmp_path / "mislabelled.pt")
+    with pytest.raises(ClipCapError, match="input_resolution is 224, but the weights are for 64-pixel images"):
+        load_image_encoder(str(tmp_path / "mislabelled.pt"))
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server for ``tmp_path / "www"``, counting the requests; stopped after the test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        timeout = 10
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def publish(root, source, sha: str | None = None) -> str:
+    """Put ``source`` on the server under OpenAI's URL layout, ``<sha256>/<name>``; returns the path."""
+    data = source.read_bytes()
+    sha = sha or hashlib.sha256(data).hexdigest()
+    (root / sha).mkdir()
+    (root / sha / source.name).write_bytes(data)
+    return f"/{sha}/{source.name}"
+
+
+def test_fetch_verifies_checks_and_reuses_the_cache(server, tmp_path):
+    root, base, requests = server
+    source = make_tiny_resnet_clip(tmp_path / "RN50.pt")
+    url = base + publish(root, source)
+    cache = tmp_path / "cache"
+    path = resnet_clip.fetch(url, cache)
+    assert path == cache / "RN50.pt" and path.read_bytes() == source.read_bytes()
+    assert resnet_clip.fetch(url, cache) == path and len(requests) == 1  # the cached file, checked, not fetched
+    path.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="RN50.pt: SHA256 does not match; downloading it again"):
+        assert resnet_clip.fetch(url, cache).read_bytes() == source.read_bytes() and len(requests) == 2
+    assert [p.name for p in cache.iterdir()] == ["RN50.pt"]
+
+
+def test_a_download_with_the_wrong_checksum_is_refused_and_not_kept(server, tmp_path):
+    root, base, requests = server
+    url = base + publish(root, make_tiny_resnet_clip(tmp_path / "RN50.pt"), sha="0" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(ClipCapError, match=f"{url}: downloaded file's SHA256 is [0-9a-f]{{64}}, not 0{{64}}; not kept"):
+        resnet_clip.fetch(url, cache)
+    assert requests and list(cache.iterdir()) == []
+
+
+def test_offline_is_a_one_line_error(offline_openai_clip):
+    with pytest.raises(ClipCapError) as error:
+        load_image_encoder("RN50x16")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot download {resnet_clip.URLS['RN50x16']} (")
+    assert message.endswith(f"download it yourself and put it at {offline_openai_clip / 'RN50x16.pt'}")
+
+
+def test_resnet_names_are_fetched_into_the_cache_and_loaded(server, tmp_path, monkeypatch):
+    """``RN50`` end to end: OpenAI's URL (served here), the checksum, the cache, the encoder."""
+    root, base, requests = server
+    url = base + publish(root, make_tiny_resnet_clip(tmp_path / "RN50.pt", image_size=32))
+    monkeypatch.setitem(resnet_clip.URLS, "RN50", url)
+    monkeypatch.setattr(resnet_clip, "CACHE", tmp_path / "cache")
+    for _ in range(2):
+        encoder = load_image_encoder("RN50")
+        assert (encoder.name, encoder.dim, encoder.transform.crop_size) == ("RN50", 24, 32)
+        assert encoder([Image.new("RGB", (40, 32), "red")]).shape == (1, 24)
+    assert len(requests) == 1 and (tmp_path / "cache" / "RN50.pt").is_file()
