@@ -15,13 +15,15 @@ units and key names, to --out. Needs Java; SPICE also needs Stanford CoreNLP jar
 """
 import argparse
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from clipcap.evaluation import (ENTIRE, SCORERS, SPICE_JARS_ENV, Evaluation, Scorer, domain_table, image_files,
                                 image_key, load_annotations, load_results, match_images, write_scores)
-from clipcap.files import atomic_write, resolve_device, run_cli
+from clipcap.data import load_features
+from clipcap.files import ClipCapError, atomic_write, resolve_device, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,17 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.checkpoint and (args.features is None) == (args.images is None):
         p.error("--checkpoint needs one of --features or --images")
-    if args.results and args.features and not args.clipscore:
-        p.error("--features with --results serves --clipscore only")
+    if args.results and (args.features or args.images) and not args.clipscore:
+        p.error("--features or --images with --results serve --clipscore only")
     return args
 
 
+@dataclass
 class Run:
     """The captions to score and, when the run has them, CLIP image embeddings of their images."""
 
-    def __init__(self, results: list[dict], source: str, clip_model: str | None = None,
-                 embeddings: dict | None = None):
-        self.results, self.source, self.clip_model, self.embeddings = results, source, clip_model, embeddings or {}
+    results: list[dict]
+    source: str  # for messages: where the captions come from
+    clip_model: str | None = None  # the CLIP that made ``embeddings``, when known
+    embeddings: dict = field(default_factory=dict)  # image id -> embedding
 
 
 def feature_embeddings(features) -> dict:
@@ -94,8 +98,6 @@ def decoding(args: argparse.Namespace) -> dict:
 
 def caption_features(args: argparse.Namespace, references: dict) -> Run:
     """Caption every image of --features with --checkpoint, after checking the images match the references."""
-    from clipcap.data import load_features
-
     features = load_features(args.features)
     match_images(list(dict.fromkeys(features.image_ids)), references, args.only_common_images,
                  args.features, args.annotations)  # fail before hours of decoding, not after
@@ -126,7 +128,6 @@ def add_clipscore(args: argparse.Namespace, run: Run, evaluations: dict[str, Eva
 
     Image embeddings come from the run when its CLIP is the CLIPScore model, else from --images."""
     from clipcap.clipscore import KEYS, CLIPScorer, same_clip
-    from clipcap.files import ClipCapError
 
     ids = [row["image_id"] for row in evaluations[ENTIRE].per_image]
     scorer = CLIPScorer(args.clipscore_model, resolve_device(args.device))
@@ -136,9 +137,9 @@ def add_clipscore(args: argparse.Namespace, run: Run, evaluations: dict[str, Eva
         paths = image_files({k: references[k] for k in ids}, images, args.images, False, args.annotations)
         image_embeds = scorer.embed_images([paths[k] for k in ids])
     else:
-        made_by = f"made by {run.clip_model}" if run.clip_model else "of an unrecorded CLIP"
-        raise ClipCapError(f"--clipscore: the run's image embeddings are {made_by if run.embeddings else 'absent'}, "
-                           f"not {args.clipscore_model}'s; pass --images FOLDER to embed the images")
+        problem = "the run has no image embeddings" if not run.embeddings else \
+            f"the run's image embeddings are made by {run.clip_model or 'an unrecorded CLIP'}, not {args.clipscore_model}"
+        raise ClipCapError(f"--clipscore: {problem}; pass --images FOLDER to embed the images")
     captions = {r["image_id"]: r["caption"] for r in run.results}
     values = scorer({k: captions[k] for k in ids}, {k: references[k] for k in ids}, image_embeds)
     for evaluation in evaluations.values():
@@ -157,8 +158,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.results:
             run = Run(load_results(args.results), args.results)
             if args.features:
-                from clipcap.data import load_features
-
                 features = load_features(args.features)
                 run.clip_model, run.embeddings = features.clip_model, feature_embeddings(features)
         elif args.features:

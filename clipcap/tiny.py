@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -46,13 +46,10 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
     return out_dir
 
 
-def clip_word_tokenizer(corpus: Iterable[str], vocab_size: int, max_length: int) -> "PreTrainedTokenizerFast":
+def clip_word_tokenizer(corpus: Iterable[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
     """A lowercase word-level tokenizer for the tiny CLIP's text tower: ids 0 and 1 are CLIP's start and
     end of text (the end token, 1, is the tower's eos and pad), unknown words share one id, and each
     text is wrapped in start ... end, as CLIP's tokenizer does."""
-    from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
     tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))
     tok.normalizer = normalizers.Lowercase()
