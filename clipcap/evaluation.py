@@ -5,7 +5,8 @@ tokenisation (Java) of references and results, then BLEU-1..4, METEOR 1.5 (Java)
 CIDEr-D and SPICE (Java), over the images in the references' order. What this module adds:
 
 - reference loaders: Karpathy's ``dataset_coco.json`` by split, COCO-format annotations (or a
-  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV;
+  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV; and what the
+  annotations say about each image (its file, its nocaps domain);
 - checks that results and references describe the same images, one caption each, with a
   one-line error otherwise (scoring only the common images must be asked for);
 - nocaps-style per-domain scores: each domain is its own toolkit run over its images, as the

@@ -557,3 +557,24 @@ def test_spice_gets_its_jars_in_the_working_copy_and_its_java_the_add_opens(tmp_
     err = capfd.readouterr().err
     assert err.count("Picked up JDK_JAVA_OPTIONS: --add-opens java.base/java.lang=ALL-UNNAMED") == 1  # SPICE, not PTB
     assert "JDK_JAVA_OPTIONS" not in os.environ
+
+
+def test_image_files_of_karpathy_and_coco_references(tmp_path):
+    from clipcap.evaluation import image_files, load_annotations
+
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"cocoid": i, "split": "test", "filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg",
+         "sentences": [{"raw": f"caption {i}"}]} for i in (5, 2, 9)]}))
+    references, images = load_annotations(karpathy, "test")
+    assert images == {i: {"file": f"val2014/COCO_val2014_{i:012d}.jpg"} for i in (5, 2, 9)}
+    (tmp_path / "coco" / "val2014").mkdir(parents=True)
+    (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000005.jpg").write_bytes(b"")
+    (tmp_path / "coco" / "COCO_val2014_000000000002.jpg").write_bytes(b"")  # all images in one folder also do
+    with pytest.raises(ClipCapError, match=r"coco \(--images\): 1 of the 3 images of refs are missing "
+                                           r"\(e.g. 'val2014/COCO_val2014_000000000009.jpg'\)"):
+        image_files(references, images, tmp_path / "coco", ref_source="refs")
+    assert image_files(references, images, tmp_path / "coco", only_common_images=True) == {
+        5: tmp_path / "coco/val2014/COCO_val2014_000000000005.jpg", 2: tmp_path / "coco/COCO_val2014_000000000002.jpg"}
+    with pytest.raises(ClipCapError, match=r"^references: no image file named for 4 images .*images\[\].file_name"):
+        image_files(IMAGES, load_annotations(write_coco(tmp_path / "refs.json"))[1], tmp_path / "coco")
