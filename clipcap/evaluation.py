@@ -513,7 +513,10 @@ class Scorer:
 
     def __call__(self, results: Sequence[dict[str, Any]], references: References, only_common_images: bool = False,
                  source: str = "results", ref_source: str = "references") -> Evaluation:
-        captions, references = pair_up(results, references, only_common_images, source, ref_source)
+        return self._score(*pair_up(results, references, only_common_images, source, ref_source))
+
+    def _score(self, captions: dict[ImageId, str], references: References) -> Evaluation:
+        """Scores of captions and references already paired up (keyed alike, in reference order)."""
         gts = self._tokenize(references)
         res = self._tokenize({k: [c] for k, c in captions.items()})
         scores: dict[str, float] = {}
@@ -538,13 +541,11 @@ class Scorer:
         unknown = [k for k in references if k not in domains]
         if unknown:
             raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {_examples(unknown)})")
-        results = [{"image_id": k, "caption": c} for k, c in captions.items()]
-        evaluations = {ENTIRE: self(results, references, source=source, ref_source=ref_source)}
+        evaluations = {ENTIRE: self._score(captions, references)}
         present = set(domains[k] for k in references)
         for domain in [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS)):
-            subset = {k: v for k, v in references.items() if domains[k] == domain}
-            evaluations[domain] = self([r for r in results if r["image_id"] in subset], subset,
-                                       source=source, ref_source=f"{ref_source} ({domain})")
+            subset = [k for k in references if domains[k] == domain]
+            evaluations[domain] = self._score({k: captions[k] for k in subset}, {k: references[k] for k in subset})
         for row in evaluations[ENTIRE].per_image:
             row["domain"] = domains[row["image_id"]]
         return evaluations
