@@ -5,12 +5,17 @@ tokenisation (Java) of references and results, then BLEU-1..4, METEOR 1.5 (Java)
 CIDEr-D and SPICE (Java), over the images in the references' order. What this module adds:
 
 - reference loaders: Karpathy's ``dataset_coco.json`` by split, COCO-format annotations (or a
-  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV;
+  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV; and what the
+  annotations say about each image (its file, its nocaps domain);
 - checks that results and references describe the same images, one caption each, with a
   one-line error otherwise (scoring only the common images must be asked for);
+- nocaps-style per-domain scores: each domain is its own toolkit run over its images, as the
+  nocaps evaluation does (CIDEr's document frequencies come from the subset);
 - metrics chosen per call, so CIDEr alone is cheap enough for every epoch of training; METEOR's
   Java process starts once per :class:`Scorer`; SPICE is skipped, with a message saying how to
-  enable it, when the Stanford CoreNLP jars it downloads on first use are missing;
+  enable it, when the Stanford CoreNLP jars it downloads on first use are missing; the jars can
+  be given as a folder or the downloaded zip (``CLIPCAP_SPICE_JARS``), and SPICE's Java gets the
+  ``--add-opens`` its cache needs on Java 9+;
 - a writable working copy. The toolkit's Java wrappers run in, and write temporary files into,
   the directories of their own source files (the tokenizer's input file, SPICE's ``tmp/`` and
   ``cache/``), which fails when site-packages is read-only. So the toolkit is imported, under a
@@ -19,6 +24,7 @@ CIDEr-D and SPICE (Java), over the images in the references' order. What this mo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import importlib.machinery
@@ -26,15 +32,17 @@ import importlib.util
 import json
 import numbers
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .files import ClipCapError, atomic_write, read_json
 
@@ -42,14 +50,24 @@ from .files import ClipCapError, atomic_write, read_json
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
            "CIDEr": ("CIDEr",), "SPICE": ("SPICE",)}
 METRIC_KEYS = tuple(key for keys in SCORERS.values() for key in keys)
-# SPICE parses captions with Stanford CoreNLP 3.6.0; pycocoevalcap downloads these on first use.
+# SPICE parses captions with Stanford CoreNLP 3.6.0, jars its spice-1.0.jar names in its manifest's
+# Class-Path (lib/...); pycocoevalcap downloads them from this zip on first use.
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
-SPICE_HOWTO = ("run once with internet access: python -m pycocoevalcap.spice.get_stanford_models "
-               "(or copy the two jars from stanford-corenlp-full-2015-12-09.zip into {lib})")
+CORENLP_ZIP = "stanford-corenlp-full-2015-12-09.zip"
+SPICE_JARS_ENV = "CLIPCAP_SPICE_JARS"
+SPICE_HOWTO = (f"run once with internet access: python -m pycocoevalcap.spice.get_stanford_models, or download "
+               f"{CORENLP_ZIP} and pass it (or a folder holding {' and '.join(SPICE_JARS)}) with --spice_jars "
+               f"or {SPICE_JARS_ENV}")
+# SPICE 1.0's cache serialiser reflects into java.lang, which Java 9+ closes unless opened.
+SPICE_JAVA_OPTIONS = "--add-opens java.base/java.lang=ALL-UNNAMED"
+# nocaps' domains, in the order its evaluation reports them; "entire" is every image.
+DOMAINS = ("in-domain", "near-domain", "out-domain")
+ENTIRE = "entire"
 TOOLKIT_ALIAS = "clipcap._pycocoevalcap"
 
 ImageId = int | str  # see image_key
 References = dict  # image id -> its reference captions, in the order the source lists the images
+Images = dict  # image id -> what the annotations say about the image: "file" (relative path), "domain"
 
 
 # --------------------------------------------------------------------------- image ids
@@ -75,25 +93,38 @@ def _examples(ids: Iterable[Any], n: int = 3) -> str:
 def load_references(path: str | Path, split: str | None = None) -> References:
     """References from Karpathy's ``dataset_coco.json`` (``split`` required), COCO-format annotations,
     a JSON list of ``{"image_id", "caption"}``, or the Conceptual Captions validation TSV."""
+    return load_annotations(path, split)[0]
+
+
+def load_annotations(path: str | Path, split: str | None = None) -> tuple[References, Images]:
+    """The references (as :func:`load_references`) and what the file says about their images:
+    the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
     path = Path(path)
     if path.suffix.lower() == ".tsv":
         if split is not None:
             raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only")
-        return load_conceptual_tsv(path)
+        return load_conceptual_tsv(path), {}
     data = read_json(path, "annotations")
     if isinstance(data, dict) and data.get("images") and isinstance(data["images"][0], dict) \
             and "sentences" in data["images"][0]:
         if split is None:
             raise ClipCapError(f"{path}: Karpathy's split file holds every split; pass --split test or --split val")
-        return load_karpathy(data, split, path)
+        references = load_karpathy(data, split, path)
+        images = {image_key(image["cocoid"]): {"file": "/".join(filter(None, (image.get("filepath"),
+                                                                              image.get("filename"))))}
+                  for image in data["images"] if image.get("split") == split and image.get("filename")}
+        return references, images
     if split is not None:
         raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only; "
                            "this file is taken whole")
     if isinstance(data, dict) and "annotations" in data:
-        order = [image["id"] for image in data.get("images", []) if isinstance(image, dict) and "id" in image]
-        return _group(data["annotations"], order, path)
+        listed = [image for image in data.get("images", []) if isinstance(image, dict) and "id" in image]
+        references = _group(data["annotations"], [image["id"] for image in listed], path)
+        images = {image_key(image["id"]): {k: str(image[v]) for k, v in (("file", "file_name"), ("domain", "domain"))
+                                           if image.get(v) is not None} for image in listed}
+        return references, {k: v for k, v in images.items() if k in references and v}
     if isinstance(data, list):
-        return _group(data, [], path)
+        return _group(data, [], path), {}
     raise ClipCapError(f"{path}: not a known reference format (Karpathy's dataset_coco.json, COCO-format "
                        "annotations with 'annotations', or a list of {image_id, caption})")
 
@@ -127,6 +158,35 @@ def _group(annotations: Any, order: Sequence[Any], path: Path) -> References:
     if not references:
         raise ClipCapError(f"{path}: no captions")
     return references
+
+
+def image_files(references: References, images: Images, folder: str | Path, only_common_images: bool = False,
+                ref_source: str = "references") -> dict[ImageId, Path]:
+    """The image file of each reference image under ``folder``, by the annotations' relative path (or,
+    failing that, its file name alone: COCO's images may lie in one folder). Missing files are an error,
+    unless ``only_common_images``, which leaves those images out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClipCapError(f"{folder} (--images): folder not found")
+    unnamed = [k for k in references if not images.get(k, {}).get("file")]
+    if unnamed:
+        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {_examples(unnamed)}); "
+                           "--images needs COCO-format images[].file_name or Karpathy's filepath/filename")
+    found, missing = {}, []
+    for k in references:
+        relative = Path(images[k]["file"])
+        path = next((p for p in (folder / relative, folder / relative.name) if p.is_file()), None)
+        if path is None:
+            missing.append(str(relative))
+        else:
+            found[k] = path
+    if missing and not only_common_images:
+        raise ClipCapError(f"{folder} (--images): {len(missing)} of the {len(references)} images of {ref_source} "
+                           f"are missing (e.g. {_examples(missing)}); score the others with --only_common_images")
+    if not found:
+        raise ClipCapError(f"{folder} (--images): none of the images of {ref_source} is there "
+                           f"(e.g. {_examples(missing)})")
+    return found
 
 
 def load_conceptual_tsv(path: str | Path) -> References:
@@ -224,13 +284,90 @@ def installed_toolkit() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def spice_problem() -> str | None:
-    """Why SPICE cannot run here, or None."""
-    lib = installed_toolkit() / "spice" / "lib"
-    if all((lib / jar).is_file() for jar in SPICE_JARS):
-        return None
-    return ("Stanford CoreNLP 3.6.0 jars missing (pycocoevalcap downloads them on first use, impossible "
-            "offline); to enable SPICE, " + SPICE_HOWTO.format(lib=lib))
+def java_version(java: str = "java") -> int:
+    """The feature release of ``java`` (8 for "1.8.0_101", 17 for "17.0.15"), from ``java -version``."""
+    try:
+        run = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ClipCapError(f"{java} -version failed ({e})") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', run.stderr + run.stdout)
+    if match is None:
+        raise ClipCapError(f"{java} -version printed no version: {(run.stderr or run.stdout).strip()[:200]!r}")
+    major, minor = int(match[1]), int(match[2] or 0)
+    return minor if major == 1 else major
+
+
+def find_spice_jars(source: str | Path | None = None) -> dict[str, Path] | None:
+    """The two CoreNLP jars SPICE needs, by name: from ``source`` (or ``$CLIPCAP_SPICE_JARS``), else
+    from pycocoevalcap's own ``spice/lib``; None if they are nowhere.
+
+    ``source`` is a folder holding the jars (or the unpacked zip's folder), the zip pycocoevalcap
+    downloads, or a folder holding that zip. Jars in a zip are extracted once into a cache folder.
+    """
+    origin = "--spice_jars"
+    if not source and os.environ.get(SPICE_JARS_ENV):
+        source, origin = os.environ[SPICE_JARS_ENV], SPICE_JARS_ENV
+    if not source:
+        lib = installed_toolkit() / "spice" / "lib"
+        return {jar: lib / jar for jar in SPICE_JARS} if all((lib / jar).is_file() for jar in SPICE_JARS) else None
+    source = Path(source)
+    if source.is_dir():
+        for folder in (source, source / CORENLP_ZIP.removesuffix(".zip")):
+            if all((folder / jar).is_file() for jar in SPICE_JARS):
+                return {jar: folder / jar for jar in SPICE_JARS}
+        if (source / CORENLP_ZIP).is_file():
+            return _jars_from_zip(source / CORENLP_ZIP)
+        raise ClipCapError(f"{source} ({origin}): holds neither {' nor '.join(SPICE_JARS)} nor {CORENLP_ZIP}")
+    if source.is_file() and zipfile.is_zipfile(source):
+        return _jars_from_zip(source)
+    raise ClipCapError(f"{source} ({origin}): not found, or neither a folder nor a zip file")
+
+
+def _jars_from_zip(path: Path) -> dict[str, Path]:
+    """The jars of CoreNLP's zip, extracted beside SPICE's cache (or into a temporary folder) once."""
+    with zipfile.ZipFile(path) as archive:
+        members = {Path(name).name: name for name in archive.namelist() if Path(name).name in SPICE_JARS}
+        missing = [jar for jar in SPICE_JARS if jar not in members]
+        if missing:
+            raise ClipCapError(f"{path}: zip lacks {', '.join(missing)} (expected {CORENLP_ZIP})")
+        cache = _spice_cache()
+        folder = cache.parent / "corenlp-3.6.0" if cache is not None else Path(tempfile.mkdtemp(prefix="clipcap-corenlp-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        jars = {}
+        for jar, name in members.items():
+            target = folder / jar
+            info = archive.getinfo(name)
+            if not target.is_file() or target.stat().st_size != info.file_size:
+                with atomic_write(target) as tmp, archive.open(info) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            jars[jar] = target
+    return jars
+
+
+def spice_problem(jars: str | Path | None = None) -> str | None:
+    """Why SPICE cannot run here (its CoreNLP jars, or Java), or None; ``jars`` as in :func:`find_spice_jars`."""
+    if find_spice_jars(jars) is None:
+        return ("Stanford CoreNLP 3.6.0 jars missing (pycocoevalcap downloads them on first use, impossible "
+                "offline); to enable SPICE, " + SPICE_HOWTO)
+    if (version := java_version()) < 8:
+        return f"SPICE 1.0 needs Java 8 or newer; java on PATH is Java {version}"
+    return None
+
+
+@contextlib.contextmanager
+def spice_java_options() -> Iterator[None]:
+    """Within the block, Java processes started get ``--add-opens java.base/java.lang`` when this Java
+    (9+) needs it for SPICE's cache, through ``JDK_JAVA_OPTIONS``, which the java launcher reads."""
+    before = os.environ.get("JDK_JAVA_OPTIONS")
+    if java_version() >= 9:
+        os.environ["JDK_JAVA_OPTIONS"] = " ".join(filter(None, (before, SPICE_JAVA_OPTIONS)))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("JDK_JAVA_OPTIONS", None)
+        else:
+            os.environ["JDK_JAVA_OPTIONS"] = before
 
 
 def _spice_cache() -> Path | None:
@@ -268,6 +405,20 @@ def toolkit() -> ModuleType:
     return sys.modules[TOOLKIT_ALIAS]
 
 
+def link_spice_jars(jars: dict[str, Path]) -> Path:
+    """Link the CoreNLP jars into the working copy's ``spice/lib``, where spice-1.0.jar's Class-Path
+    and pycocoevalcap's download check look for them (site-packages is left alone); returns that folder."""
+    lib = Path(list(toolkit().__path__)[0]) / "spice" / "lib"
+    for name, jar in jars.items():
+        link = lib / name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == jar.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(jar.resolve())
+    return lib
+
+
 def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
     if metrics is None:
         return list(SCORERS)
@@ -292,17 +443,12 @@ class Evaluation:
 
     def table(self) -> str:
         """A one-row markdown table in the paper's units (x100)."""
-        keys = [k for k in METRIC_KEYS if k in self.scores]
-        return "\n".join(["| images | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
-                          f"| {len(self.per_image)} | " + " | ".join(f"{100 * self.scores[k]:.2f}" for k in keys) + " |"])
+        keys = list(self.scores)
+        return "\n".join(["| images | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|", self._row(keys)])
 
-    def write(self, path: str | Path, per_image: str | Path | None = None) -> None:
-        """The corpus scores as a JSON object (and per-image scores as a JSON list), written atomically."""
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(self.scores, indent=2) + "\n")
-        if per_image is not None:
-            with atomic_write(per_image) as tmp:
-                tmp.write_text(json.dumps(self.per_image, indent=1) + "\n")
+    def _row(self, keys: Sequence[str], label: str | None = None) -> str:
+        cells = ([label] if label is not None else []) + [str(len(self.per_image))]
+        return "| " + " | ".join(cells + [f"{100 * self.scores[k]:.2f}" for k in keys]) + " |"
 
 
 class Scorer:
@@ -312,17 +458,19 @@ class Scorer:
     SPICE is skipped with a message when its jars are missing, unless asked for by name.
     """
 
-    def __init__(self, metrics: Iterable[str] | None = None):
+    def __init__(self, metrics: Iterable[str] | None = None, spice_jars: str | Path | None = None):
         names = _scorer_names(metrics)
         if shutil.which("java") is None:
             raise ClipCapError("java not found on PATH: pycocoevalcap's PTB tokenizer, METEOR and SPICE run on Java; "
                                "install a Java runtime (e.g. apt-get install default-jre-headless)")
-        if "SPICE" in names and (problem := spice_problem()) is not None:
+        if "SPICE" in names and (problem := spice_problem(spice_jars)) is not None:
             if metrics is not None:
                 raise ClipCapError(f"SPICE unavailable: {problem}")
             print(f"SPICE skipped: {problem}", file=sys.stderr)
             names.remove("SPICE")
         kit = toolkit()
+        if "SPICE" in names:
+            link_spice_jars(find_spice_jars(spice_jars))
         factories = {"Bleu": lambda: kit.bleu.bleu.Bleu(4), "METEOR": kit.meteor.meteor.Meteor,
                      "ROUGE_L": kit.rouge.rouge.Rouge, "CIDEr": kit.cider.cider.Cider, "SPICE": kit.spice.spice.Spice}
         self.tokenizer = kit.tokenizer.ptbtokenizer.PTBTokenizer()
@@ -352,19 +500,23 @@ class Scorer:
         try:
             if name == "Bleu":
                 return scorer.compute_score(gts, res, verbose=0)
-            total, each = scorer.compute_score(gts, res)
+            with spice_java_options() if name == "SPICE" else contextlib.nullcontext():
+                total, each = scorer.compute_score(gts, res)
         except ValueError as e:  # METEOR's process died and answered nothing
             raise ClipCapError(f"METEOR (Java) failed ({e}); it needs about 2 GB of memory") from None
         except subprocess.CalledProcessError as e:
-            raise ClipCapError(f"SPICE (Java) failed with exit status {e.returncode}; SPICE 1.0 and its "
-                               "cache need Java 8 (newer Java fails in its serialiser)") from None
+            raise ClipCapError(f"SPICE (Java) failed with exit status {e.returncode} (see its output above); "
+                               "it runs with an 8 GB Java heap (-Xmx8G)") from None
         if name == "SPICE":
             each = [s["All"]["f"] for s in each]
         return [total], [list(each)]
 
     def __call__(self, results: Sequence[dict[str, Any]], references: References, only_common_images: bool = False,
                  source: str = "results", ref_source: str = "references") -> Evaluation:
-        captions, references = pair_up(results, references, only_common_images, source, ref_source)
+        return self._score(*pair_up(results, references, only_common_images, source, ref_source))
+
+    def _score(self, captions: dict[ImageId, str], references: References) -> Evaluation:
+        """Scores of captions and references already paired up (keyed alike, in reference order)."""
         gts = self._tokenize(references)
         res = self._tokenize({k: [c] for k, c in captions.items()})
         scores: dict[str, float] = {}
@@ -377,6 +529,45 @@ class Scorer:
                 for image, value in zip(order, column):
                     per_image[image][key] = float(value)
         return Evaluation(scores, list(per_image.values()))
+
+
+    def by_domain(self, results: Sequence[dict[str, Any]], references: References, domains: dict[ImageId, str],
+                  only_common_images: bool = False, source: str = "results",
+                  ref_source: str = "references") -> dict[str, Evaluation]:
+        """Scores of the entire set and of each domain (nocaps' in-/near-/out-domain), each a run of its own
+        over its images, as nocaps' evaluation does. The per-image rows are the entire run's, with the domain."""
+        captions, references = pair_up(results, references, only_common_images, source, ref_source)
+        domains = {image_key(k): v for k, v in domains.items()}
+        unknown = [k for k in references if k not in domains]
+        if unknown:
+            raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {_examples(unknown)})")
+        evaluations = {ENTIRE: self._score(captions, references)}
+        present = set(domains[k] for k in references)
+        for domain in [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS)):
+            subset = [k for k in references if domains[k] == domain]
+            evaluations[domain] = self._score({k: captions[k] for k in subset}, {k: references[k] for k in subset})
+        for row in evaluations[ENTIRE].per_image:
+            row["domain"] = domains[row["image_id"]]
+        return evaluations
+
+
+def write_scores(evaluations: dict[str, Evaluation], path: str | Path, per_image: str | Path | None = None) -> None:
+    """The scores as a JSON object: the entire set's alone, or with domains ``{"entire": {...}, "in-domain":
+    {...}, ...}``; and the entire run's per-image rows as a JSON list. Written atomically."""
+    scores = evaluations[ENTIRE].scores if list(evaluations) == [ENTIRE] else \
+        {name: evaluation.scores for name, evaluation in evaluations.items()}
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    if per_image is not None:
+        with atomic_write(per_image) as tmp:
+            tmp.write_text(json.dumps(evaluations[ENTIRE].per_image, indent=1) + "\n")
+
+
+def domain_table(evaluations: dict[str, Evaluation]) -> str:
+    """A markdown table with a row per subset (entire, in-domain, ...) in the paper's units (x100)."""
+    keys = list(evaluations[next(iter(evaluations))].scores)
+    return "\n".join(["| subset | images | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|",
+                      *(evaluation._row(keys, name) for name, evaluation in evaluations.items())])
 
 
 def score(results: Sequence[dict[str, Any]], references: References, metrics: Iterable[str] | None = None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -46,10 +46,28 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
     return out_dir
 
 
+def clip_word_tokenizer(corpus: Iterable[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    """A lowercase word-level tokenizer for the tiny CLIP's text tower: ids 0 and 1 are CLIP's start and
+    end of text (the end token, 1, is the tower's eos and pad), unknown words share one id, and each
+    text is wrapped in start ... end, as CLIP's tokenizer does."""
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                       special_tokens=[(t, tok.token_to_id(t)) for t in specials[:2]])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1],
+                                   pad_token=specials[1], unk_token=specials[2], model_max_length=max_length)
+
+
 def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 8, width: int = 32,
                    projection_dim: int = 16, seed: int = 0, initializer_factor: float = 1.0,
-                   position_scale: float = 1.0) -> Path:
+                   position_scale: float = 1.0, corpus: Iterable[str] | None = None) -> Path:
     """Save a random CLIP (both towers) and its image processor into ``out_dir``; returns it.
+
+    With ``corpus``, also a word-level tokenizer of its words (:func:`clip_word_tokenizer`), for
+    the text tower (CLIPScore).
 
     The processor resizes the shortest side to ``image_size`` and centre-crops, as OpenAI's does.
     At the default initialisation an untrained ViT's embedding hardly depends on the image
@@ -74,6 +92,8 @@ def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 
     model.save_pretrained(out_dir)
     CLIPImageProcessorPil(size={"shortest_edge": image_size},
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    if corpus is not None:
+        clip_word_tokenizer(corpus, text["vocab_size"], text["max_position_embeddings"]).save_pretrained(out_dir)
     return out_dir
 
 

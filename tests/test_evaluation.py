@@ -110,7 +110,7 @@ def test_spice_offline_is_skipped_with_instructions(all_metrics, monkeypatch):
     scorer, log = all_metrics
     assert "SPICE" not in scorer.scorers and "METEOR" in scorer.scorers
     assert log.count("\n") == 1 and log.startswith("SPICE skipped: Stanford CoreNLP 3.6.0 jars missing")
-    assert "python -m pycocoevalcap.spice.get_stanford_models" in log
+    assert "python -m pycocoevalcap.spice.get_stanford_models" in log and "--spice_jars" in log
     monkeypatch.setattr(evaluation, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
     with pytest.raises(ClipCapError, match="SPICE unavailable: .*get_stanford_models"):
         Scorer(["CIDEr", "SPICE"])  # asked for by name: an error, not a silent skip
@@ -381,3 +381,176 @@ def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
     with pytest.raises(ClipCapError, match=r"test.pkl: 3 of 4 captions are for images not in .*refs.json"):
         evaluate["main"](["--checkpoint", str(tmp_path / "absent.safetensors"), "--features", str(features),
                           "--annotations", str(annotations), "--metrics", "CIDEr"])
+
+
+# --------------------------------------------------------------------------- nocaps domains
+
+# A nocaps-style validation set: COCO format, each image with its domain (ids out of order, domains mixed).
+NOCAPS = {**IMAGES, 5: ["A kangaroo standing in a dry field.", "a kangaroo in the grass"],
+          8: ["A jellyfish floating in blue water.", "a pink jellyfish swimming in the ocean"]}
+NOCAPS_CAPTIONS = {**CAPTIONS, 5: "A kangaroo standing in the grass.", 8: "A jellyfish in the water."}
+DOMAIN_OF = {42: "in-domain", 7: "near-domain", 1000: "in-domain", 3: "out-domain", 5: "near-domain", 8: "out-domain"}
+
+
+def write_nocaps(path: Path) -> Path:
+    images = [{"id": i, "file_name": f"{i:016x}.jpg", "open_images_id": f"{i:016x}", "domain": DOMAIN_OF[i],
+               "coco_url": f"https://example.invalid/{i:016x}.jpg", "height": 32, "width": 48} for i in NOCAPS]
+    annotations = [{"image_id": i, "id": 10 * i + j, "caption": c} for i, caps in NOCAPS.items() for j, c in enumerate(caps)]
+    path.write_text(json.dumps({"licenses": [], "info": {}, "images": images, "annotations": annotations}))
+    return path
+
+
+def test_nocaps_domains_are_separate_runs(tmp_path):
+    from clipcap.evaluation import load_annotations
+
+    references, images = load_annotations(write_nocaps(tmp_path / "nocaps_val_4500_captions.json"))
+    assert references == NOCAPS and {k: v["domain"] for k, v in images.items()} == DOMAIN_OF
+    assert images[42]["file"] == "000000000000002a.jpg"
+    results = results_for(NOCAPS, NOCAPS_CAPTIONS)
+    with Scorer(CHEAP) as scorer:
+        evaluations = scorer.by_domain(results, references, {k: v["domain"] for k, v in images.items()})
+    assert list(evaluations) == ["entire", "in-domain", "near-domain", "out-domain"]
+    assert evaluations["entire"].scores == score(results, NOCAPS, metrics=CHEAP)
+    for domain in ("in-domain", "near-domain", "out-domain"):
+        ids = [k for k in NOCAPS if DOMAIN_OF[k] == domain]
+        assert evaluations[domain].scores == score(results_for(ids, NOCAPS_CAPTIONS), {k: NOCAPS[k] for k in ids},
+                                                   metrics=CHEAP)  # equal, not close
+        assert [row["image_id"] for row in evaluations[domain].per_image] == ids
+        # CIDEr's document frequencies are the subset's: not the entire run's per-image CIDEr averaged.
+        entire_cider = [row["CIDEr"] for row in evaluations["entire"].per_image if row["image_id"] in ids]
+        assert evaluations[domain].scores["CIDEr"] != pytest.approx(sum(entire_cider) / len(ids))
+    assert [(row["image_id"], row["domain"]) for row in evaluations["entire"].per_image] == list(DOMAIN_OF.items())
+
+
+def test_evaluate_script_reports_nocaps_domains(tmp_path):
+    annotations = write_nocaps(tmp_path / "nocaps_val_4500_captions.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(results_for(NOCAPS, NOCAPS_CAPTIONS)))
+    run = run_evaluate("--results", results, "--annotations", annotations, "--metrics", "Bleu,CIDEr",
+                       "--out", "metrics.json", "--per_image", "per_image.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics) == ["entire", "in-domain", "near-domain", "out-domain"]
+    keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"]
+    assert all(list(scores) == keys for scores in metrics.values())
+    ids = [k for k in NOCAPS if DOMAIN_OF[k] == "out-domain"]
+    assert metrics["out-domain"] == score(results_for(ids, NOCAPS_CAPTIONS), {k: NOCAPS[k] for k in ids},
+                                          metrics=("Bleu", "CIDEr"))
+    lines = run.stdout.splitlines()
+    assert lines[0] == "| subset | images | " + " | ".join(keys) + " |"
+    assert lines[2] == "| entire | 6 | " + " | ".join(f"{100 * metrics['entire'][k]:.2f}" for k in keys) + " |"
+    assert [line.split(" | ")[:2] for line in lines[3:6]] == [["| in-domain", "2"], ["| near-domain", "2"],
+                                                              ["| out-domain", "2"]]
+    per_image = json.loads((tmp_path / "per_image.json").read_text())
+    assert [(r["image_id"], r["domain"]) for r in per_image] == list(DOMAIN_OF.items())
+
+
+# --------------------------------------------------------------------------- SPICE's jars and Java
+
+
+def make_jar(path: Path, name: str) -> Path:
+    """A real (empty-classed) jar: a zip with a manifest."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as jar:
+        jar.writestr("META-INF/MANIFEST.MF", f"Manifest-Version: 1.0\nCreated-By: {name}\n")
+    return path
+
+
+def corenlp_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for jar in evaluation.SPICE_JARS:
+        make_jar(folder / jar, jar)
+    return folder
+
+
+def test_spice_jars_from_a_folder_and_from_the_zip(tmp_path, monkeypatch):
+    import zipfile
+
+    from clipcap.evaluation import find_spice_jars
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(evaluation.SPICE_JARS_ENV, raising=False)
+    folder = corenlp_folder(tmp_path / "jars")
+    assert find_spice_jars(folder) == {jar: folder / jar for jar in evaluation.SPICE_JARS}
+
+    # The zip pycocoevalcap downloads: its jars sit in a top folder, beside many others.
+    zipped = tmp_path / "download" / evaluation.CORENLP_ZIP
+    zipped.parent.mkdir()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for name in (*evaluation.SPICE_JARS, "stanford-corenlp-3.6.0-javadoc.jar", "README.txt"):
+            archive.write(make_jar(tmp_path / name, name), f"stanford-corenlp-full-2015-12-09/{name}")
+    for source in (zipped, zipped.parent):  # the zip, or a folder holding it
+        jars = find_spice_jars(source)
+        assert list(jars) == list(evaluation.SPICE_JARS)
+        for name, path in jars.items():
+            assert path.read_bytes() == (tmp_path / name).read_bytes() and str(path).startswith(str(tmp_path / "cache"))
+    monkeypatch.setenv(evaluation.SPICE_JARS_ENV, str(zipped))  # the environment variable, when no flag
+    assert find_spice_jars() == jars and spice_problem() is None
+
+    monkeypatch.setenv(evaluation.SPICE_JARS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ClipCapError, match=r"nowhere \(CLIPCAP_SPICE_JARS\): not found"):
+        find_spice_jars()
+    with pytest.raises(ClipCapError, match=r"empty \(--spice_jars\): holds neither stanford-corenlp-3.6.0.jar"):
+        (tmp_path / "empty").mkdir()
+        find_spice_jars(tmp_path / "empty")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("README.txt", "")
+    with pytest.raises(ClipCapError, match="other.zip: zip lacks stanford-corenlp-3.6.0.jar, "
+                                           "stanford-corenlp-3.6.0-models.jar"):
+        find_spice_jars(tmp_path / "other.zip")
+
+
+def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
+    from clipcap.evaluation import java_version
+
+    printed = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    version = java_version()
+    assert version >= 8 and f'version "{version}' in printed  # 17.0.15 -> 17 (a Java 8 would print "1.8.0")
+    old = tmp_path / "bin" / "java"
+    old.parent.mkdir()
+    old.write_text('#!/bin/sh\necho \'java version "1.7.0_80"\' >&2\n')
+    old.chmod(0o755)
+    assert java_version(str(old)) == 7
+    monkeypatch.setenv("PATH", f"{old.parent}{os.pathsep}{os.environ['PATH']}")
+    folder = corenlp_folder(tmp_path / "jars")
+    assert spice_problem(folder) == "SPICE 1.0 needs Java 8 or newer; java on PATH is Java 7"
+    with pytest.raises(ClipCapError, match="^SPICE unavailable: SPICE 1.0 needs Java 8 or newer; java on PATH is Java 7$"):
+        Scorer(["SPICE"], spice_jars=folder)
+
+
+def test_spice_gets_its_jars_in_the_working_copy_and_its_java_the_add_opens(tmp_path, capfd):
+    """SPICE's real Java process starts with --add-opens (the jars here are empty, so it then fails)."""
+    folder = corenlp_folder(tmp_path / "jars")
+    installed = evaluation.installed_toolkit() / "spice" / "lib"
+    scorer = Scorer(["SPICE"], spice_jars=folder)  # offline: pycocoevalcap would download, were the jars not found
+    lib = Path(list(evaluation.toolkit().__path__)[0]) / "spice" / "lib"
+    for jar in evaluation.SPICE_JARS:
+        assert (lib / jar).resolve() == (folder / jar).resolve() and not (installed / jar).exists()
+    capfd.readouterr()
+    with pytest.raises(ClipCapError, match=r"^SPICE \(Java\) failed with exit status \d+ \(see its output above\)"):
+        scorer(results_for([42, 7]), {k: IMAGES[k] for k in (42, 7)})
+    err = capfd.readouterr().err
+    assert err.count("Picked up JDK_JAVA_OPTIONS: --add-opens java.base/java.lang=ALL-UNNAMED") == 1  # SPICE, not PTB
+    assert "JDK_JAVA_OPTIONS" not in os.environ
+
+
+def test_image_files_of_karpathy_and_coco_references(tmp_path):
+    from clipcap.evaluation import image_files, load_annotations
+
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"cocoid": i, "split": "test", "filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg",
+         "sentences": [{"raw": f"caption {i}"}]} for i in (5, 2, 9)]}))
+    references, images = load_annotations(karpathy, "test")
+    assert images == {i: {"file": f"val2014/COCO_val2014_{i:012d}.jpg"} for i in (5, 2, 9)}
+    (tmp_path / "coco" / "val2014").mkdir(parents=True)
+    (tmp_path / "coco" / "val2014" / "COCO_val2014_000000000005.jpg").write_bytes(b"")
+    (tmp_path / "coco" / "COCO_val2014_000000000002.jpg").write_bytes(b"")  # all images in one folder also do
+    with pytest.raises(ClipCapError, match=r"coco \(--images\): 1 of the 3 images of refs are missing "
+                                           r"\(e.g. 'val2014/COCO_val2014_000000000009.jpg'\)"):
+        image_files(references, images, tmp_path / "coco", ref_source="refs")
+    assert image_files(references, images, tmp_path / "coco", only_common_images=True) == {
+        5: tmp_path / "coco/val2014/COCO_val2014_000000000005.jpg", 2: tmp_path / "coco/COCO_val2014_000000000002.jpg"}
+    with pytest.raises(ClipCapError, match=r"^references: no image file named for 4 images .*images\[\].file_name"):
+        image_files(IMAGES, load_annotations(write_coco(tmp_path / "refs.json"))[1], tmp_path / "coco")
