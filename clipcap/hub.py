@@ -54,15 +54,16 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     name = str(name_or_path)
     if is_repo_id(name):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError
 
         repo_id, _, revision = name.partition("@")
         try:
             folder = Path(snapshot_download(repo_id, revision=revision or None,
-                                            allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]))
-        except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, OSError, ValueError) as e:
+                                            allow_patterns=[WEIGHTS_NAME, CONFIG_NAME]))
+        except (HfHubHTTPError, OSError, ValueError) as e:  # not found, not cached offline, bad revision
+            reason = str(e).partition("\n")[0][:200]
             raise ClipCapError(f"{name}: no such local file or folder, and not downloadable from the Hugging Face "
-                               f"Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                               f"Hub ({type(e).__name__}: {reason})") from None
         if not (folder / WEIGHTS_NAME).is_file():
             raise ClipCapError(f"{name}: the Hub repo has no {WEIGHTS_NAME} (not a ClipCap model saved by save_pretrained)")
         return folder / WEIGHTS_NAME
@@ -94,6 +95,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     from huggingface_hub import ModelCardData
 
     from .evaluation import METRIC_KEYS
+    from .features import OPENAI_RESNETS
 
     local_gpt2 = Path(config.gpt2).exists()
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
@@ -141,6 +143,8 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
         f'captioner = Captioner.from_pretrained("{repo_id or "OWNER/NAME"}")',
         'captioner.caption(["photo.jpg"])  # [["A dog sitting on a bench."]]',
         "```",
+        *(["", f"Captioning images with CLIP {config.clip_model} needs OpenAI's clip package: "
+                "`pip install 'clipcap[clip]'`."] if config.clip_model in OPENAI_RESNETS else []),
         "",
         "## Licence",
         "",
@@ -180,4 +184,4 @@ def push_to_hub(model: ClipCap, repo_id: str, private: bool | None = None, token
         save_pretrained(model, folder, repo_id=repo_id, **card)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
-    return str(getattr(commit, "commit_url", commit))
+    return commit.commit_url

@@ -338,12 +338,12 @@ def caption_images(source: str | Path, split: str | None = None) -> tuple[list[t
     """(image id, image path as written, captions) of a source in one of the layouts above, and the
     folder its paths are relative to by default. ``split`` is for Karpathy's files only."""
     source = Path(source)
+    if not source.exists():
+        raise ClipCapError(f"{source}: not found")
     layout = caption_layout(source)
     if layout is None:
         raise ClipCapError(f"{source}: not an image folder with metadata, a CSV/TSV/JSONL of image and caption, "
                            "or Karpathy's Flickr file (COCO: parse_coco.py; Conceptual Captions: parse_conceptual.py)")
-    if not source.exists():
-        raise ClipCapError(f"{source}: not found")
     if layout == "karpathy":
         return _karpathy_images(source, split), source.parent
     if split is not None:
@@ -358,8 +358,11 @@ def caption_images(source: str | Path, split: str | None = None) -> tuple[list[t
 
 
 def _existing(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
-    found = [item for item in items if Path(item.path).is_file()]
-    return found, [(item.path, "image file not found") for item in items if not Path(item.path).is_file()]
+    """The items whose image file exists, and a skip reason for each of the others."""
+    found, missing = [], []
+    for item in items:
+        (found if Path(item.path).is_file() else missing).append(item)
+    return found, [(item.path, "image file not found") for item in missing]
 
 
 def caption_shards(source: str | Path, images_root: str | Path | None = None, split: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -149,6 +150,7 @@ def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
     assert all(k.startswith("clip_project.") for k in stored_keys(out))  # GPT-2 loads by name
     card = (out / "README.md").read_text()
     assert "COCO" in card and "`RN50x4` (640-d embeddings, L2-normalised)" in card and "8 layers" in card
+    assert "clipcap[clip]" in card  # a ResNet CLIP needs OpenAI's package
     captioner = Captioner(model, load_tokenizer(gpt2_dir), "RN50x4")
     same_captions(captioner, Captioner.from_pretrained(out), dim=640)
 
@@ -185,7 +187,7 @@ def test_push_to_hub_uploads_a_loadable_folder(tmp_path, gpt2_dir, monkeypatch):
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         calls.append(("upload_folder", repo_id, None))
         shutil.copytree(folder_path, tmp_path / "uploaded")
-        return "https://huggingface.co/me/clipcap/commit/abc"
+        return SimpleNamespace(commit_url="https://huggingface.co/me/clipcap/commit/abc")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
