@@ -2,7 +2,7 @@
 
     python -m clipcap.convert coco_weights.pt clipcap-coco-mlp/
     python -m clipcap.convert transformer_weights.pt clipcap-coco-transformer/
-    huggingface-cli upload OWNER/clipcap-coco-mlp clipcap-coco-mlp/
+    hf upload OWNER/clipcap-coco-mlp clipcap-coco-mlp/     # huggingface_hub's CLI (after hf auth login)
 
 The config is inferred from the tensor shapes as for loading (:func:`clipcap.checkpoint.load_checkpoint`):
 the CLIP by embedding width (ViT-B/32 for the MLP files, RN50x4 for ``transformer_weights.pt``,
