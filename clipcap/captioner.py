@@ -1,7 +1,8 @@
 """Captioning with a trained ClipCap: checkpoint in; images or CLIP features in; captions out.
 
-    captioner = Captioner.from_checkpoint("coco_weights.pt")
+    captioner = Captioner.from_checkpoint("coco_weights.pt")   # or a saved folder, or a Hub repo id
     captioner.caption(["photo.jpg"])            # [["A dog sitting on a bench."]]
+    captioner.save_pretrained("coco_mlp/")      # or captioner.push_to_hub("owner/clipcap-coco")
 
 The CLIP image encoder is the one the checkpoint was trained on (its config, or for an
 original checkpoint its embedding width), loaded on first use: captioning cached features
@@ -22,6 +23,7 @@ from .checkpoint import load_checkpoint
 from .data import FeatureSet
 from .decoding import caption_embeddings
 from .files import ClipCapError
+from .hub import push_to_hub, resolve_checkpoint, save_pretrained
 from .model import ClipCap, load_tokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -62,15 +64,30 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", gpt2: str | None = None,
                         clip_model: str | None = None, normalize_prefix: bool | None = None) -> "Captioner":
-        """Any ClipCap checkpoint, ours or the original's, with nothing to configure.
+        """Any ClipCap checkpoint, ours or the original's, a saved folder or a Hugging Face Hub repo id
+        (see :func:`clipcap.hub.resolve_checkpoint`), with nothing to configure.
 
         ``gpt2`` (name or local directory) replaces where GPT-2 and its tokenizer come from;
         ``clip_model`` and ``normalize_prefix`` replace the checkpoint's (or inferred) settings.
         """
-        overrides = {} if normalize_prefix is None else {"normalize_prefix": normalize_prefix}
-        model = load_checkpoint(path, device, gpt2=gpt2, **overrides)
+        overrides = {key: value for key, value in (("clip_model", clip_model), ("normalize_prefix", normalize_prefix))
+                     if value is not None}
+        model = load_checkpoint(resolve_checkpoint(path), device, gpt2=gpt2, **overrides)
         tokenizer = load_tokenizer(model.config.gpt2)
-        return cls(model, tokenizer, clip_model or model.config.clip_model, device)
+        return cls(model, tokenizer, model.config.clip_model, device)
+
+    from_pretrained = from_checkpoint  # the Hugging Face name, for repo ids and saved folders
+
+    def save_pretrained(self, folder: str | Path, **card: Any) -> Path:
+        """Write a folder to load with :meth:`from_pretrained` or upload to the Hub; ``card``
+        (dataset, recipe, metrics, source, repo_id) as in :func:`clipcap.hub.save_pretrained`."""
+        self.model.config.clip_model = self.clip_model  # the CLIP this captioner encodes images with
+        return save_pretrained(self.model, folder, **card)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, **card: Any) -> str:
+        """Upload to the Hugging Face Hub as :func:`clipcap.hub.push_to_hub` does; returns the commit URL."""
+        self.model.config.clip_model = self.clip_model
+        return push_to_hub(self.model, repo_id, private=private, token=token, **card)
 
     @property
     def encoder(self):

@@ -92,7 +92,8 @@ def _examples(ids: Iterable[Any], n: int = 3) -> str:
 
 def load_references(path: str | Path, split: str | None = None) -> References:
     """References from Karpathy's ``dataset_coco.json`` (``split`` required), COCO-format annotations,
-    a JSON list of ``{"image_id", "caption"}``, or the Conceptual Captions validation TSV."""
+    a JSON list of ``{"image_id", "caption"}``, the Conceptual Captions validation TSV, or any source
+    of parse_captions.py (image folder, CSV/TSV/JSONL, Karpathy's Flickr file)."""
     return load_annotations(path, split)[0]
 
 
@@ -100,6 +101,10 @@ def load_annotations(path: str | Path, split: str | None = None) -> tuple[Refere
     """The references (as :func:`load_references`) and what the file says about their images:
     the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
     path = Path(path)
+    from .sources import caption_references  # imported here: it needs torch, scoring does not
+
+    if (references := caption_references(path, split)) is not None:
+        return references, {}
     if path.suffix.lower() == ".tsv":
         if split is not None:
             raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only")

@@ -266,3 +266,163 @@ def conceptual_shards(images: str | Path, tsv: str | Path | None = None, shard_s
     return [Shard(f"{k:05d}", lambda r=range(start, min(start + shard_size, len(captions))):
                   _read_tsv_rows(tsv, images, r, captions), min(shard_size, len(captions) - start))
             for k, start in enumerate(range(0, len(captions), shard_size))]
+
+
+# --------------------------------------------------------------------------- your own data
+#
+# - a folder in Hugging Face's ``imagefolder`` layout: ``metadata.jsonl`` or ``metadata.csv`` with
+#   ``file_name`` and a caption column (``text`` or ``caption``; a list of several in JSONL, or
+#   several rows per image), images relative to the folder;
+# - a CSV, JSONL or TSV file of image path and caption (TSV may be headerless ``path<TAB>caption``),
+#   paths relative to the file's folder or to ``images_root``;
+# - Karpathy's ``dataset_flickr30k.json`` / ``dataset_flickr8k.json``, by split, images in ``images_root``.
+#
+# Image ids are Karpathy's ``imgid``, else the image's path as the file writes it ("dogs/1.jpg"),
+# so that the same file serves as evaluation references (:func:`caption_references`).
+
+IMAGE_COLUMNS = ("file_name", "image", "path", "filepath", "filename", "image_path")
+CAPTION_COLUMNS = ("text", "caption", "captions", "sentence", "sentences")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def caption_layout(source: str | Path) -> str | None:
+    """Which of the layouts above ``source`` is in, or None when it is none of them (COCO's
+    ``dataset_coco.json``, Conceptual Captions' ``caption<TAB>url`` TSV, COCO-format annotations...)."""
+    source = Path(source)
+    suffix = source.suffix.lower()
+    if source.is_dir():
+        return "imagefolder"
+    if suffix in (".csv", ".jsonl"):
+        return suffix[1:]
+    if suffix == ".tsv" and source.is_file():
+        with open(source, encoding="utf-8-sig", errors="replace") as f:
+            first = f.readline().rstrip("\n").split("\t")
+        return None if len(first) > 1 and first[1].startswith(("http://", "https://")) else "tsv"
+    if suffix == ".json" and source.is_file():
+        with open(source, encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16)  # Karpathy's COCO file names a cocoid in its first image entry
+        return "karpathy" if '"sentences"' in head and '"cocoid"' not in head else None
+    return None
+
+
+def _column(names: Iterable[str], wanted: tuple[str, ...]) -> str | None:
+    lower = {name.strip().lower(): name for name in names if name}
+    return next((lower[w] for w in wanted if w in lower), None)
+
+
+def _table_rows(path: Path, layout: str) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a CSV, TSV or JSONL file; a headerless TSV gives ``path`` and ``caption``."""
+    if layout == "jsonl":
+        with open(path, encoding="utf-8-sig") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ClipCapError(f"{path}: line {line_number} is not valid JSON ({e})") from None
+                    if not isinstance(row, dict):
+                        raise ClipCapError(f"{path}: line {line_number} is not a JSON object")
+                    yield line_number, row
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="," if layout == "csv" else "\t"))
+    header, first = (rows[0], 1) if rows else ([], 0)
+    if layout == "tsv" and not (_column(header, IMAGE_COLUMNS) and _column(header, CAPTION_COLUMNS)):
+        header, first = ["path", "caption"], 0
+    for line_number, values in enumerate(rows[first:], start=first + 1):
+        if any(v.strip() for v in values):
+            yield line_number, dict(zip(header, values))
+
+
+def _table_images(path: Path, layout: str) -> list[tuple[str, list[str]]]:
+    """(image path as written, its captions) in order of first appearance; rows of one image are joined."""
+    images: dict[str, list[str]] = {}
+    image_col = caption_col = None
+    for line_number, row in _table_rows(path, layout):
+        if image_col is None:
+            image_col, caption_col = _column(row, IMAGE_COLUMNS), _column(row, CAPTION_COLUMNS)
+            if image_col is None or caption_col is None:
+                raise ClipCapError(f"{path}: needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
+                                   f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(map(str, row))}")
+        name, captions = row.get(image_col), row.get(caption_col)
+        if not isinstance(name, str) or not name.strip():
+            raise ClipCapError(f"{path}: line {line_number} has no image path in '{image_col}'")
+        if isinstance(captions, str) or captions is None:
+            captions = [captions or ""]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise ClipCapError(f"{path}: line {line_number}: '{caption_col}' must be a string or a list of strings")
+        images.setdefault(Path(name.strip()).as_posix(), []).extend(c.strip() for c in captions if c.strip())
+    if not images:
+        raise ClipCapError(f"{path}: no rows")
+    return list(images.items())
+
+
+def _karpathy_images(path: Path, split: str | None) -> list[tuple[int, str, list[str]]]:
+    """(imgid, file name, raw sentences) of one split of Karpathy's Flickr8k/30k file."""
+    if split not in KARPATHY_SPLITS:
+        raise ClipCapError(f"{path}: Karpathy's split file holds every split; pass --split "
+                           f"({', '.join(KARPATHY_SPLITS)})")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ClipCapError(f"{path}: expected Karpathy's format, an object with an 'images' list")
+    images = []
+    for i, image in enumerate(data["images"]):
+        try:
+            if image["split"] in KARPATHY_SPLITS[split]:
+                images.append((int(image["imgid"]), str(Path(image.get("filepath", "")) / image["filename"]),
+                               [str(s["raw"]).strip() for s in image["sentences"]]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ClipCapError(f"{path}: image entry {i} lacks {e} (Karpathy format: filename, imgid, split, "
+                               "sentences with raw)") from None
+    if not images:
+        raise ClipCapError(f"{path}: no image in split {split!r}")
+    return images
+
+
+def caption_images(source: str | Path, split: str | None = None) -> tuple[list[tuple[Any, str, list[str]]], Path]:
+    """(image id, image path as written, captions) of a source in one of the layouts above, and the
+    folder its paths are relative to by default. ``split`` is for Karpathy's files only."""
+    source = Path(source)
+    if not source.exists():
+        raise ClipCapError(f"{source}: not found")
+    layout = caption_layout(source)
+    if layout is None:
+        raise ClipCapError(f"{source}: not an image folder with metadata, a CSV/TSV/JSONL of image and caption, "
+                           "or Karpathy's Flickr file (COCO: parse_coco.py; Conceptual Captions: parse_conceptual.py)")
+    if layout == "karpathy":
+        return _karpathy_images(source, split), source.parent
+    if split is not None:
+        raise ClipCapError(f"{source}: --split applies to Karpathy's Flickr files only; this source is taken whole")
+    if layout == "imagefolder":
+        metadata = next((source / name for name in METADATA_FILES if (source / name).is_file()), None)
+        if metadata is None:
+            raise ClipCapError(f"{source}: folder has no {' or '.join(METADATA_FILES)} (Hugging Face imagefolder "
+                               "layout: file_name and text columns)")
+        return [(name, name, captions) for name, captions in _table_images(metadata, metadata.suffix[1:])], source
+    return [(name, name, captions) for name, captions in _table_images(source, layout)], source.parent
+
+
+def _existing(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    """The items whose image file exists, and a skip reason for each of the others."""
+    found, missing = [], []
+    for item in items:
+        (found if Path(item.path).is_file() else missing).append(item)
+    return found, [(item.path, "image file not found") for item in missing]
+
+
+def caption_shards(source: str | Path, images_root: str | Path | None = None, split: str | None = None,
+                   shard_size: int = 10_000) -> list[Shard]:
+    """Shards of a source in one of the layouts above; missing image files are skipped and reported."""
+    images, root = caption_images(source, split)
+    root = Path(images_root) if images_root is not None else root
+    items = [ImageItem(image_id, captions, str(root / name)) for image_id, name, captions in images]
+    parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
+    return [Shard(f"{k:05d}", lambda part=part: _existing(part), len(part)) for k, part in enumerate(parts)]
+
+
+def caption_references(source: str | Path, split: str | None = None) -> dict[Any, list[str]] | None:
+    """The captions of a source in one of the layouts above as evaluation references (keyed by the
+    image ids of its features), or None when ``source`` is in none of them."""
+    if caption_layout(source) is None:
+        return None
+    return {image_id: captions for image_id, _, captions in caption_images(source, split)[0] if captions}

@@ -1,0 +1,68 @@
+"""Turn a ClipCap checkpoint, such as one of the original's released ``.pt`` files, into a Hub-ready folder.
+
+    python -m clipcap.convert coco_weights.pt clipcap-coco-mlp/
+    python -m clipcap.convert transformer_weights.pt clipcap-coco-transformer/
+    hf upload OWNER/clipcap-coco-mlp clipcap-coco-mlp/     # huggingface_hub's CLI (after hf auth login)
+
+The config is inferred from the tensor shapes as for loading (:func:`clipcap.checkpoint.load_checkpoint`):
+the CLIP by embedding width (ViT-B/32 for the MLP files, RN50x4 for ``transformer_weights.pt``,
+whose embeddings are L2-normalised as at inference). A prefix-only model keeps only its mapper;
+its GPT-2, frozen in training, is loaded by name. The training data is inferred from the file name
+(``coco``, ``conceptual``, the released ``transformer_weights.pt``) unless ``--dataset`` names it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .files import ClipCapError, run_cli
+from .hub import WEIGHTS_NAME, save_pretrained
+
+# File-name fragments of the original's released weights, and their training data.
+DATASETS = {"conceptual": "Conceptual Captions (3.3M images)", "coco": "COCO (Karpathy train split)",
+            "transformer_weights": "COCO (Karpathy train split)"}
+
+
+def infer_dataset(path: str | Path) -> str | None:
+    """The training data named by a checkpoint's file name, when it says (``coco_weights.pt``)."""
+    name = Path(path).name.lower()
+    return next((dataset for key, dataset in DATASETS.items() if key in name), None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m clipcap.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="the original's .pt (coco_weights.pt, conceptual_weights.pt, "
+                                      "transformer_weights.pt) or any checkpoint of ours")
+    p.add_argument("out", help="the folder to write (model.safetensors, config.json, README.md)")
+    p.add_argument("--dataset", help="training data for the model card (default: from the file name)")
+    p.add_argument("--recipe", help="how it was trained, for the model card (e.g. recipes/coco_mlp.sh)")
+    p.add_argument("--metrics", help="evaluate.py's metrics.json, for the model card")
+    p.add_argument("--repo_id", help="the Hub repo it will live in, for the model card's example")
+    p.add_argument("--gpt2", help="GPT-2 name or directory to record (default: inferred from the shapes)")
+    p.add_argument("--clip_model", help="CLIP to record (default: inferred from the embedding width)")
+    p.add_argument("--normalize_prefix", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise CLIP embeddings (default: on for the released transformer weights only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if (out / WEIGHTS_NAME).exists():
+        raise ClipCapError(f"{out}: already holds a {WEIGHTS_NAME}; choose another folder or delete it")
+    overrides = {k: v for k, v in (("clip_model", args.clip_model), ("normalize_prefix", args.normalize_prefix))
+                 if v is not None}
+    model = load_checkpoint(args.checkpoint, "cpu", gpt2=args.gpt2, **overrides)
+    save_pretrained(model, out, dataset=args.dataset or infer_dataset(args.checkpoint), recipe=args.recipe,
+                    metrics=args.metrics, source=Path(args.checkpoint).name, repo_id=args.repo_id)
+    c = model.config
+    print(f"wrote {out}: {c.mapping_type} mapper, K={c.prefix_length}, CLIP {c.clip_model}"
+          f"{' (normalised)' if c.normalize_prefix else ''}, GPT-2 {c.gpt2} "
+          f"{'loaded by name' if c.only_prefix else 'stored'}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

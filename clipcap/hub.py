@@ -1,0 +1,187 @@
+"""ClipCap models as Hugging Face Hub repositories: a folder out, a folder or repo id in.
+
+A saved model is a folder of three files, uploaded as it is:
+
+- ``model.safetensors``: our checkpoint format (:mod:`clipcap.checkpoint`), config in its metadata.
+  A prefix-only model holds only the mapper and names its GPT-2 in the config; a fine-tuned one
+  holds GPT-2 too.
+- ``config.json``: the same :class:`clipcap.model.ClipCapConfig`, readable without the weights.
+- ``README.md``: a model card (Hub metadata, paper, data, backbones, mapper, recipe, scores).
+
+:func:`resolve_checkpoint` turns a checkpoint file, such a folder, or a Hub repo id into the
+weights file to load; repo ids go through ``snapshot_download``, so the local cache and
+``HF_HUB_OFFLINE`` work as they do for every Hugging Face library.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import save_checkpoint, save_config
+from .files import ClipCapError, atomic_write, read_json
+from .model import ClipCap, ClipCapConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PAPER = "https://arxiv.org/abs/2111.09734"
+CODE = "https://github.com/rmokady/CLIP_prefix_caption"
+
+
+def is_repo_id(name: str) -> bool:
+    """``owner/name`` (optionally ``@revision``) that is not a local path or checkpoint file name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = name.partition("@")[0]
+    if Path(name).exists() or repo_id.count("/") != 1 or repo_id.lower().endswith(CHECKPOINT_SUFFIXES):
+        return False
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint file (ours or the original's ``.pt``), a saved folder, or a Hub repo id
+    (``owner/name`` or ``owner/name@revision``) -> the weights file to load.
+
+    A repo id is downloaded (or found in the Hugging Face cache, which is all that is tried
+    under ``HF_HUB_OFFLINE=1``) by ``huggingface_hub.snapshot_download``.
+    """
+    name = str(name_or_path)
+    if is_repo_id(name):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        repo_id, _, revision = name.partition("@")
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision or None,
+                                            allow_patterns=[WEIGHTS_NAME, CONFIG_NAME]))
+        except (HfHubHTTPError, OSError, ValueError) as e:  # not found, not cached offline, bad revision
+            reason = str(e).partition("\n")[0][:200]
+            raise ClipCapError(f"{name}: no such local file or folder, and not downloadable from the Hugging Face "
+                               f"Hub ({type(e).__name__}: {reason})") from None
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise ClipCapError(f"{name}: the Hub repo has no {WEIGHTS_NAME} (not a ClipCap model saved by save_pretrained)")
+        return folder / WEIGHTS_NAME
+    path = Path(name)
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ClipCapError(f"{path}: folder has no {WEIGHTS_NAME} (not a ClipCap model saved by save_pretrained)")
+        return path / WEIGHTS_NAME
+    return path  # a file; read_checkpoint reports one that is missing or unreadable
+
+
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """evaluate.py's metrics JSON (pycocoevalcap's keys and units)."""
+    path = Path(path)
+    metrics = read_json(path, "metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise ClipCapError(f"{path}: expected evaluate.py's metrics JSON, an object of metric name -> number")
+    return metrics
+
+
+def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | None = None,
+               metrics: dict[str, float] | None = None, source: str | None = None, repo_id: str | None = None) -> str:
+    """The Hub model card (README.md with YAML metadata) of a model with ``config``.
+
+    ``metrics`` are pycocoevalcap scores as evaluate.py writes them; the card shows them x100,
+    the paper's units. ``source`` says where the weights came from (the original's file, say);
+    ``repo_id`` goes into the usage example.
+    """
+    from huggingface_hub import ModelCardData
+
+    from .evaluation import METRIC_KEYS
+    from .features import OPENAI_RESNETS
+
+    local_gpt2 = Path(config.gpt2).exists()
+    data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
+                         tags=["image-captioning", "clipcap", "clip", "gpt2"],
+                         base_model=None if local_gpt2 else config.gpt2)
+    gpt2 = config.gpt2_config
+    gpt2_text = f"`{config.gpt2}`" + (f" ({gpt2['n_layer']} layers, width {gpt2['n_embd']})" if gpt2 else "")
+    if config.mapping_type == "mlp":
+        mapper = f"MLP (CLIP embedding -> {config.prefix_length} prefix vectors)"
+    else:
+        mapper = (f"transformer, {config.num_layers} layers x {config.num_heads} heads (CLIP embedding -> "
+                  f"{config.prefix_length_clip} tokens -> {config.prefix_length} prefix vectors)")
+    lines = [
+        "# ClipCap image captioning",
+        "",
+        f"[ClipCap: CLIP Prefix for Image Captioning]({PAPER}) (Ron Mokady, Amir Hertz, Amit H. Bermano, "
+        f"2021, arXiv 2111.09734): a mapping network turns a CLIP image embedding into a prefix that GPT-2 "
+        f"continues as a caption. Original code: {CODE}.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| training data | {dataset or 'not recorded'} |",
+        f"| CLIP image encoder | `{config.clip_model}` ({config.prefix_size}-d embeddings"
+        + (", L2-normalised" if config.normalize_prefix else "") + ") |",
+        f"| GPT-2 | {gpt2_text}, " + ("frozen (not stored here; loaded by name)" if config.only_prefix
+                                      else "fine-tuned (stored here)") + " |",
+        f"| mapping network | {mapper} |",
+    ]
+    if recipe:
+        lines.append(f"| recipe | `{recipe}` |")
+    if source:
+        lines.append(f"| weights | converted from `{source}` |")
+    if metrics:
+        keys = [k for k in METRIC_KEYS if k in metrics] + [k for k in metrics if k not in METRIC_KEYS]
+        lines += ["", "## Scores", "", "pycocoevalcap, x100 (the paper's units):", "",
+                  "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
+                  "| " + " | ".join(f"{100 * metrics[k]:.2f}" for k in keys) + " |"]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from clipcap import Captioner",
+        "",
+        f'captioner = Captioner.from_pretrained("{repo_id or "OWNER/NAME"}")',
+        'captioner.caption(["photo.jpg"])  # [["A dog sitting on a bench."]]',
+        "```",
+        *(["", f"Captioning images with CLIP {config.clip_model} needs OpenAI's clip package: "
+                "`pip install 'clipcap[clip]'`."] if config.clip_model in OPENAI_RESNETS else []),
+        "",
+        "## Licence",
+        "",
+        "MIT, as the original code. The CLIP and GPT-2 weights keep their own licences.",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def save_pretrained(model: ClipCap, folder: str | Path, dataset: str | None = None, recipe: str | None = None,
+                    metrics: str | Path | dict[str, float] | None = None, source: str | None = None,
+                    repo_id: str | None = None) -> Path:
+    """Write ``model`` as a Hub-ready folder (weights, config.json, model card); returns the folder.
+
+    ``metrics`` is evaluate.py's metrics.json (a path) or its contents; the other arguments go to
+    :func:`model_card`.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ClipCapError(f"{folder}: exists and is not a folder")
+    if isinstance(metrics, (str, Path)):
+        metrics = read_metrics(metrics)
+    save_checkpoint(model, folder / WEIGHTS_NAME)
+    save_config(model.config, folder / CONFIG_NAME)
+    with atomic_write(folder / CARD_NAME) as tmp:
+        tmp.write_text(model_card(model.config, dataset, recipe, metrics, source, repo_id))
+    return folder
+
+
+def push_to_hub(model: ClipCap, repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload ClipCap model", **card: Any) -> str:
+    """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` (created if
+    needed); ``card`` as in :func:`save_pretrained`. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="clipcap-push-") as folder:
+        save_pretrained(model, folder, repo_id=repo_id, **card)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return commit.commit_url
