@@ -95,7 +95,6 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     from huggingface_hub import ModelCardData
 
     from .evaluation import METRIC_KEYS
-    from .features import OPENAI_RESNETS
 
     local_gpt2 = Path(config.gpt2).exists()
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
@@ -143,8 +142,6 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
         f'captioner = Captioner.from_pretrained("{repo_id or "OWNER/NAME"}")',
         'captioner.caption(["photo.jpg"])  # [["A dog sitting on a bench."]]',
         "```",
-        *(["", f"Captioning images with CLIP {config.clip_model} needs OpenAI's clip package: "
-                "`pip install 'clipcap[clip]'`."] if config.clip_model in OPENAI_RESNETS else []),
         "",
         "## Licence",
         "",
