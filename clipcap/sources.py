@@ -12,6 +12,7 @@ captions; :func:`clipcap.features.extract` encodes them. Readers list files, the
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tarfile
@@ -28,19 +29,37 @@ KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val"
 CONCEPTUAL_TSV = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
 
 
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
 def chunked(items: list[ImageItem], shard_size: int) -> list[Shard]:
-    """Fixed-size shards of an image list known up front, named by position."""
+    """Fixed-size shards of an image list known up front, named by position, fingerprinted by their images."""
     parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
-    return [Shard(f"{k:05d}", lambda part=part: (part, []), len(part)) for k, part in enumerate(parts)]
+    return [Shard(f"{k:05d}", lambda part=part: (part, []), len(part),
+                  _digest([(item.image_id, item.path, item.span, item.captions) for item in part]))
+            for k, part in enumerate(parts)]
 
 
 # --------------------------------------------------------------------------- COCO
 
 
-def coco_image_path(images_root: Path, image_id: int) -> Path:
-    """The original's lookup: ``train2014/COCO_train2014_{id:012d}.jpg``, else the ``val2014`` one."""
-    path = images_root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg"
-    return path if path.is_file() else images_root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg"
+def coco_image_path(images_root: Path, image_id: int, listed: Path | None = None) -> Path:
+    """The first file that exists of: the ``listed`` path, the original's lookup
+    ``train2014/COCO_train2014_{id:012d}.jpg``, the ``val2014`` one; if none does, the first
+    of them, so that a missing image is reported where the annotations put it."""
+    candidates = [images_root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg",
+                  images_root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg"]
+    if listed is not None:
+        candidates.insert(0, listed)
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def _captions(captions: list[dict[str, Any]], dropped: list[int]) -> list[dict[str, Any]]:
+    """The non-empty ones (train.py refuses empty captions); ``dropped`` counts the others."""
+    kept = [c for c in captions if isinstance(c["caption"], str) and c["caption"].strip()]
+    dropped[0] += len(captions) - len(kept)
+    return kept
 
 
 def coco_images(annotations: str | Path, images_root: str | Path, split: str = "train",
@@ -56,21 +75,21 @@ def coco_images(annotations: str | Path, images_root: str | Path, split: str = "
         if split not in KARPATHY_SPLITS:
             raise ClipCapError(f"{annotations}: unknown split {split!r} (choose from {', '.join(KARPATHY_SPLITS)})")
         wanted = set(KARPATHY_SPLITS[split]) - ({"restval"} if split != "restval" and not include_restval else set())
-        images = []
+        images, dropped = [], [0]
         for i, image in enumerate(data["images"]):
             try:
                 if image["split"] not in wanted:
                     continue
-                path = images_root / image["filepath"] / image["filename"]
-                images.append({"id": int(image["cocoid"]),
-                               "path": path if path.is_file() else coco_image_path(images_root, int(image["cocoid"])),
-                               "captions": [{"caption": s["raw"], "id": s.get("sentid", j)}
-                                            for j, s in enumerate(image["sentences"])]})
+                listed = images_root / image["filepath"] / image["filename"]
+                images.append({"id": int(image["cocoid"]), "path": coco_image_path(images_root, int(image["cocoid"]), listed),
+                               "captions": _captions([{"caption": s["raw"], "id": s.get("sentid", j)}
+                                                      for j, s in enumerate(image["sentences"])], dropped)})
             except (KeyError, TypeError, ValueError) as e:
                 raise ClipCapError(f"{annotations}: image entry {i} lacks {e} (Karpathy format: filepath, "
                                    "filename, cocoid, split, sentences)") from None
         if not images:
             raise ClipCapError(f"{annotations}: no image in split {split!r}")
+        _report_dropped(annotations, dropped[0])
         return images
     if not isinstance(data, list):
         raise ClipCapError(f"{annotations}: expected Karpathy's dataset_coco.json or a list of "
@@ -83,9 +102,17 @@ def coco_images(annotations: str | Path, images_root: str | Path, split: str = "
         except (KeyError, TypeError, ValueError):
             raise ClipCapError(f"{annotations}: entry {i} needs an integer 'image_id' and a 'caption'") from None
         by_id.setdefault(image_id, {"id": image_id, "path": None, "captions": []})["captions"].append(caption)
+    dropped = [0]
     for image in by_id.values():
         image["path"] = coco_image_path(images_root, image["id"])
+        image["captions"] = _captions(image["captions"], dropped)
+    _report_dropped(annotations, dropped[0])
     return list(by_id.values())
+
+
+def _report_dropped(annotations: Path, dropped: int) -> None:
+    if dropped:
+        print(f"{annotations}: dropped {dropped} empty captions")
 
 
 def coco_shards(images: list[dict[str, Any]], shard_size: int = 10_000) -> list[Shard]:
@@ -205,13 +232,14 @@ def conceptual_shards(images: str | Path, tsv: str | Path | None = None, shard_s
     if not images.is_dir():
         raise ClipCapError(f"{images}: image folder not found")
     tars = sorted(images.glob("*.tar"))
+    # A tar's or folder's images are listed only when it is processed: fingerprinted by its size and time.
     if tars:
-        return [Shard(t.stem, lambda t=t: _read_tar(t), _expected_images(t.with_name(f"{t.stem}_stats.json")))
-                for t in tars]
+        return [Shard(t.stem, lambda t=t: _read_tar(t), _expected_images(t.with_name(f"{t.stem}_stats.json")),
+                      _digest(t.stat().st_size, t.stat().st_mtime_ns)) for t in tars]
     folders = sorted(p for p in images.iterdir() if p.is_dir())
     if folders:
-        return [Shard(f.name, lambda f=f: _read_folder(f), _expected_images(images / f"{f.name}_stats.json"))
-                for f in folders]
+        return [Shard(f.name, lambda f=f: _read_folder(f), _expected_images(images / f"{f.name}_stats.json"),
+                      _digest(f.stat().st_mtime_ns)) for f in folders]
     if tsv is None or not Path(tsv).is_file():
         raise ClipCapError(f"{images}: no *.tar shards or img2dataset folders, and no TSV "
                            f"({tsv}) for the original's {{row:08d}}.jpg layout")
@@ -219,5 +247,6 @@ def conceptual_shards(images: str | Path, tsv: str | Path | None = None, shard_s
     with open(tsv, encoding="utf-8", newline="") as f:
         captions = [row[0] if row else "" for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     return [Shard(f"{k:05d}", lambda r=range(start, min(start + shard_size, len(captions))):
-                  _read_tsv_rows(tsv, images, r, captions), min(shard_size, len(captions) - start))
+                  _read_tsv_rows(tsv, images, r, captions), min(shard_size, len(captions) - start),
+                  _digest(str(images), start, captions[start:start + shard_size]))
             for k, start in enumerate(range(0, len(captions), shard_size))]
