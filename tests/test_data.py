@@ -173,9 +173,10 @@ assert cache.is_file() and len(ids) > 0
 """
     command = [sys.executable, "-c", script]
     if os.geteuid() == 0:
-        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        read_only = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(data)]
+        if shutil.which("unshare") is None or subprocess.run([*read_only, "true"]).returncode != 0:
             pytest.skip("running as root without mount namespaces: no way to make a folder read-only")
-        command = ["unshare", "-m", "sh", "-c", f'mount --bind -o ro "$0" "$0" && exec "$@"', str(data), *command]
+        command = [*read_only, *command]
     else:
         data.chmod(0o555)
     try:

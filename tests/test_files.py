@@ -21,9 +21,14 @@ def dead_pid() -> int:
 
 
 def test_a_killed_writer_leaves_a_temp_file_that_the_next_run_removes(tmp_path):
-    killed = subprocess.run([sys.executable, "-c", "import os\nfrom clipcap.files import atomic_write\n"
-                             f"with atomic_write({str(tmp_path / 'out.bin')!r}) as tmp:\n"
-                             "    tmp.write_bytes(b'half')\n    os._exit(9)\n"], cwd=REPO)
+    script = f"""
+import os
+from clipcap.files import atomic_write
+with atomic_write({str(tmp_path / 'out.bin')!r}) as tmp:
+    tmp.write_bytes(b"half")
+    os._exit(9)  # killed mid-write
+"""
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO)
     assert killed.returncode == 9
     leftovers = list(tmp_path.iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.bin.")
