@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .features import ImageItem, Shard
-from .files import ClipCapError, atomic_write, read_json
+from .files import ClipCapError, atomic_write, open_regular, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Karpathy split names, and what each of our --split values takes from them.
@@ -163,13 +163,13 @@ def _read_tar(path: Path) -> tuple[list[ImageItem], list[tuple[str, str]]]:
     """A webdataset shard's images (by byte span, read later) and captions (read now)."""
     items, skipped, spans, texts = [], [], {}, {}
     try:
-        with tarfile.open(path) as tar:
+        with open_regular(path) as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 if member.isfile():
                     spans[member.name] = (member.offset_data, member.size)
                     if member.name.endswith(".txt"):
                         texts[member.name] = tar.extractfile(member).read().decode("utf-8", "replace")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, ClipCapError) as e:
         skipped.append((str(path), f"archive unreadable after {len(spans)} members ({e}); the rest is skipped"))
     for key, members in _grouped(spans).items():
         ext = _image_extension(members)
@@ -191,10 +191,15 @@ def _read_folder(folder: Path) -> tuple[list[ImageItem], list[tuple[str, str]]]:
         ext = _image_extension(members)
         if ext is None:
             continue
-        caption = (folder / members[".txt"]).read_text(encoding="utf-8", errors="replace") \
-            if ".txt" in members else ""
+        caption, reason = "", "no caption (.txt)"
+        if ".txt" in members:
+            try:
+                with open_regular(folder / members[".txt"]) as f:
+                    caption = f.read().decode("utf-8", "replace")
+            except (OSError, ClipCapError) as e:  # a FIFO would block the whole job
+                reason = f"caption unreadable ({e})"
         if not _nonempty(caption):
-            skipped.append((str(folder / members[ext]), "no caption (.txt)"))
+            skipped.append((str(folder / members[ext]), reason))
             continue
         items.append(ImageItem(key, [add_period(caption)], str(folder / members[ext])))
     return items, skipped

@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import runpy
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -247,3 +249,19 @@ def test_webdataset_shards_are_fingerprinted_by_size_and_time(tmp_path):
         tar.addfile(tarfile.TarInfo("extra.txt"), io.BytesIO())
     after = [s.fingerprint for s in conceptual_shards(webdataset)]
     assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_parse_conceptual_skips_fifos_instead_of_waiting_on_them(clip_dir, tmp_path):
+    layouts = conceptual_layouts(tmp_path)
+    files, webdataset = layouts["files"][0], layouts["webdataset"][0]
+    (files / "00000" / "000000002.txt").unlink()
+    os.mkfifo(files / "00000" / "000000002.txt")  # a caption nobody will ever write
+    os.mkfifo(webdataset / "00002.tar")
+    for layout, images in (("files", files), ("webdataset", webdataset)):
+        out = tmp_path / f"{layout}.pkl"
+        run = subprocess.run([sys.executable, "parse_conceptual.py", "--split", "val", "--images", str(images),
+                              "--clip_model_type", clip_dir, "--out_path", str(out), "--num_workers", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        report = (tmp_path / f"{layout}_skipped.tsv").read_text()
+        assert "not a regular file (a FIFO)" in report, report
