@@ -7,7 +7,7 @@ is OpenAI's, step for step: resize the shortest side (bicubic), centre crop, RGB
 :func:`extract` encodes a dataset at scale: each image once (the original encoded a COCO image
 once per caption), decoded in DataLoader workers, batched, fp16/bf16 on GPU; bad images are
 skipped and reported, never encoded as zeros; output goes to a :mod:`clipcap.store` shard by
-shard, so a killed run resumes, and torchrun ranks split the shards.
+shard, so a killed run resumes (a rerun of another job is refused), and torchrun ranks split the shards.
 """
 from __future__ import annotations
 
