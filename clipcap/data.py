@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,20 @@ def load_features(path: str | Path) -> FeatureSet:
 
 
 def tokens_cache_path(data_path: str | Path) -> Path:
-    """``x/oscar_split_ViT-B_32_train.pkl`` -> ``x/oscar_split_ViT-B_32_train_tokens.npz``."""
+    """``x/oscar_split_ViT-B_32_train.pkl`` -> ``x/oscar_split_ViT-B_32_train_tokens.npz``.
+
+    When the data's folder is not writable (a shared, read-only dataset), the cache goes to the
+    user's cache directory instead, named by a hash of the data's path; where is printed.
+    """
     data_path = Path(data_path)
     stem = data_path.name if data_path.is_dir() else data_path.stem
-    return data_path.with_name(f"{stem}_tokens.npz")
+    if os.access(data_path.parent, os.W_OK):
+        return data_path.with_name(f"{stem}_tokens.npz")
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / "tokens"
+    digest = hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:16]
+    path = user_cache / f"{stem}_{digest}_tokens.npz"
+    print(f"{data_path.parent} is not writable: caption tokens cached in {path}")
+    return path
 
 
 def _fingerprint(captions: Sequence[str], tokenizer: Any) -> str:

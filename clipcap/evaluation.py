@@ -44,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Sequence
 
-from .files import ClipCapError, atomic_write, read_json
+from .files import ClipCapError, atomic_write, process_alive, read_json
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
@@ -385,12 +385,24 @@ def _spice_cache() -> Path | None:
         return None
 
 
+MIRROR_PREFIX = "clipcap-pycocoevalcap-"  # then the pid of the process that made the mirror
+
+
+def remove_stale_mirrors() -> None:
+    """Delete the toolkit mirrors that killed processes left in the temporary directory."""
+    for mirror in Path(tempfile.gettempdir()).glob(f"{MIRROR_PREFIX}*-*"):
+        pid = mirror.name.removeprefix(MIRROR_PREFIX).partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(mirror, ignore_errors=True)
+
+
 @functools.cache
 def toolkit() -> ModuleType:
     """pycocoevalcap imported from a writable mirror of its installed directory (see the module docstring)."""
     installed = installed_toolkit()
-    mirror = Path(tempfile.mkdtemp(prefix="clipcap-pycocoevalcap-"))
-    atexit.register(shutil.rmtree, mirror, True)
+    remove_stale_mirrors()
+    mirror = Path(tempfile.mkdtemp(prefix=f"{MIRROR_PREFIX}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, mirror, True)  # a killed process leaves it to remove_stale_mirrors
     for path in sorted(installed.rglob("*")):  # parents sort before their contents
         relative = path.relative_to(installed)
         if "__pycache__" in relative.parts or relative.parts[:2] in (("spice", "cache"), ("spice", "tmp")):

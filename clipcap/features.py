@@ -8,11 +8,13 @@ is OpenAI's, step for step: resize the shortest side (bicubic), centre crop, RGB
 :func:`extract` encodes a dataset at scale: each image once (the original encoded a COCO image
 once per caption), decoded in DataLoader workers, batched, fp16/bf16 on GPU; bad images are
 skipped and reported, never encoded as zeros; output goes to a :mod:`clipcap.store` shard by
-shard, so a killed run resumes, and torchrun ranks split the shards.
+shard, so a killed run resumes (a rerun of another job is refused), and torchrun ranks split the shards.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import resnet_clip, store as feature_store
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, open_regular, remove_stale_temp_files
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
 OPENAI_CHECKPOINTS = {
@@ -46,6 +48,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Pillow's own decompression-bomb limit (~89 Mpx); larger images are skipped, not decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# Preprocess resizes an image whole while its long side becomes at most this many crops wide.
+MAX_RESIZE_RATIO = 8
 
 
 def load_image(source: str | Path | IO[bytes], name: str | None = None,
@@ -61,7 +65,8 @@ def load_image(source: str | Path | IO[bytes], name: str | None = None,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            file = open_regular(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
+            with file as f, Image.open(f) as image:
                 if image.width * image.height > max_pixels:
                     raise ClipCapError(f"{name}: {image.width}x{image.height} image is over the "
                                        f"{max_pixels:,}-pixel limit")
@@ -101,13 +106,25 @@ class Preprocess:
     std: tuple[float, float, float] = CLIP_STD
 
     def crop(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 [3, crop, crop], with torchvision's size and offset rounding."""
+        """RGB PIL image -> uint8 [3, crop, crop], with torchvision's size and offset rounding.
+
+        An image so elongated that resizing it whole would take over ``MAX_RESIZE_RATIO`` times
+        the crop (a 65000x1 PNG would need gigabytes) has only the span the centre crop keeps
+        resized; every other image is resized whole, exactly as torchvision does.
+        """
         w, h = image.size
         if min(w, h) != self.size:
             short, long = (w, h) if w <= h else (h, w)
             new_long = int(self.size * long / short)
-            image = image.resize((self.size, new_long) if w <= h else (new_long, self.size),
-                                 Image.Resampling.BICUBIC)
+            if new_long <= MAX_RESIZE_RATIO * max(self.size, self.crop_size):
+                image = image.resize((self.size, new_long) if w <= h else (new_long, self.size),
+                                     Image.Resampling.BICUBIC)
+            else:  # the crop's span of the resized image, from the same span of the original
+                start, scale = int(round((new_long - self.crop_size) / 2.0)), long / new_long
+                span = (start * scale, (start + self.crop_size) * scale)
+                box = (0, span[0], w, span[1]) if w <= h else (span[0], 0, span[1], h)
+                image = image.resize((self.size, self.crop_size) if w <= h else (self.crop_size, self.size),
+                                     Image.Resampling.BICUBIC, box=box)
             w, h = image.size
         if w < self.crop_size or h < self.crop_size:  # only when crop_size > size, as torchvision pads
             padded = Image.new("RGB", (max(w, self.crop_size), max(h, self.crop_size)))
@@ -216,8 +233,8 @@ class ImageItem:
 
     def open(self) -> IO[bytes]:
         if self.span is None:
-            return open(self.path, "rb")
-        with open(self.path, "rb") as f:
+            return open_regular(self.path)
+        with open_regular(self.path) as f:
             f.seek(self.span[0])
             return io.BytesIO(f.read(self.span[1]))
 
@@ -229,6 +246,7 @@ class Shard:
     name: str
     list_items: Callable[[], tuple[list[ImageItem], list[tuple[str, str]]]]  # items, and (path, reason) skipped
     size: int | None = None  # images expected, for the progress bar
+    fingerprint: str = ""  # what defines its images, known before they are listed (see extract's resume check)
 
 
 class _Images(Dataset):
@@ -296,26 +314,62 @@ def _distributed() -> tuple[int, int, int, int]:
     return int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
 
 
-def _check_job(store: Path, clip_model: str) -> None:
-    """A rerun must resume with the CLIP that the finished shards were made with."""
-    path = store / "job.json"
+def clip_fingerprint(name: str) -> str | None:
+    """A local CLIP directory's files by name, size and time (its weights and preprocessing); None for a hub name."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        info = path.stat()
+        h.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+    if key == "shards":
+        before, now = before or {}, now or {}
+        if list(before) != list(now):
+            return f"{len(before)} shards, not {len(now)}" if len(before) != len(now) else "other shard names"
+        changed = [name for name in now if before[name] != now[name]]
+        return f"other images in shard {changed[0]}" + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+    if key == "clip_model":
+        return f"CLIP {before}, not {now}"
+    if key == "clip_files":
+        return "other files in its CLIP directory (weights or preprocessing changed)"
+    return f"{key} {before!r}, not {now!r}"
+
+
+def _check_job(store: Path, job: dict[str, Any]) -> None:
+    """A rerun resumes only the job that the finished shards were made by: same images, shards, CLIP, dtype.
+
+    ``job`` records what defines each shard's contents; any difference is refused, naming it,
+    since the finished shards would otherwise be kept for images they do not hold.
+    """
+    path, job = store / "job.json", json.loads(json.dumps(job))  # as it reads back
     if path.is_file():
-        before = json.loads(path.read_text())["clip_model"]
-        if before != clip_model:
-            raise ClipCapError(f"{store}: was started with CLIP {before}, not {clip_model}; "
-                               "delete it or choose another output")
+        before = json.loads(path.read_text())
+        keys = [key for key in dict.fromkeys([*job, *before]) if before.get(key) != job.get(key)]
+        if "clip_model" in keys and "clip_files" in keys:  # another CLIP has other files: say so once
+            keys.remove("clip_files")
+        differences = [_difference(key, before.get(key), job.get(key)) for key in keys]
+        if differences:
+            raise ClipCapError(f"{store}: was started with {'; '.join(differences)}; rerun with the same "
+                               f"arguments, or delete {store} to start over")
         return
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps({"clip_model": clip_model}) + "\n")
+        tmp.write_text(json.dumps(job) + "\n")
 
 
 def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B/32", *,
             device: str | torch.device | None = None, dtype: torch.dtype | None = None, batch_size: int = 256,
             num_workers: int | None = None, max_pixels: int = MAX_PIXELS, meta: dict[str, Any] | None = None,
-            ) -> int | None:
+            settings: dict[str, Any] | None = None) -> int | None:
     """Encode every shard's images once into the feature store ``store``; returns the number skipped.
 
-    Resumable: finished shards are kept and skipped on a rerun. Under torchrun each rank takes
+    Resumable: finished shards are kept and skipped on a rerun of the same job (the shards'
+    fingerprints, CLIP, dtype, pixel limit and ``settings``, e.g. the flags that made the shards);
+    another job is refused. Under torchrun each rank takes
     every WORLD_SIZE-th shard and writes its own; after a barrier rank 0 merges the index (other
     ranks return None). The store is the same whatever the number of processes or interruptions.
     """
@@ -331,7 +385,12 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         if num_workers is None:
             num_workers = max(1, min(8, (os.cpu_count() or 1) // local_world - 1))
-        _check_job(store, clip_model)
+        dtype = dtype or default_dtype(torch.device(device))
+        _check_job(store, {"clip_model": clip_model, "clip_files": clip_fingerprint(clip_model),
+                           "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels, **(settings or {}),
+                           "shards": {s.name: s.fingerprint for s in shards}})
+        for folder in (store, store / feature_store.SHARD_DIR):  # what killed runs left
+            remove_stale_temp_files(folder)
         mine = [s for k, s in enumerate(shards) if k % world == rank and not feature_store.shard_done(store, s.name)]
         if mine:
             encoder = load_image_encoder(clip_model, device, dtype)
@@ -384,8 +443,10 @@ def extract_to(shards: Sequence[Shard], out: str | Path, args: argparse.Namespac
     if not args.feature_store and out.exists() and not work.exists():
         raise ClipCapError(f"{out}: already exists from a finished run; delete it to encode the images again")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    skipped = extract(shards, work, args.clip_model_type, device=args.device, dtype=dtype,
-                      batch_size=args.batch_size, num_workers=args.num_workers, max_pixels=args.max_pixels, meta=meta)
+    remove_stale_temp_files(out.parent)  # a killed run's half-written pickle
+    skipped = extract(shards, work, args.clip_model_type, device=args.device, dtype=dtype, batch_size=args.batch_size,
+                      num_workers=args.num_workers, max_pixels=args.max_pixels, meta=meta,
+                      settings={"shard_size": args.shard_size, **meta})
     if skipped is None:
         return None
     meta = feature_store.read_meta(work)

@@ -4,33 +4,104 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 
 class ClipCapError(Exception):
     """A user-facing problem (bad file, bad flag); scripts print it as one line, no traceback."""
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+# atomic_write's temporary files: ``.NAME.RANDOM.pidPID-HOST.tmp``, so that a later run can tell
+# the leftovers of a killed writer (dead pid on this host) from the files of a live one.
+_TEMP_FILE = re.compile(r"^\..+\.pid(\d+)-([A-Za-z0-9-]*)\.tmp$")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A crash mid-write leaves the previous file (or none), never a half-written one.
+    A crash mid-write leaves the previous file (or none), never a half-written one: the file is
+    fsynced before the rename and its folder after it, so a power cut cannot undo or truncate it.
+    A killed process leaves its temporary file; :func:`remove_stale_temp_files` clears those.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".pid{os.getpid()}-{_host()}.tmp")
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual mode
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # some file systems cannot sync a directory
+            _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a pid reused since counts as alive: kept, not lost)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``; returns them.
+
+    Only files of processes of this host that are no longer alive go: a concurrent writer's
+    (another rank, another job on a shared disk) is kept.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        match = _TEMP_FILE.match(name)
+        if match and match[2] == _host() and not process_alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):  # another process cleaning the same folder
+                os.unlink(Path(folder) / name)
+                removed.append(Path(folder) / name)
+    return removed
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """Open a file for binary reading, refusing what is not a regular file (a FIFO would block forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO without a writer must not wait
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise ClipCapError(f"{path}: not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_json(path: Path, what: str = "annotations") -> Any:

@@ -15,6 +15,7 @@ captions; :func:`clipcap.features.extract` encodes them. Readers list files, the
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tarfile
@@ -22,13 +23,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .features import ImageItem, Shard
-from .files import ClipCapError, atomic_write, read_json
+from .files import ClipCapError, atomic_write, open_regular, read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Karpathy split names, and what each of our --split values takes from them.
 KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",),
                    "trainval": ("train", "restval", "val")}
 CONCEPTUAL_TSV = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
 def _present(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
@@ -39,18 +44,33 @@ def _present(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, s
 
 
 def chunked(items: list[ImageItem], shard_size: int) -> list[Shard]:
-    """Fixed-size shards of an image list known up front, named by position; missing files are skipped."""
+    """Fixed-size shards of an image list known up front, named by position, fingerprinted by their images;
+    missing files are skipped."""
     parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
-    return [Shard(f"{k:05d}", lambda part=part: _present(part), len(part)) for k, part in enumerate(parts)]
+    return [Shard(f"{k:05d}", lambda part=part: _present(part), len(part),
+                  _digest([(item.image_id, item.path, item.span, item.captions) for item in part]))
+            for k, part in enumerate(parts)]
 
 
 # --------------------------------------------------------------------------- COCO
 
 
-def coco_image_path(images_root: Path, image_id: int) -> Path:
-    """The original's lookup: ``train2014/COCO_train2014_{id:012d}.jpg``, else the ``val2014`` one."""
-    path = images_root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg"
-    return path if path.is_file() else images_root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg"
+def coco_image_path(images_root: Path, image_id: int, listed: Path | None = None) -> Path:
+    """The first file that exists of: the ``listed`` path, the original's lookup
+    ``train2014/COCO_train2014_{id:012d}.jpg``, the ``val2014`` one; if none does, the first
+    of them, so that a missing image is reported where the annotations put it."""
+    candidates = [images_root / "train2014" / f"COCO_train2014_{image_id:012d}.jpg",
+                  images_root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg"]
+    if listed is not None:
+        candidates.insert(0, listed)
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def _captions(captions: list[dict[str, Any]], dropped: list[int]) -> list[dict[str, Any]]:
+    """The non-empty ones (train.py refuses empty captions); ``dropped`` counts the others."""
+    kept = [c for c in captions if isinstance(c["caption"], str) and c["caption"].strip()]
+    dropped[0] += len(captions) - len(kept)
+    return kept
 
 
 def coco_images(annotations: str | Path, images_root: str | Path, split: str = "train",
@@ -66,21 +86,21 @@ def coco_images(annotations: str | Path, images_root: str | Path, split: str = "
         if split not in KARPATHY_SPLITS:
             raise ClipCapError(f"{annotations}: unknown split {split!r} (choose from {', '.join(KARPATHY_SPLITS)})")
         wanted = set(KARPATHY_SPLITS[split]) - ({"restval"} if split != "restval" and not include_restval else set())
-        images = []
+        images, dropped = [], [0]
         for i, image in enumerate(data["images"]):
             try:
                 if image["split"] not in wanted:
                     continue
-                path = images_root / image["filepath"] / image["filename"]
-                images.append({"id": int(image["cocoid"]),
-                               "path": path if path.is_file() else coco_image_path(images_root, int(image["cocoid"])),
-                               "captions": [{"caption": s["raw"], "id": s.get("sentid", j)}
-                                            for j, s in enumerate(image["sentences"])]})
+                listed = images_root / image["filepath"] / image["filename"]
+                images.append({"id": int(image["cocoid"]), "path": coco_image_path(images_root, int(image["cocoid"]), listed),
+                               "captions": _captions([{"caption": s["raw"], "id": s.get("sentid", j)}
+                                                      for j, s in enumerate(image["sentences"])], dropped)})
             except (KeyError, TypeError, ValueError) as e:
                 raise ClipCapError(f"{annotations}: image entry {i} lacks {e} (Karpathy format: filepath, "
                                    "filename, cocoid, split, sentences)") from None
         if not images:
             raise ClipCapError(f"{annotations}: no image in split {split!r}")
+        _report_dropped(annotations, dropped[0])
         return images
     if not isinstance(data, list):
         raise ClipCapError(f"{annotations}: expected Karpathy's dataset_coco.json or a list of "
@@ -93,9 +113,17 @@ def coco_images(annotations: str | Path, images_root: str | Path, split: str = "
         except (KeyError, TypeError, ValueError):
             raise ClipCapError(f"{annotations}: entry {i} needs an integer 'image_id' and a 'caption'") from None
         by_id.setdefault(image_id, {"id": image_id, "path": None, "captions": []})["captions"].append(caption)
+    dropped = [0]
     for image in by_id.values():
         image["path"] = coco_image_path(images_root, image["id"])
+        image["captions"] = _captions(image["captions"], dropped)
+    _report_dropped(annotations, dropped[0])
     return list(by_id.values())
+
+
+def _report_dropped(annotations: Path, dropped: int) -> None:
+    if dropped:
+        print(f"{annotations}: dropped {dropped} empty captions")
 
 
 def coco_shards(images: list[dict[str, Any]], shard_size: int = 10_000) -> list[Shard]:
@@ -181,13 +209,13 @@ def _read_tar(path: Path) -> tuple[list[ImageItem], list[tuple[str, str]]]:
     """A webdataset shard's images (by byte span, read later) and captions (read now)."""
     items, skipped, spans, texts = [], [], {}, {}
     try:
-        with tarfile.open(path) as tar:
+        with open_regular(path) as f, tarfile.open(fileobj=f) as tar:
             for member in tar:
                 if member.isfile():
                     spans[member.name] = (member.offset_data, member.size)
                     if member.name.endswith(".txt"):
                         texts[member.name] = tar.extractfile(member).read().decode("utf-8", "replace")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, ClipCapError) as e:
         skipped.append((str(path), f"archive unreadable after {len(spans)} members ({e}); the rest is skipped"))
     for key, members in _grouped(spans).items():
         ext = _image_extension(members)
@@ -209,10 +237,15 @@ def _read_folder(folder: Path) -> tuple[list[ImageItem], list[tuple[str, str]]]:
         ext = _image_extension(members)
         if ext is None:
             continue
-        caption = (folder / members[".txt"]).read_text(encoding="utf-8", errors="replace") \
-            if ".txt" in members else ""
+        caption, reason = "", "no caption (.txt)"
+        if ".txt" in members:
+            try:
+                with open_regular(folder / members[".txt"]) as f:
+                    caption = f.read().decode("utf-8", "replace")
+            except (OSError, ClipCapError) as e:  # a FIFO would block the whole job
+                reason = f"caption unreadable ({e})"
         if not _nonempty(caption):
-            skipped.append((str(folder / members[ext]), "no caption (.txt)"))
+            skipped.append((str(folder / members[ext]), reason))
             continue
         items.append(ImageItem(key, [add_period(caption)], str(folder / members[ext])))
     return items, skipped
@@ -250,13 +283,14 @@ def conceptual_shards(images: str | Path, tsv: str | Path | None = None, shard_s
     if not images.is_dir():
         raise ClipCapError(f"{images}: image folder not found")
     tars = sorted(images.glob("*.tar"))
+    # A tar's or folder's images are listed only when it is processed: fingerprinted by its size and time.
     if tars:
-        return [Shard(t.stem, lambda t=t: _read_tar(t), _expected_images(t.with_name(f"{t.stem}_stats.json")))
-                for t in tars]
+        return [Shard(t.stem, lambda t=t: _read_tar(t), _expected_images(t.with_name(f"{t.stem}_stats.json")),
+                      _digest(t.stat().st_size, t.stat().st_mtime_ns)) for t in tars]
     folders = sorted(p for p in images.iterdir() if p.is_dir())
     if folders:
-        return [Shard(f.name, lambda f=f: _read_folder(f), _expected_images(images / f"{f.name}_stats.json"))
-                for f in folders]
+        return [Shard(f.name, lambda f=f: _read_folder(f), _expected_images(images / f"{f.name}_stats.json"),
+                      _digest(f.stat().st_mtime_ns)) for f in folders]
     if tsv is None or not Path(tsv).is_file():
         raise ClipCapError(f"{images}: no *.tar shards or img2dataset folders, and no TSV "
                            f"({tsv}) for the original's {{row:08d}}.jpg layout")
@@ -264,7 +298,8 @@ def conceptual_shards(images: str | Path, tsv: str | Path | None = None, shard_s
     with open(tsv, encoding="utf-8", newline="") as f:
         captions = [row[0] if row else "" for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     return [Shard(f"{k:05d}", lambda r=range(start, min(start + shard_size, len(captions))):
-                  _read_tsv_rows(tsv, images, r, captions), min(shard_size, len(captions) - start))
+                  _read_tsv_rows(tsv, images, r, captions), min(shard_size, len(captions) - start),
+                  _digest(str(images), start, captions[start:start + shard_size]))
             for k, start in enumerate(range(0, len(captions), shard_size))]
 
 
@@ -402,22 +437,12 @@ def caption_images(source: str | Path, split: str | None = None) -> tuple[list[t
     return [(name, name, captions) for name, captions in _table_images(source, layout)], source.parent
 
 
-def _existing(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
-    """The items whose image file exists, and a skip reason for each of the others."""
-    found, missing = [], []
-    for item in items:
-        (found if Path(item.path).is_file() else missing).append(item)
-    return found, [(item.path, "image file not found") for item in missing]
-
-
 def caption_shards(source: str | Path, images_root: str | Path | None = None, split: str | None = None,
                    shard_size: int = 10_000) -> list[Shard]:
     """Shards of a source in one of the layouts above; missing image files are skipped and reported."""
     images, root = caption_images(source, split)
     root = Path(images_root) if images_root is not None else root
-    items = [ImageItem(image_id, captions, str(root / name)) for image_id, name, captions in images]
-    parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
-    return [Shard(f"{k:05d}", lambda part=part: _existing(part), len(part)) for k, part in enumerate(parts)]
+    return chunked([ImageItem(image_id, captions, str(root / name)) for image_id, name, captions in images], shard_size)
 
 
 def caption_references(source: str | Path, split: str | None = None) -> dict[Any, list[str]] | None:

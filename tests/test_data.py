@@ -1,6 +1,10 @@
 """Reading the original's feature pickle, the token cache, and per-batch padding."""
 import os
 import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from clipcap.model import load_tokenizer
 from clipcap.tiny import train_tokenizer
 
 from conftest import caption_corpus, write_feature_pickle
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_reads_original_pickle_and_upcasts_fp16(tmp_path):
@@ -142,3 +148,44 @@ def test_padding_is_ignored_and_exclamation_mark_is_learned(gpt2_dir):
     other_end = caption.clone()
     other_end[0, -1] = tokenizer.encode(".")[0]
     assert not torch.isclose(model.loss(clip, other_end, torch.tensor([n])), base)
+
+
+def test_token_cache_of_a_read_only_data_folder_goes_to_the_user_cache(tmp_path):
+    # chmod stops no write by root: as root the folder is made read-only by a bind mount in a
+    # private mount namespace instead. The script first proves that it cannot write there.
+    data, cache_home = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    write_feature_pickle(data / "train.pkl", [["a dog on a bench.", "a cat."], ["a cow."]])
+    script = f"""
+from pathlib import Path
+from clipcap.data import load_features, tokenize_captions, tokens_cache_path
+from clipcap.tiny import train_tokenizer
+data = Path({str(data)!r})
+try:
+    (data / "probe").write_text("")
+    raise SystemExit("the data folder is writable: the test proves nothing")
+except OSError:
+    pass
+tokenizer = train_tokenizer(["a dog on a bench.", "a cat.", "a cow."] * 5, vocab_size=300)
+cache = tokens_cache_path(data / "train.pkl")
+ids, _ = tokenize_captions(load_features(data / "train.pkl").captions, tokenizer, cache)
+assert cache.is_file() and len(ids) > 0
+"""
+    command = [sys.executable, "-c", script]
+    if os.geteuid() == 0:
+        read_only = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(data)]
+        if shutil.which("unshare") is None or subprocess.run([*read_only, "true"]).returncode != 0:
+            pytest.skip("running as root without mount namespaces: no way to make a folder read-only")
+        command = [*read_only, *command]
+    else:
+        data.chmod(0o555)
+    try:
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    finally:
+        data.chmod(0o755)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    cached = list((cache_home / "clipcap" / "tokens").glob("train_*_tokens.npz"))
+    assert len(cached) == 1
+    assert f"{data} is not writable: caption tokens cached in {cached[0]}" in run.stdout
+    assert sorted(p.name for p in data.iterdir()) == ["train.pkl"]

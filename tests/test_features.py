@@ -17,10 +17,12 @@ from skimage import data as photos
 from transformers import CLIPImageProcessorPil, CLIPModel
 
 from clipcap import features as features_module
-from clipcap import store
+from clipcap import files, store
 from clipcap.features import ImageItem, Preprocess, Shard, extract, load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.store import load_store
+
+from test_files import dead_pid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,11 +196,18 @@ def test_killed_extraction_resumes_and_equals_an_uninterrupted_run(clip_dir, tmp
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
-def test_resuming_with_another_clip_is_refused(clip_dir, tmp_path):
+def test_resuming_another_job_is_refused_naming_what_differs(clip_dir, tmp_path):
     paths, _ = odd_images(tmp_path / "images")
-    extract(shards_of(paths[:2], 1)[:1], tmp_path / "store", clip_dir, num_workers=0)
-    with pytest.raises(ClipCapError, match="was started with CLIP"):  # refused before any download
-        extract(shards_of(paths[:2], 1), tmp_path / "store", "ViT-L/14", num_workers=0)
+    shards = shards_of(paths[:2], 1)
+    extract(shards, tmp_path / "store", clip_dir, num_workers=0)
+    with pytest.raises(ClipCapError, match="was started with CLIP .*, not ViT-L/14; rerun with the same arguments, "
+                                           "or delete .*store to start over"):  # refused before any download
+        extract(shards, tmp_path / "store", "ViT-L/14", num_workers=0)
+    with pytest.raises(ClipCapError, match="dtype 'float32', not 'bfloat16'"):
+        extract(shards, tmp_path / "store", clip_dir, num_workers=0, dtype=torch.bfloat16)
+    with pytest.raises(ClipCapError, match="max_pixels"):
+        extract(shards, tmp_path / "store", clip_dir, num_workers=0, max_pixels=1000)
+    extract(shards, tmp_path / "store", clip_dir, num_workers=0)  # the same job: resumes (nothing left to do)
 
 
 def test_torchrun_two_processes_give_the_features_of_one(clip_dir, tmp_path, monkeypatch):
@@ -223,3 +232,81 @@ def test_torchrun_two_processes_give_the_features_of_one(clip_dir, tmp_path, mon
                        rtol=2e-3, atol=2e-3)
     writers = {pq.read_schema(p).metadata[b"clipcap.written_by"] for p in (tmp_path / "two" / "shards").glob("*.parquet")}
     assert writers == {b"rank 0/2", b"rank 1/2"}
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (300, 300), (1000, 250), (250, 1000), (1791, 224),
+                                  (1600, 200), (200, 1600), (50, 30)])
+def test_ordinary_aspect_ratios_are_resized_whole_as_torchvision(size):
+    # Up to MAX_RESIZE_RATIO crops wide the image is resized whole: bit for bit the reference.
+    image = Image.fromarray(photos.astronaut()).resize(size)
+    resized = openai_processor(do_center_crop=False, do_normalize=False, do_rescale=False)(
+        image, return_tensors="pt")["pixel_values"][0]
+    top, left = (int(round((n - 224) / 2.0)) for n in resized.shape[-2:])
+    assert torch.equal(Preprocess().crop(image), resized[:, top:top + 224, left:left + 224].round().to(torch.uint8))
+
+
+@pytest.mark.parametrize("size", [(3000, 150), (150, 3000)])
+def test_elongated_images_resize_only_the_span_the_crop_keeps(size):
+    image = Image.fromarray(photos.astronaut()).resize(size)
+    resized = openai_processor(do_center_crop=False, do_normalize=False, do_rescale=False)(
+        image, return_tensors="pt")["pixel_values"][0]
+    top, left = (int(round((n - 224) / 2.0)) for n in resized.shape[-2:])
+    expected = resized[:, top:top + 224, left:left + 224]
+    assert (Preprocess().crop(image).float() - expected).abs().max() <= 2  # the same pixels, resampled alike
+
+
+def test_a_tiny_very_wide_image_takes_little_memory(tmp_path):
+    # 65000x1 PNG (a few hundred bytes): resized whole to 224 px high it would need over 10 GB.
+    Image.new("RGB", (65000, 1), (200, 10, 10)).save(tmp_path / "wide.png")
+    assert (tmp_path / "wide.png").stat().st_size < 1000
+    script = f"""
+import resource
+from clipcap.features import Preprocess, load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))  # a blow-up fails here, not the machine
+pixels = Preprocess().crop(load_image({str(tmp_path / "wide.png")!r}))
+assert tuple(pixels.shape) == (3, 224, 224) and pixels[:, 100, 100].tolist() == [200, 10, 10], pixels.shape
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout) < 200  # MB more than the imports took
+
+
+class unblock_after:
+    """Open ``fifo`` for writing after ``seconds``, so that a reader stuck on it returns: a hang becomes a failure."""
+
+    def __init__(self, fifo, seconds=30):
+        import threading
+        self.timer = threading.Timer(seconds, lambda: os.close(os.open(fifo, os.O_WRONLY)))
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.timer.start()
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    with unblock_after(fifo), pytest.raises(ClipCapError, match=r"x\.jpg: not a regular file \(a FIFO\)"):
+        load_image(fifo)
+    with unblock_after(fifo), pytest.raises(ClipCapError, match="not a regular file"):
+        ImageItem(0, ["a caption"], str(fifo)).open()
+    with pytest.raises(ClipCapError, match="not a regular file"):
+        load_image(tmp_path)
+
+
+def test_extraction_removes_what_killed_runs_left(clip_dir, tmp_path):
+    paths, _ = odd_images(tmp_path / "images")
+    stale = tmp_path / "store" / "shards" / f".000.npy.abc.pid{dead_pid()}-{files._host()}.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
+    extract(shards_of(paths[:2], 1), tmp_path / "store", clip_dir, num_workers=0)
+    assert not stale.exists() and len(load_store(tmp_path / "store")) == 4

@@ -116,7 +116,7 @@ def test_parse_captions_reads_every_layout(layout, tmp_path, clip_dir, capsys):
         expected_embedding = encoder([load_image(root / names[image_id])])[0].half().float()
         torch.testing.assert_close(features.embedding(int(row)), expected_embedding, rtol=2e-3, atol=2e-3)
     report = (tmp_path / "features_skipped.tsv").read_text().splitlines()
-    assert report == [f"{root / MISSING}\timage file not found"]
+    assert report == [f"{root / MISSING}\tnot downloaded"]
     assert f"{len(expected)} images" in capsys.readouterr().out
 
     # The same file is the evaluation references: every image it lists, found or not.

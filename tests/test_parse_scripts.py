@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import runpy
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -14,9 +16,10 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+from clipcap import store
 from clipcap.data import load_features, load_original_pickle
 from clipcap.features import load_image, load_image_encoder
-from clipcap.sources import add_period
+from clipcap.sources import add_period, conceptual_shards
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"]
@@ -237,3 +240,97 @@ def test_parse_nocaps_names_a_file_that_is_not_coco_format(coco, tmp_path, monke
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (f"error: {coco / 'dataset_coco.json'}: expected a COCO-format "
                                                "captions file ('images' and 'annotations' lists)")
+
+def test_killed_parse_coco_resumes_only_the_same_job(coco, clip_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "train.pkl"
+    args = ["--annotations", coco / "dataset_coco.json", "--images_root", coco, "--clip_model_type", clip_dir,
+            "--out_path", out, "--num_workers", 0]
+    write_table = store.pq.write_table
+
+    def killed_at_second_shard(table, where, **kwargs):
+        if ".00001.parquet" in str(where):
+            raise KeyboardInterrupt
+        write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(store.pq, "write_table", killed_at_second_shard)
+    with pytest.raises(SystemExit) as exit_:
+        run_script("parse_coco.py", *args, "--shard_size", 2, monkeypatch=monkeypatch)
+    assert exit_.value.code == 130
+    monkeypatch.setattr(store.pq, "write_table", write_table)
+    capsys.readouterr()
+
+    def refused(*more) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            run_script("parse_coco.py", *args, *more, monkeypatch=monkeypatch)
+        assert exit_.value.code == 2 and not out.exists()
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "rerun with the same arguments, or delete" in error
+        return error
+
+    assert "was started with shard_size 2, not 3; other images in shard 00000 and 1 more" in refused("--shard_size", 3)
+    assert "was started with split 'train', not 'trainval'" in refused("--shard_size", 2, "--split", "trainval")
+    original = (coco / "dataset_coco.json").read_text()
+    (coco / "dataset_coco.json").write_text(original.replace("chelsea number 0", "an edited caption"))  # edited since
+    assert "was started with other images in shard 00001" in refused("--shard_size", 2)
+    (coco / "dataset_coco.json").write_text(original)
+
+    run_script("parse_coco.py", *args, "--shard_size", 2, monkeypatch=monkeypatch)  # the same job: resumes
+    features = load_original_pickle(out)
+    assert sorted(set(features.image_ids)) == [1, 2, 3] and len(features) == 15
+    assert "3 images, 15 captions; 1 images skipped" in capsys.readouterr().out
+
+
+def parse_coco_with(coco, clip_dir, tmp_path, monkeypatch, edit) -> Path:
+    """parse_coco.py on the fixture's train split after ``edit`` of its annotations; returns the pickle."""
+    data = json.loads((coco / "dataset_coco.json").read_text())
+    edit(data["images"])
+    (tmp_path / "dataset.json").write_text(json.dumps(data))
+    run_script("parse_coco.py", "--annotations", tmp_path / "dataset.json", "--images_root", coco,
+               "--clip_model_type", clip_dir, "--out_path", tmp_path / "train.pkl", "--num_workers", 0,
+               monkeypatch=monkeypatch)
+    return tmp_path / "train.pkl"
+
+
+def test_parse_coco_drops_empty_captions(coco, clip_dir, tmp_path, monkeypatch, capsys):
+    def empty_two(images):
+        images[0]["sentences"][1]["raw"] = ""
+        images[2]["sentences"][3]["raw"] = "  "
+
+    features = load_original_pickle(parse_coco_with(coco, clip_dir, tmp_path, monkeypatch, empty_two))
+    assert len(features) == 13 and all(c.strip() for c in features.captions)  # what train.py accepts
+    assert f"{tmp_path / 'dataset.json'}: dropped 2 empty captions" in capsys.readouterr().out
+
+
+def test_parse_coco_reports_a_missing_image_where_it_is_listed(coco, clip_dir, tmp_path, monkeypatch):
+    def add_missing(images):
+        images.append({"filepath": "train2014", "filename": "COCO_train2014_000000000077.jpg", "cocoid": 77,
+                       "split": "train", "sentences": [{"raw": "never downloaded", "sentid": 770}]})
+
+    parse_coco_with(coco, clip_dir, tmp_path, monkeypatch, add_missing)
+    report = (tmp_path / "train_skipped.tsv").read_text()
+    assert f"{coco}/train2014/COCO_train2014_000000000077.jpg\t" in report and "val2014" not in report
+
+
+def test_webdataset_shards_are_fingerprinted_by_size_and_time(tmp_path):
+    webdataset = conceptual_layouts(tmp_path)["webdataset"][0]
+    before = [s.fingerprint for s in conceptual_shards(webdataset)]
+    with tarfile.open(webdataset / "00001.tar", "a") as tar:
+        tar.addfile(tarfile.TarInfo("extra.txt"), io.BytesIO())
+    after = [s.fingerprint for s in conceptual_shards(webdataset)]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_parse_conceptual_skips_fifos_instead_of_waiting_on_them(clip_dir, tmp_path):
+    layouts = conceptual_layouts(tmp_path)
+    files, webdataset = layouts["files"][0], layouts["webdataset"][0]
+    (files / "00000" / "000000002.txt").unlink()
+    os.mkfifo(files / "00000" / "000000002.txt")  # a caption nobody will ever write
+    os.mkfifo(webdataset / "00002.tar")
+    for layout, images in (("files", files), ("webdataset", webdataset)):
+        out = tmp_path / f"{layout}.pkl"
+        run = subprocess.run([sys.executable, "parse_conceptual.py", "--split", "val", "--images", str(images),
+                              "--clip_model_type", clip_dir, "--out_path", str(out), "--num_workers", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        report = (tmp_path / f"{layout}_skipped.tsv").read_text()
+        assert "not a regular file (a FIFO)" in report, report
