@@ -21,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.data import max_caption_length
 from clipcap.model import ClipCap, ClipCapConfig
+from clipcap.reference import original_logits
 from clipcap.training import make_optimizer
 
 MODES = {
@@ -47,7 +48,7 @@ def original_step(model: ClipCap, optimizer, clip, tokens_global, lengths) -> fl
     """Global padding, a mask, full logits, ignore_index=0; GPT-2 keeps requires_grad in prefix-only mode."""
     k = model.config.prefix_length
     mask = torch.cat((torch.ones(len(lengths), k), (torch.arange(tokens_global.shape[1])[None] < lengths[:, None]).float()), 1)
-    logits = model(clip, tokens_global, attention_mask=mask)[:, k - 1:-1]
+    logits = original_logits(model, clip, tokens_global, mask)[:, k - 1:-1]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens_global.flatten(), ignore_index=0)
     loss.backward()
     optimizer.step()
@@ -55,8 +56,13 @@ def original_step(model: ClipCap, optimizer, clip, tokens_global, lengths) -> fl
     return float(loss.detach())
 
 
+def real_positions(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the real tokens, as clipcap.data.Batch carries them."""
+    return (torch.arange(tokens.shape[1])[None] < lengths[:, None]).flatten().nonzero()[:, 0]
+
+
 def our_step(model: ClipCap, optimizer, clip, tokens, lengths) -> float:
-    loss = model.loss(clip, tokens, lengths)
+    loss = model(clip, tokens, real_positions(tokens, lengths))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -97,9 +103,9 @@ def main() -> None:
             theirs.eval(), ours.eval()
             k = theirs.config.prefix_length
             mask = torch.cat((torch.ones(args.bs, k), (torch.arange(tokens.shape[1])[None] < lengths[:, None]).float()), 1)
-            logits = theirs(clip, tokens, attention_mask=mask)[:, k - 1:-1]
+            logits = original_logits(theirs, clip, tokens, mask)[:, k - 1:-1]
             loss_theirs = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.flatten(), ignore_index=0)
-            loss_ours = ours.loss(clip, tokens[:, :int(lengths.max())], lengths)
+            loss_ours = ours(clip, tokens[:, :int(lengths.max())], real_positions(tokens[:, :int(lengths.max())], lengths))
             theirs.train(), ours.train()
         opt_theirs = torch.optim.AdamW([p for n, p in theirs.named_parameters()
                                         if not (theirs.config.only_prefix and n.startswith("gpt."))], lr=2e-5, eps=1e-6)

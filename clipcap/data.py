@@ -12,7 +12,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -190,11 +190,20 @@ def max_caption_length(lengths: np.ndarray, limit: int | None = None) -> int:
     return max(1, min(length, limit) if limit is not None else length)
 
 
+class Batch(NamedTuple):
+    """Captions right-padded with zeros to the longest: tokens [B, T], lengths [B], CLIP embeddings
+    [B, D], and the flat indices of the real tokens in ``tokens`` (what ``ClipCap`` needs for its loss)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    embeddings: torch.Tensor
+    positions: torch.Tensor
+
+
 class CaptionDataset(Dataset):
     """Captions as GPT-2 ids with their CLIP embeddings, fetched a whole batch at a time.
 
-    ``dataset[indices]`` gives the batch of those captions, right-padded with zeros to its
-    longest: (tokens [B, T], lengths [B], embeddings [B, D]). One vectorised gather per batch
+    ``dataset[indices]`` gives the :class:`Batch` of those captions. One vectorised gather per batch
     instead of one Python call per caption; a DataLoader fetches it that way with
     ``batch_size=None`` and a sampler of index lists. Captions are truncated by the original's rule.
     """
@@ -211,7 +220,7 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
-    def __getitem__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, indices: Sequence[int]) -> Batch:
         captions = np.asarray(indices, dtype=np.int64)
         starts = self.offsets[captions]
         lengths = np.minimum(self.offsets[captions + 1] - starts, self.max_length)
@@ -219,4 +228,5 @@ class CaptionDataset(Dataset):
         real = columns < lengths[:, None]
         tokens = np.where(real, self.ids[np.where(real, starts[:, None] + columns, 0)], 0).astype(np.int64)
         embeddings = self.features.embeddings_at(self.features.image_index[captions])
-        return torch.from_numpy(tokens), torch.from_numpy(lengths), embeddings
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(lengths), embeddings,
+                     torch.from_numpy(np.flatnonzero(real)))

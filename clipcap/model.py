@@ -171,38 +171,24 @@ class ClipCap(nn.Module):
     def clip_project_dtype(self) -> torch.dtype:
         return next(self.clip_project.parameters()).dtype
 
-    def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, K + T, V] over prefix and caption positions, as the original returns them."""
-        embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
-        return self.gpt(inputs_embeds=embeds, attention_mask=attention_mask).logits
-
-    def loss(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-             reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy over the real caption tokens of a right-padded batch (mean or sum).
+    def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, K + T, V] over the prefix and the caption; or, given ``positions`` (the flat
+        indices of the real tokens of a right-padded batch: :attr:`clipcap.data.Batch.positions`),
+        the next-token cross-entropy of those tokens.
 
         Right padding needs no attention mask under causal attention, and the vocabulary
-        projection runs only at the positions that predict a real token.
+        projection runs only where a real token is predicted. The positions come from the CPU, so
+        nothing is read back from the device and a GPU step is queued without waiting.
         """
-        positions = real_token_positions(lengths, tokens.shape[1]).to(tokens.device, non_blocking=True)
-        return self.loss_at(clip_embeds, tokens, positions, reduction)
-
-    def loss_at(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                reduction: str = "mean") -> torch.Tensor:
-        """``loss`` given the real tokens' flat positions (``real_token_positions``): no value is read
-        back from the device, so a GPU step is queued without waiting for the one before."""
-        k = self.config.prefix_length
         embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
+        if positions is None:
+            return self.gpt(inputs_embeds=embeds).logits
+        k = self.config.prefix_length
         hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
         before = hidden[:, k - 1:-1].reshape(-1, hidden.shape[-1])  # the state before each token predicts it
         logits = self.gpt.lm_head(before.index_select(0, positions))
         return F.cross_entropy(logits.float(), tokens.flatten().index_select(0, positions), reduction=reduction)
-
-
-def real_token_positions(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat indices into a right-padded [B, width] batch of its real tokens, worked out on the CPU
-    (a boolean mask on the GPU would make every step wait to learn how many tokens there are)."""
-    return (torch.arange(width) < lengths.cpu()[:, None]).flatten().nonzero().squeeze(1)
 
 
 def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:

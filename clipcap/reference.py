@@ -68,3 +68,22 @@ def original_beam(model, clip_embed: torch.Tensor, beam_size: int = 5, max_lengt
     scores = scores / lengths
     order = scores.argsort(descending=True)
     return [(tokens[i, :int(lengths[i])].tolist(), float(scores[i])) for i in order.tolist()]
+
+
+def original_logits(model, clip_embeds: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The original's forward: GPT-2 over prefix and caption under an attention mask, logits [B, K + T, V]."""
+    embeds = torch.cat((model.prefix(clip_embeds), model.gpt.transformer.wte(tokens)), dim=1)
+    return model.gpt(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def full_logits_loss(model, clip_embeds: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """The plain computation the fast loss must equal: logits everywhere under a mask, cross-entropy
+    over the real tokens only."""
+    k, width = model.config.prefix_length, tokens.shape[1]
+    real = torch.arange(width)[None] < lengths[:, None]
+    mask = torch.cat((torch.ones(len(tokens), k), real.float()), dim=1)
+    logits = original_logits(model, clip_embeds, tokens, mask)[:, k - 1:-1]
+    targets = tokens.masked_fill(~real, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.flatten(),
+                                             ignore_index=-100, reduction=reduction)

@@ -32,7 +32,7 @@ from .checkpoint import CLIP_BY_WIDTH, check_compatible, clip_for_width, load_st
 from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
 from .features import OPENAI_CHECKPOINTS
 from .files import ClipCapError, atomic_write, resolve_device
-from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
+from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 
 
 @dataclass
@@ -158,17 +158,6 @@ class MicroBatches:
                 yield step[start:start + self.bs].tolist()
 
 
-class LossOf(nn.Module):
-    """Routes forward() to ClipCap.loss, so DDP's gradient hooks and torch.compile see it."""
-
-    def __init__(self, model: ClipCap):
-        super().__init__()
-        self.model = model
-
-    def forward(self, embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.loss_at(embeds, tokens, positions, reduction="sum")
-
-
 # --------------------------------------------------------------------------- the features' CLIP
 
 
@@ -251,11 +240,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         state = restore(find_resume_file(cfg.resume, cfg.prefix), model, optimizer, scheduler, scaler)
 
-    loss_of: nn.Module = LossOf(model)
-    if cfg.compile:
-        loss_of = torch.compile(loss_of)
+    step_model: nn.Module = torch.compile(model) if cfg.compile else model
     if procs.world > 1:
-        loss_of = nn.parallel.DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     val = ValidationSet(val_features, cfg, tokenizer, max_positions) if val_features is not None else None
     if procs.main:
@@ -280,12 +267,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for step in range(first, steps_per_epoch):
             step_tokens = int(token_counts[batches[step]].sum())
             for micro in range(cfg.grad_accum):
-                tokens, lengths, embeds = next(micro_batches)
-                positions = real_token_positions(lengths, tokens.shape[1])  # on the CPU: nothing waits for the GPU
+                tokens, lengths, embeds, positions = next(micro_batches)
                 tokens, embeds, positions = (t.to(device, non_blocking=True) for t in (tokens, embeds, positions))
                 syncing = micro == cfg.grad_accum - 1 or procs.world == 1
-                with loss_of.no_sync() if not syncing else nullcontext(), autocast(device, autocast_dtype):
-                    loss_sum = loss_of(embeds, tokens, positions)
+                with step_model.no_sync() if not syncing else nullcontext(), autocast(device, autocast_dtype):
+                    loss_sum = step_model(embeds, tokens, positions, reduction="sum")
                     # DDP averages gradients over processes; scale so the step's gradient is the global token mean
                     scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
                 window.add(loss_sum.detach(), len(positions), len(lengths))
@@ -386,9 +372,10 @@ class ValidationSet:
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for start in range(0, len(self.dataset), self.bs):
-            tokens, lengths, embeds = self.dataset[range(start, min(start + self.bs, len(self.dataset)))]
-            total += float(model.loss(embeds.to(device), tokens.to(device), lengths, reduction="sum"))
-            count += int(lengths.sum())
+            batch = self.dataset[range(start, min(start + self.bs, len(self.dataset)))]
+            total += float(model(batch.embeddings.to(device), batch.tokens.to(device), batch.positions.to(device),
+                                 reduction="sum"))
+            count += len(batch.positions)
         metrics = {"val_loss": total / count}
         if self.num_images > 0:
             metrics["val_CIDEr"] = self.cider(model)

@@ -109,8 +109,8 @@ def test_dataset_truncates_within_gpt2_positions(tmp_path, gpt2_dir):
     features, tokenizer = load_features(path), load_tokenizer(gpt2_dir)
     dataset = CaptionDataset(features, tokenizer, max_positions=30)
     assert dataset.max_length == 30
-    tokens, lengths, _ = dataset[range(len(dataset))]
-    assert tokens.shape[1] == 30
+    tokens, lengths, _, positions = dataset[range(len(dataset))]
+    assert tokens.shape[1] == 30 and len(positions) == int(lengths.sum())
     for row, n, caption in zip(tokens, lengths, features.captions):
         assert row[:n].tolist() == tokenizer.encode(caption)[:30]
 
@@ -122,8 +122,9 @@ def test_a_batch_is_its_captions_padded_to_the_longest(gpt2_dir, tmp_path):
     features, tokenizer = load_features(path), load_tokenizer(gpt2_dir)
     dataset = CaptionDataset(features, tokenizer)
     order = [2, 1, 3]
-    tokens, lengths, embeds = dataset[order]
+    tokens, lengths, embeds, positions = dataset[order]
     expected = [tokenizer.encode(features.captions[i]) for i in order]
+    assert torch.equal(tokens.flatten()[positions], torch.tensor([t for e in expected for t in e]))
     assert lengths.tolist() == [len(e) for e in expected]
     assert tokens.shape == (3, max(map(len, expected))) and tokens.dtype == torch.long
     for row, e in zip(tokens, expected):
@@ -143,11 +144,12 @@ def test_padding_is_ignored_and_exclamation_mark_is_learned(gpt2_dir):
     caption = torch.tensor([tokenizer.encode("a dog!")])
     n = caption.shape[1]
     padded = torch.cat((caption, torch.full((1, 5), 7)), dim=1)
-    base = model.loss(clip, caption, torch.tensor([n]))
-    torch.testing.assert_close(model.loss(clip, padded, torch.tensor([n])), base)
+    positions = torch.arange(n)
+    base = model(clip, caption, positions)
+    torch.testing.assert_close(model(clip, padded, positions), base)
     other_end = caption.clone()
     other_end[0, -1] = tokenizer.encode(".")[0]
-    assert not torch.isclose(model.loss(clip, other_end, torch.tensor([n])), base)
+    assert not torch.isclose(model(clip, other_end, positions), base)
 
 
 def test_token_cache_of_a_read_only_data_folder_goes_to_the_user_cache(tmp_path):

@@ -1,10 +1,10 @@
 """The model's state-dict layout, parameter counts and loss against the original's definitions."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clipcap.model import ClipCap, ClipCapConfig, build_model, count_parameters, real_token_positions
+from clipcap.model import ClipCap, ClipCapConfig, build_model, count_parameters
+from clipcap.reference import full_logits_loss
 
 
 def gpt2_small(**overrides) -> GPT2LMHeadModel:
@@ -102,21 +102,17 @@ def test_fast_loss_equals_full_logits_loss(gpt2_dir):
     tokens[0, 0] = 0  # the real token "!" counts
     lengths = torch.tensor([6, 2, 4])
     clip = torch.randn(3, 16)
-    mask = torch.cat((torch.ones(3, 4), (torch.arange(6)[None] < lengths[:, None]).float()), dim=1)
-    logits = model(clip, tokens, attention_mask=mask)[:, 3:-1]
-    targets = tokens.masked_fill(torch.arange(6)[None] >= lengths[:, None], -100)
-    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten(), ignore_index=-100)
-    torch.testing.assert_close(model.loss(clip, tokens, lengths), expected)
+    positions = (torch.arange(6)[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
+    torch.testing.assert_close(model(clip, tokens, positions), full_logits_loss(model, clip, tokens, lengths))
 
 
 def test_training_loss_reads_no_value_back_from_the_device(gpt2_dir):
     """Meta tensors hold no values, so any .item() or boolean mask in forward or backward fails on them;
     on a GPU each such read would stall the step until the device catches up."""
     model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4)).to("meta")
-    tokens, lengths = torch.randint(1, 200, (3, 6)), torch.tensor([6, 2, 4])
-    positions = real_token_positions(lengths, 6)
-    assert positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
-    loss = model.loss_at(torch.randn(3, 16, device="meta"), tokens.to("meta"), positions.to("meta"), reduction="sum")
+    tokens = torch.randint(1, 200, (3, 6))
+    positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15])  # lengths 6, 2 and 4
+    loss = model(torch.randn(3, 16, device="meta"), tokens.to("meta"), positions.to("meta"), reduction="sum")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     assert model.clip_project.model[0].weight.grad.device.type == "meta"
@@ -127,7 +123,7 @@ def test_only_prefix_freezes_gpt2(gpt2_dir):
     model.train()
     assert not model.gpt.training and model.clip_project.training
     assert not any(p.requires_grad for p in model.gpt.parameters())
-    loss = model.loss(torch.randn(2, 16), torch.randint(0, 200, (2, 5)), torch.tensor([5, 3]))
+    loss = model(torch.randn(2, 16), torch.randint(0, 200, (2, 5)), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
     loss.backward()
     assert all(p.grad is None for p in model.gpt.parameters())
     assert all(p.grad is not None for p in model.clip_project.parameters())

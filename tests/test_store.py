@@ -57,7 +57,7 @@ def test_store_trains_through_dataloader_workers(feature_pickle, tmp_path, gpt2_
     n = len(on_disk)
     batches = list(DataLoader(on_disk, sampler=[range(i, min(i + 5, n)) for i in range(0, n, 5)], batch_size=None,
                               num_workers=2))
-    tokens, lengths, embeddings = in_memory[range(n)]
+    tokens, lengths, embeddings, _ = in_memory[range(n)]
     assert torch.equal(torch.cat([b[0][i, :k] for b in batches for i, k in enumerate(b[1])]),
                        torch.cat([row[:k] for row, k in zip(tokens, lengths)]))
     assert torch.equal(torch.cat([b[2] for b in batches]), embeddings.half().float())
