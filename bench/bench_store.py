@@ -69,7 +69,7 @@ def measure(path: Path, batches: int, num_workers: int) -> None:
     loader = DataLoader(dataset, sampler=shuffled, batch_size=None, num_workers=num_workers)
     start = time.perf_counter()
     seen = 0
-    for i, (tokens, lengths, embeddings) in enumerate(tqdm(loader, total=batches, desc="random batches")):
+    for i, (tokens, lengths, embeddings, _) in enumerate(tqdm(loader, total=batches, desc="random batches")):
         seen += len(tokens)
         if i + 1 == batches:
             break
