@@ -13,7 +13,7 @@ import argparse
 import json
 
 from clipcap.evaluation import SCORERS, Scorer, load_references, load_results, match_images
-from clipcap.files import atomic_write, resolve_device, run_cli
+from clipcap.files import ClipCapError, atomic_write, check_output_path, resolve_device, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.checkpoint is None) != (args.features is None):
         p.error("--checkpoint and --features go together")
+    if args.beam_size < 1 or args.batch_size < 1:
+        p.error("--beam_size and --batch_size must be at least 1")
     return args
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file this run will write can be written, checked before any captioning or scoring."""
+    outputs = {"--out": args.out, "--per_image": args.per_image, "--save_captions": args.save_captions}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)
+    named = [path for path in outputs.values() if path is not None]
+    if len(set(named)) < len(named):
+        raise ClipCapError(f"{', '.join(outputs)} must name different files")
 
 
 def generate(args: argparse.Namespace, references: dict) -> list[dict]:
@@ -67,6 +80,7 @@ def generate(args: argparse.Namespace, references: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_outputs(args)
     references = load_references(args.annotations, args.split)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     with Scorer(metrics) as scorer:  # METEOR's Java loads while the captions are made
@@ -75,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             results, source = generate(args, references), f"captions of {args.features}"
         evaluation = scorer(results, references, args.only_common_images, source, args.annotations)
-    evaluation.write(args.out, args.per_image)
     if len(evaluation.per_image) < len(references):
         print(f"scored {len(evaluation.per_image)} of the {len(references)} reference images (--only_common_images)")
-    print(evaluation.table())
+    print(evaluation.table(), flush=True)  # first: a failure to write cannot take the scores
+    evaluation.write(args.out, args.per_image)
     print(f"wrote {args.out}" + (f" and {args.per_image}" if args.per_image else ""))
 
 
