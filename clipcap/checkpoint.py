@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapC
             if CONFIG_KEY in meta:
                 config_dict = _json(meta[CONFIG_KEY], path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_pt(path)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -138,6 +139,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapC
         config_dict = _json(config_path_for(path).read_text(), config_path_for(path))
         return state, parse_config(config_dict, config_path_for(path))
     return state, (parse_config(config_dict, path) if config_dict is not None else None)
+
+
+def load_pt(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; its warning about a plain pickle's protocol is
+    dropped: such a file is refused (or read safely) anyway, and the message says which."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def first_line(e: BaseException) -> str:

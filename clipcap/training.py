@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import check_compatible, check_finite, first_line, load_state, parse_config, save_checkpoint, save_config
+from .checkpoint import (check_compatible, check_finite, first_line, load_pt, load_state, parse_config,
+                         save_checkpoint, save_config)
 from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
 from .files import ClipCapError, atomic_write, check_output_path, resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
@@ -109,6 +110,8 @@ def check_out_dir(cfg: TrainConfig) -> None:
     """The output folder can be written, and a fresh run will not overwrite another run's files
     (whose ``.pt`` files would then load with this run's config) unless ``--overwrite`` says so."""
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClipCapError(f"--out_dir {out_dir}: not a folder")
     check_output_path(out_dir / f"{cfg.prefix}_config.json", "--out_dir")
     existing = run_files(out_dir, cfg.prefix)
     if existing and not cfg.resume and not cfg.overwrite:
@@ -292,6 +295,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         micro_batches = iter(loader)
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not procs.main, dynamic_ncols=True)
+        guard.bar = bar  # closed before an error, so that the message starts a line of its own
         window = Throughput(device)
         for step in range(first, steps_per_epoch):
             step_tokens = int(token_counts[batches[step]].sum())
@@ -387,6 +391,7 @@ class LossGuard:
         self.eager = device.type != "cuda" or skip
         self.skip, self.features, self.source = skip, features, source
         self.skipped = 0
+        self.bar: tqdm | None = None
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first bad step, on the device
         self.batches: dict[int, torch.Tensor] = {}  # step -> its caption indices, since the last check
 
@@ -413,6 +418,8 @@ class LossGuard:
             self.batches.clear()
 
     def fail(self, step: int, captions: torch.Tensor) -> None:
+        if self.bar is not None:
+            self.bar.close()
         indices = captions.tolist()
         ids = [self.features.image_ids[i] for i in indices[:5]]
         raise NonFiniteLoss(f"{self.source}: non-finite loss at step {step}, in the batch of captions "
@@ -538,7 +545,7 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "st
 def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
             scaler: torch.amp.GradScaler) -> dict[str, Any]:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_pt(path)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: unreadable resume state ({first_line(e)})") from None
     if not isinstance(saved, dict) or any(k not in saved for k in RESUME_KEYS) or not isinstance(saved["model"], dict):
