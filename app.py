@@ -40,10 +40,10 @@ class Decoding(BaseModel):
 
     strategy: Literal["beam", "greedy", "sample"] = "beam"
     beam_size: int = Field(5, ge=1, le=20)
-    temperature: float = Field(1.0, gt=0, le=10)
+    temperature: float = Field(1.0, ge=0.01, le=10)  # below 0.01 the scaled logits overflow to NaN
     top_p: float = Field(0.9, gt=0, le=1)
     num_captions: int = Field(1, ge=1, le=10)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # what torch.Generator takes
 
 
 def sample_images() -> dict[str, bytes]:

@@ -23,7 +23,7 @@ import torch
 from clipcap.evaluation import (ENTIRE, SCORERS, SPICE_JARS_ENV, Evaluation, Scorer, domain_table, image_files,
                                 image_key, load_annotations, load_results, match_images, write_scores)
 from clipcap.data import load_features
-from clipcap.files import ClipCapError, atomic_write, resolve_device, run_cli
+from clipcap.files import ClipCapError, atomic_write, check_output_path, resolve_device, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint needs one of --features or --images")
     if args.results and (args.features or args.images) and not args.clipscore:
         p.error("--features or --images with --results serve --clipscore only")
+    if args.beam_size < 1 or args.batch_size < 1:
+        p.error("--beam_size and --batch_size must be at least 1")
     return args
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file this run will write can be written, checked before any captioning or scoring."""
+    outputs = {"--out": args.out, "--per_image": args.per_image, "--save_captions": args.save_captions}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_path(path, flag)
+    named = [path for path in outputs.values() if path is not None]
+    if len(set(named)) < len(named):
+        raise ClipCapError(f"{', '.join(outputs)} must name different files")
 
 
 @dataclass
@@ -151,6 +164,7 @@ def add_clipscore(args: argparse.Namespace, run: Run, evaluations: dict[str, Eva
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_outputs(args)
     references, images = load_annotations(args.annotations, args.split)
     domains = {k: info["domain"] for k, info in images.items() if "domain" in info}
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -175,11 +189,11 @@ def main(argv: list[str] | None = None) -> None:
                                           args.annotations)}
     if args.clipscore:
         add_clipscore(args, run, evaluations, references, images)
-    write_scores(evaluations, args.out, args.per_image)
     entire = evaluations[ENTIRE]
     if len(entire.per_image) < len(references):
         print(f"scored {len(entire.per_image)} of the {len(references)} reference images (--only_common_images)")
-    print(domain_table(evaluations) if domains else entire.table())
+    print(domain_table(evaluations) if domains else entire.table(), flush=True)  # first: a failed write cannot take them
+    write_scores(evaluations, args.out, args.per_image)
     print(f"wrote {args.out}" + (f" and {args.per_image}" if args.per_image else ""))
 
 

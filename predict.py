@@ -20,7 +20,10 @@ import torch
 from clipcap.captioner import Captioner, image_paths
 from clipcap.data import load_features
 from clipcap.decoding import STOPS
-from clipcap.files import ClipCapError, atomic_write, run_cli
+from clipcap.files import ClipCapError, atomic_write, check_output_path, run_cli
+
+MIN_TEMPERATURE = 0.01  # below this the scaled logits overflow float32 and sampling gives NaN
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
 
 def positive(text: str) -> int:
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     strategy.add_argument("--sample", action="store_true", help="nucleus sampling (implied by --top_p or --seed)")
     decoding.add_argument("--beam_size", type=positive, default=5)
     decoding.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
-    decoding.add_argument("--temperature", type=float, default=1.0)
+    decoding.add_argument("--temperature", type=float, default=1.0, help=f"at least {MIN_TEMPERATURE}")
     decoding.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     decoding.add_argument("--num_captions", type=positive, default=1, help="captions per image (beam or sampling)")
     decoding.add_argument("--max_length", type=positive, default=67, help="most tokens per caption")
@@ -64,6 +67,12 @@ def decoding_options(args: argparse.Namespace) -> dict:
     sample = args.sample or args.top_p is not None or args.seed is not None
     if args.greedy and sample:
         raise ClipCapError("--greedy does not go with --top_p or --seed")
+    if not MIN_TEMPERATURE <= args.temperature < float("inf"):
+        raise ClipCapError(f"--temperature must be at least {MIN_TEMPERATURE}, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ClipCapError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise ClipCapError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
     return {"strategy": "greedy" if args.greedy else "sample" if sample else "beam",
             "beam_size": args.beam_size, "top_p": 0.9 if args.top_p is None else args.top_p,
             "temperature": args.temperature, "seed": args.seed, "num_captions": args.num_captions,
@@ -73,6 +82,8 @@ def decoding_options(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     decoding = decoding_options(args)
+    if args.out:
+        check_output_path(args.out, "--out")  # now, not after captioning everything
     paths = image_paths(args.images) if args.images else None
     features = load_features(args.features) if args.features else None
     captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, gpt2=args.gpt2,

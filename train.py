@@ -13,7 +13,7 @@ from clipcap.files import run_cli
 from clipcap.training import TrainConfig, config_from_args, train
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     original = p.add_argument_group("flags of the original train.py")
@@ -58,11 +58,15 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--val_captions", type=int, default=d.val_captions,
                      help="also compute CIDEr on this many validation images each epoch")
     run.add_argument("--log_every", type=int, default=d.log_every)
-    return p.parse_args()
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh even if --out_dir holds a run with the same --prefix (without it: refused)")
+    run.add_argument("--skip_nonfinite", action="store_true",
+                     help="skip a batch whose loss is NaN or inf (no optimizer step) instead of stopping")
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    train(config_from_args(parse_args()))
+def main(argv: list[str] | None = None) -> None:
+    train(config_from_args(parse_args(argv)))
 
 
 if __name__ == "__main__":

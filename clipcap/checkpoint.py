@@ -3,8 +3,12 @@
 - Ours: ``NAME.safetensors`` holding the weights and, in its metadata, the model config as JSON.
   In prefix-only mode it holds only the mapper (``clip_project.*``); GPT-2 comes from ``config.gpt2``.
 - The original's: ``NAME.pt``, ``torch.save(model.state_dict())`` of the whole model, no config.
-  A ``{prefix}_config.json`` beside it (our training writes one) gives the config; without one
-  the config is inferred from tensor shapes, which is how the original's released weights load.
+  Its own ``NAME.json`` (written with it by ``save_checkpoint``) gives the config; without one the
+  config is inferred from tensor shapes, which is how the original's released weights load. A
+  run-wide config file is never used for a ``.pt``: a later run could have changed it.
+
+Weights and configs are checked on load: a non-finite tensor or a bad config value is a
+one-line error naming it, never a silently broken model.
 
 Both are read with ``weights_only=True`` / safetensors: loading never unpickles code.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
 from .files import ClipCapError, atomic_write
-from .model import ClipCap, ClipCapConfig, build_model
+from .model import MAPPING_TYPES, ClipCap, ClipCapConfig, build_model
 
 CONFIG_KEY = "clipcap_config"
 # Buffers that transformers 4.10/4.11 saved and current versions no longer have.
@@ -41,15 +46,43 @@ def clip_for_width(width: int) -> str:
 
 
 def config_path_for(weights: str | Path) -> Path:
-    """``out/coco_prefix-009.pt`` or ``out/coco_prefix_latest.safetensors`` -> ``out/coco_prefix_config.json``."""
-    weights = Path(weights)
-    prefix = re.sub(r"(-\d+|_latest|_best)$", "", weights.stem)
-    return weights.with_name(f"{prefix}_config.json")
+    """The config of one ``.pt`` file, paired with it alone: ``out/coco_prefix-009.pt`` -> ``out/coco_prefix-009.json``."""
+    return Path(weights).with_suffix(".json")
 
 
 def save_config(config: ClipCapConfig, path: str | Path) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def parse_config(values: Any, source: str | Path) -> ClipCapConfig:
+    """A ClipCapConfig from JSON values, each checked: a one-line error naming the field otherwise."""
+    if not isinstance(values, dict):
+        raise ClipCapError(f"{source}: config must be a JSON object, got {type(values).__name__}")
+    config = ClipCapConfig()
+    for name, default in config.to_dict().items():
+        if name not in values:
+            continue
+        value = values[name]
+        kind = type(default)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if not (name == "num_layers" and value == 0 and not isinstance(value, bool)):
+                raise ClipCapError(f"{source}: config {name} must be a positive integer, got {value!r}")
+        elif kind is not int and not isinstance(value, kind):
+            raise ClipCapError(f"{source}: config {name} must be a {kind.__name__}, got {value!r}")
+        setattr(config, name, value)
+    if config.mapping_type not in MAPPING_TYPES:
+        raise ClipCapError(f"{source}: config mapping_type must be one of {MAPPING_TYPES}, got {config.mapping_type!r}")
+    return config
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run), naming the first such tensor."""
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ClipCapError(f"{source}: weight {key} has {bad} non-finite values (NaN or inf); "
+                               "the run that wrote it diverged")
 
 
 def model_state_dict(model: ClipCap, full: bool) -> dict[str, torch.Tensor]:
@@ -79,6 +112,7 @@ def original_state_dict(model: ClipCap) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: ClipCap, path: str | Path) -> Path:
     """Write ``path`` atomically: ``.safetensors`` is our format, ``.pt`` the original's."""
     path = Path(path)
+    check_finite(model.state_dict(), path)
     with atomic_write(path) as tmp:
         if path.suffix == ".pt":
             torch.save(original_state_dict(model), tmp)
@@ -89,11 +123,14 @@ def save_checkpoint(model: ClipCap, path: str | Path) -> Path:
             save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict())})
         else:
             raise ClipCapError(f"{path}: checkpoint name must end in .safetensors or .pt")
+    if path.suffix == ".pt":
+        save_config(model.config, config_path_for(path))
     return path
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapConfig | None]:
-    """Weights and, when the file or a config JSON beside it has one, the config."""
+    """Weights (checked finite) and the config: a ``.safetensors``'s own, a training state's own,
+    or a ``.pt``'s paired ``NAME.json``; None when there is none (then shapes decide)."""
     path = Path(path)
     if not path.is_file():
         raise ClipCapError(f"{path}: checkpoint not found")
@@ -106,19 +143,43 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClipCapC
                 meta = f.metadata() or {}
             state = load_file(str(path))
             if CONFIG_KEY in meta:
-                config_dict = json.loads(meta[CONFIG_KEY])
+                config_dict = _json(meta[CONFIG_KEY], path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_pt(path)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ClipCapError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise ClipCapError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        if isinstance(state.get("config"), str):  # a training state of ours: it holds its own config
+            config_dict = _json(state["config"], path)
         state = state["model"]  # a training checkpoint of ours that also holds optimizer state
-    if not isinstance(state, dict) or not any(k.startswith("clip_project.") for k in state):
+    if not isinstance(state, dict) or not any(isinstance(k, str) and k.startswith("clip_project.") for k in state):
         raise ClipCapError(f"{path}: not a ClipCap checkpoint (no clip_project.* weights)")
     state = {k: v for k, v in state.items() if not LEGACY_BUFFER.match(k)}
-    if config_dict is None and config_path_for(path).is_file():
-        config_dict = json.loads(config_path_for(path).read_text())
-    return state, (ClipCapConfig.from_dict(config_dict) if config_dict is not None else None)
+    check_finite(state, path)
+    if config_dict is None and path.suffix == ".pt" and config_path_for(path).is_file():
+        config_dict = _json(config_path_for(path).read_text(), config_path_for(path))
+        return state, parse_config(config_dict, config_path_for(path))
+    return state, (parse_config(config_dict, path) if config_dict is not None else None)
+
+
+def load_pt(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; its warning about a plain pickle's protocol is
+    dropped: such a file is refused (or read safely) anyway, and the message says which."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line, for a one-line error."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _json(text: str, source: str | Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClipCapError(f"{source}: config is not valid JSON ({e})") from None
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:

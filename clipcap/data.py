@@ -50,7 +50,8 @@ class FeatureSet:
         return torch.as_tensor(np.asarray(self.embeddings[rows]), dtype=torch.float32)
 
     def validate(self, source: str | Path) -> None:
-        """Check the caption -> embedding indices, naming the first bad one."""
+        """Check the caption -> embedding indices and that every embedding is finite, naming the
+        first bad ones: a NaN row would otherwise train to NaN weights without a word."""
         n = int(self.embeddings.shape[0])
         if len(self.image_index) != len(self.captions) or len(self.image_ids) != len(self.captions):
             raise ClipCapError(f"{source}: caption, index and image id lists differ in length")
@@ -59,6 +60,23 @@ class FeatureSet:
             i = int(bad[0])
             raise ClipCapError(f"{source}: caption {i} points at embedding row {int(self.image_index[i])}, "
                                f"but the file has {n} rows")
+        bad = nonfinite_rows(self.embeddings)
+        if bad.size:
+            captions = np.flatnonzero(np.isin(self.image_index, bad))
+            raise ClipCapError(f"{source}: {bad.size} embedding rows hold NaN or inf: rows {_examples(bad.tolist())}"
+                               f" (captions {_examples(captions.tolist())}); re-extract those images or drop them")
+
+
+def nonfinite_rows(embeddings: Any) -> np.ndarray:
+    """Indices of the embedding rows holding NaN or inf (a store scans its shards in chunks)."""
+    if hasattr(embeddings, "nonfinite_rows"):
+        return embeddings.nonfinite_rows()
+    finite = torch.isfinite(torch.as_tensor(embeddings)).all(dim=1)
+    return torch.nonzero(~finite).flatten().numpy()
+
+
+def _examples(values: list[Any], n: int = 5) -> str:
+    return ", ".join(map(repr, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
 
 
 def _load_storage_safely(data: bytes) -> Any:
@@ -93,19 +111,47 @@ def load_original_pickle(path: str | Path) -> FeatureSet:
         raise ClipCapError(f"{path}: not a readable feature pickle, truncated or corrupt ({e})") from None
     if not isinstance(data, dict) or "clip_embedding" not in data or "captions" not in data:
         raise ClipCapError(f"{path}: expected a dict with 'clip_embedding' and 'captions'")
-    embeddings = torch.as_tensor(data["clip_embedding"])
-    if embeddings.ndim != 2:
-        raise ClipCapError(f"{path}: 'clip_embedding' must be [N, D], got shape {tuple(embeddings.shape)}")
     try:
-        captions = [str(c["caption"]) for c in data["captions"]]
-        index = np.array([int(c["clip_embedding"]) for c in data["captions"]], dtype=np.int64)
-        ids = [c.get("image_id", c["clip_embedding"]) for c in data["captions"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ClipCapError(f"{path}: caption entries need 'caption' and 'clip_embedding' ({e!r})") from None
+        embeddings = torch.as_tensor(data["clip_embedding"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ClipCapError(f"{path}: 'clip_embedding' is not an [N, D] array of numbers ({e})") from None
+    if embeddings.ndim != 2 or not (embeddings.is_floating_point() or embeddings.dtype in (torch.int32, torch.int64)):
+        raise ClipCapError(f"{path}: 'clip_embedding' must be [N, D] numbers, got {embeddings.dtype} "
+                           f"of shape {tuple(embeddings.shape)}")
+    if not isinstance(data["captions"], list):
+        raise ClipCapError(f"{path}: 'captions' must be a list, got {type(data['captions']).__name__}")
+    captions, ids, index = [], [], np.zeros(len(data["captions"]), dtype=np.int64)
+    for i, entry in enumerate(data["captions"]):
+        caption, image_id, row = check_caption_entry(entry, i, path)
+        captions.append(caption)
+        ids.append(image_id)
+        index[i] = row
     clip_model = data.get("clip_model") if isinstance(data.get("clip_model"), str) else None
     features = FeatureSet(embeddings, captions, index, ids, clip_model)
     features.validate(path)
     return features
+
+
+def check_caption_entry(entry: Any, i: int, path: Path) -> tuple[str, Any, int]:
+    """(caption, image id, embedding row) of entry ``i``, or a one-line error naming what is wrong."""
+    if not isinstance(entry, dict) or "caption" not in entry or "clip_embedding" not in entry:
+        raise ClipCapError(f"{path}: caption entry {i} needs 'caption' and 'clip_embedding', got {entry!r:.80}")
+    caption, row = entry["caption"], entry["clip_embedding"]
+    image_id = entry.get("image_id", row)
+    try:
+        hash(image_id)
+    except TypeError:
+        raise ClipCapError(f"{path}: caption {i} has image_id {image_id!r:.80}, which is not a number or text") from None
+    where = f"{path}: caption {i} (image id {image_id!r})"
+    if not isinstance(caption, str):
+        raise ClipCapError(f"{where} is {type(caption).__name__} {caption!r:.40}, not text")
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ClipCapError(f"{where} is not valid Unicode ({e.reason} at character {e.start})") from None
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+        raise ClipCapError(f"{where} has clip_embedding {row!r:.40}, not a row number")
+    return caption, image_id, int(row)
 
 
 def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
@@ -209,12 +255,15 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, features: FeatureSet, tokenizer: Any, cache: str | Path | None = None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, source: str | Path = "features"):
+        if len(features) == 0:
+            raise ClipCapError(f"{source}: no captions to train on")
         self.features = features
         self.ids, self.offsets = tokenize_captions(features.captions, tokenizer, cache)
         lengths = np.diff(self.offsets)
         if (lengths == 0).any():
-            raise ClipCapError(f"caption {int(np.flatnonzero(lengths == 0)[0])} is empty")
+            i = int(np.flatnonzero(lengths == 0)[0])
+            raise ClipCapError(f"{source}: caption {i} (image id {features.image_ids[i]!r}) is empty")
         self.max_length = max_caption_length(lengths, max_positions)
 
     def __len__(self) -> int:

@@ -74,11 +74,12 @@ Images = dict  # image id -> what the annotations say about the image: "file" (r
 
 
 def image_key(image_id: Any) -> ImageId:
-    """Ids compare as integers when they are integers or digit strings ("000012" is image 12)."""
+    """Ids compare as integers when they are integers or ASCII digit strings ("000012" is image 12;
+    "²" is a digit to ``str.isdigit`` but not a number, so it stays a string)."""
     if isinstance(image_id, numbers.Integral) and not isinstance(image_id, bool):
         return int(image_id)
     if isinstance(image_id, str):
-        return int(image_id) if image_id.isdigit() else image_id
+        return int(image_id) if image_id.isascii() and image_id.isdigit() else image_id
     raise ClipCapError(f"image id {image_id!r} is neither an integer nor a string")
 
 

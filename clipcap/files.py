@@ -114,6 +114,19 @@ def read_json(path: Path, what: str = "annotations") -> Any:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
 
 
+def check_output_path(path: str | Path, flag: str) -> None:
+    """Fail now, not after hours of work, if ``path`` cannot be written: a folder there, or a
+    parent that is a file or cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ClipCapError(f"{flag} {path}: is a folder, expected a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ClipCapError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ClipCapError(f"{flag} {path}: cannot write in {parent}")
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name is kept."""
     if name != "auto":

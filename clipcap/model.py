@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,8 +213,23 @@ def build_model(config: ClipCapConfig, pretrained_gpt2: bool = True) -> ClipCap:
 
 
 def load_tokenizer(name_or_dir: str) -> GPT2TokenizerFast:
-    """GPT-2's byte-level BPE tokenizer from the hub or a local directory."""
-    return GPT2TokenizerFast.from_pretrained(name_or_dir)
+    """GPT-2's byte-level BPE tokenizer from the hub or a local directory, or a one-line error.
+
+    Offline, transformers 5 answers a hub name it has not cached (or a folder without tokenizer
+    files) with an empty tokenizer instead of an error; byte-level BPE has at least the 256 byte
+    tokens, so fewer means nothing was found.
+    """
+    from .files import ClipCapError
+
+    try:
+        tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
+    except (OSError, ValueError, TypeError) as e:
+        tokenizer, reason = None, (str(e).splitlines() or [type(e).__name__])[0][:200]
+    if tokenizer is None or len(tokenizer) < 256:
+        where = "folder has no GPT-2 tokenizer" if Path(name_or_dir).is_dir() else \
+            "no such folder, and not loadable from the Hugging Face Hub (offline, or not a GPT-2 name?)"
+        raise ClipCapError(f"GPT-2 {name_or_dir}: {where}" + (f" ({reason})" if tokenizer is None else ""))
+    return tokenizer
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -115,6 +115,21 @@ class ShardedEmbeddings:
             self._read(int(row), out[i])
         return out
 
+    def nonfinite_rows(self, chunk_bytes: int = 64 * 2**20) -> np.ndarray:
+        """Global indices of rows holding NaN or inf, found by reading each shard in chunks of
+        about ``chunk_bytes`` (the memory a scan takes, however large the store)."""
+        bad = []
+        chunk = max(1, chunk_bytes // max(1, self.dim * self.dtype.itemsize))
+        for shard, path in enumerate(self.paths):
+            rows = int(self.starts[shard + 1] - self.starts[shard])
+            with open(path, "rb") as f:
+                f.seek(self.offsets[shard])
+                for start in range(0, rows, chunk):
+                    n = min(chunk, rows - start)
+                    block = np.fromfile(f, dtype=self.dtype, count=n * self.dim).reshape(n, self.dim)
+                    bad.append(np.flatnonzero(~np.isfinite(block).all(axis=1)) + int(self.starts[shard]) + start)
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = np.concatenate([np.load(p, allow_pickle=False) for p in self.paths]) if self.paths \
             else np.zeros((0, self.dim), self.dtype)
@@ -179,6 +194,10 @@ def load_store(store: str | Path) -> FeatureSet:
         image_index = index.column("image_index").to_numpy()
     except (OSError, KeyError, pa.ArrowException) as e:
         raise ClipCapError(f"{store / INDEX_FILE}: unreadable caption index ({e})") from None
+    if not (pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type)) or captions.null_count:
+        first = pc.index(pc.is_null(captions), True).as_py() if captions.null_count else 0
+        raise ClipCapError(f"{store / INDEX_FILE}: caption {first} (image id {image_ids[first].as_py()!r}) is "
+                           f"{'missing (null)' if captions.null_count else captions.type}, not text")
     clip_model = meta.get("clip_model") if isinstance(meta.get("clip_model"), str) else None
     features = FeatureSet(embeddings, ArrowSequence(captions), image_index.astype(np.int64, copy=False),
                           ArrowSequence(image_ids), clip_model)

@@ -9,11 +9,17 @@ Where this differs from the original's loop (on purpose):
 - The loss of an optimizer step is the mean over all real tokens of the global batch, however
   it is split over processes (``--bs`` per process) and accumulation steps (``--grad_accum``),
   so N processes with batch B equal one process with batch N*B.
+
+Everything that can be checked is checked before the first step (flags, the output folder, the
+data and validation data, GPT-2), and a non-finite loss stops the run before any checkpoint
+can hold its weights (see ``LossGuard``).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,10 +34,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import CLIP_BY_WIDTH, check_compatible, clip_for_width, load_state, save_checkpoint, save_config
+from .checkpoint import (CLIP_BY_WIDTH, check_compatible, check_finite, clip_for_width, first_line, load_pt,
+                         load_state, parse_config, save_checkpoint, save_config)
 from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
 from .features import OPENAI_CHECKPOINTS
-from .files import ClipCapError, atomic_write, resolve_device
+from .files import ClipCapError, atomic_write, check_output_path, resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 
 
@@ -69,9 +76,48 @@ class TrainConfig:
     val_data: str | None = None
     val_captions: int = 0  # CIDEr on this many validation images each epoch (greedy captions)
     log_every: int = 20
+    overwrite: bool = False  # start afresh in an out_dir that holds files of a run with the same prefix
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf (no optimizer step) instead of stopping
 
 
-# --------------------------------------------------------------------------- processes, devices
+POSITIVE_FIELDS = ("epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "grad_accum",
+                   "save_latest_every", "log_every")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Flags that would crash later or do nothing, refused up front with the flag's name."""
+    for name in POSITIVE_FIELDS:
+        if getattr(cfg, name) < 1:
+            raise ClipCapError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup", "num_workers", "val_captions", "num_layers"):
+        if getattr(cfg, name) < 0:
+            raise ClipCapError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ClipCapError(f"--max_steps must be at least 1, got {cfg.max_steps}")
+    if not (cfg.lr > 0 and np.isfinite(cfg.lr)):
+        raise ClipCapError(f"--lr must be a positive number, got {cfg.lr}")
+    if not (cfg.clip_grad >= 0 and np.isfinite(cfg.clip_grad)):
+        raise ClipCapError(f"--clip_grad must be a non-negative number, got {cfg.clip_grad}")
+
+
+def run_files(out_dir: Path, prefix: str) -> list[Path]:
+    """The files a run with ``prefix`` writes into ``out_dir`` (that exist)."""
+    p = glob.escape(str(out_dir / prefix))
+    patterns = ("_resume.pt", "_config.json", "_log.jsonl", "-[0-9][0-9][0-9].*", "_latest.*", "_best.*")
+    return sorted({Path(f) for pattern in patterns for f in glob.glob(p + pattern)})
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """The output folder can be written, and a fresh run will not overwrite another run's files
+    (whose ``.pt`` files would then load with this run's config) unless ``--overwrite`` says so."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClipCapError(f"--out_dir {out_dir}: not a folder")
+    check_output_path(out_dir / f"{cfg.prefix}_config.json", "--out_dir")
+    existing = run_files(out_dir, cfg.prefix)
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise ClipCapError(f"--out_dir {out_dir}: holds a run with prefix {cfg.prefix!r} ({existing[0].name}, ...); "
+                           f"continue it with --resume {out_dir}, or pass --overwrite to replace it")
 
 
 @dataclass
@@ -202,15 +248,18 @@ def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureS
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, write checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history)."""
+    check_config(cfg)
     procs = start_processes(cfg.device)
     device = pick_device(cfg.device, procs)
     autocast_dtype = pick_precision(cfg.precision, device)
     out_dir = Path(cfg.out_dir)
+    if procs.main:
+        check_out_dir(cfg)
 
     features = load_features(cfg.data)
     val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
     clip_model, note = features_clip(cfg, features, val_features)
-    log = RunLog(out_dir, cfg.prefix, enabled=procs.main)
+    log = RunLog(out_dir, cfg.prefix, enabled=procs.main, fresh=not cfg.resume)
     if note:
         log.text(note)
     tokenizer = load_tokenizer(cfg.gpt2)
@@ -220,11 +269,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mapping_type=cfg.mapping_type, num_layers=cfg.num_layers, only_prefix=cfg.only_prefix,
         normalize_prefix=cfg.normalize_prefix, gpt2=cfg.gpt2, clip_model=clip_model)).to(device)
     max_positions = model.gpt.config.n_positions - cfg.prefix_length
+    if max_positions < 1:
+        raise ClipCapError(f"--prefix_length {cfg.prefix_length} leaves no room for a caption: "
+                           f"{cfg.gpt2} takes {model.gpt.config.n_positions} positions")
     if procs.main:  # the first process writes the token cache, the others read it
-        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions)
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
     procs.barrier()
     if not procs.main:
-        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions)
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
     token_counts = torch.from_numpy(np.minimum(np.diff(dataset.offsets), dataset.max_length))
 
     global_batch = cfg.bs * procs.world * cfg.grad_accum
@@ -244,7 +296,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if procs.world > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    val = ValidationSet(val_features, cfg, tokenizer, max_positions) if val_features is not None else None
+    val = ValidationSet(cfg, val_features, tokenizer, max_positions) if val_features is not None else None
+    guard = LossGuard(device, cfg.skip_nonfinite, dataset.features, cfg.data)
     if procs.main:
         save_config(model.config, out_dir / f"{cfg.prefix}_config.json")
         log.text(f"{len(dataset):,} captions, {steps_per_epoch:,} steps/epoch of {global_batch} "
@@ -263,9 +316,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         micro_batches = iter(loader)
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not procs.main, dynamic_ncols=True)
+        guard.bar = bar  # closed before an error, so that the message starts a line of its own
         window = Throughput(device)
         for step in range(first, steps_per_epoch):
             step_tokens = int(token_counts[batches[step]].sum())
+            step_losses = []
             for micro in range(cfg.grad_accum):
                 tokens, lengths, embeds, positions = next(micro_batches)
                 tokens, embeds, positions = (t.to(device, non_blocking=True) for t in (tokens, embeds, positions))
@@ -274,21 +329,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     loss_sum = step_model(embeds, tokens, positions, reduction="sum")
                     # DDP averages gradients over processes; scale so the step's gradient is the global token mean
                     scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
-                window.add(loss_sum.detach(), len(positions), len(lengths))
-            if cfg.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+                step_losses.append((loss_sum.detach(), len(positions), len(lengths)))
+            if guard.observe([loss for loss, _, _ in step_losses], state["global_step"] + 1, batches[step]):
+                for loss, n_tokens, n_samples in step_losses:
+                    window.add(loss, n_tokens, n_samples)
+                if cfg.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.update(epoch=epoch, step=step + 1, global_step=state["global_step"] + 1)
             steps_this_run += 1
             bar.update(1)
 
-            if state["global_step"] % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+            logging = state["global_step"] % cfg.log_every == 0 or step + 1 == steps_per_epoch
+            saving = state["global_step"] % cfg.save_latest_every == 0 or steps_this_run == cfg.max_steps
+            if logging or saving:
+                guard.check()  # before any checkpoint is written, and with the values read to log anyway
+            if logging:
                 record = window.flush(procs) | {"epoch": epoch + 1, "step": state["global_step"],
                                                 "lr": scheduler.get_last_lr()[0]}
+                if guard.skipped:
+                    record["skipped_nonfinite"] = guard.skipped
                 state["history"].append(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 log.scalars(record)
@@ -306,6 +370,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
 
         state.update(epoch=epoch + 1, step=0)
+        guard.check()
         if procs.main:
             if val is not None:
                 metrics = val.evaluate(model)
@@ -322,6 +387,68 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             plot_history(state["history"], out_dir / f"{cfg.prefix}_loss.png")
         procs.barrier()
     return summary(out_dir, cfg, state, log, finished=True)
+
+
+class NonFiniteLoss(ClipCapError):
+    """Training met a NaN or infinite loss (and --skip_nonfinite was not given)."""
+
+
+class LossGuard:
+    """Stops training at the first non-finite loss, naming the step and its captions, before any
+    checkpoint is written; or, with ``skip``, skips such steps (no optimizer step) and counts them.
+
+    Checking ``torch.isfinite(loss)`` on the host every step would make a GPU run wait for each
+    step to finish before queuing the next. So: on the CPU, and with ``skip`` (which must know
+    before the optimizer step), each step is checked at once. On a GPU, the first bad step's
+    number is recorded on the device and read by ``check()``, which the loop calls when it logs
+    (a read that happens anyway) and before every checkpoint, validation or resume write; the
+    weights are also checked finite by ``save_checkpoint`` itself. In several processes each
+    checks its own losses: a bad batch in any process stops that process, and torchrun then
+    ends the others.
+    """
+
+    def __init__(self, device: torch.device, skip: bool, features: FeatureSet, source: str):
+        self.eager = device.type != "cuda" or skip
+        self.skip, self.features, self.source = skip, features, source
+        self.skipped = 0
+        self.bar: tqdm | None = None
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first bad step, on the device
+        self.batches: dict[int, torch.Tensor] = {}  # step -> its caption indices, since the last check
+
+    def observe(self, losses: list[torch.Tensor], step: int, captions: torch.Tensor) -> bool:
+        """Whether the step's optimizer update may go ahead."""
+        finite = torch.stack([torch.isfinite(loss) for loss in losses]).all()
+        if self.eager:
+            if bool(finite):
+                return True
+            if not self.skip:
+                self.fail(step, captions)
+            self.skipped += 1
+            return False
+        self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, step)
+        self.batches[step] = captions
+        return True
+
+    def check(self) -> None:
+        """Raise if a step since the last check had a non-finite loss (one read from the device)."""
+        if not self.eager:
+            step = int(self.first_bad)
+            if step >= 0:
+                self.fail(step, self.batches[step])
+            self.batches.clear()
+
+    def fail(self, step: int, captions: torch.Tensor) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        indices = captions.tolist()
+        ids = [self.features.image_ids[i] for i in indices[:5]]
+        raise NonFiniteLoss(f"{self.source}: non-finite loss at step {step}, in the batch of captions "
+                            f"{_examples(indices)} (image ids {_examples(ids)}); nothing was saved from this step "
+                            "on. Lower --lr, use --clip_grad, or pass --skip_nonfinite to skip such batches")
+
+
+def _examples(values: list[Any], n: int = 5) -> str:
+    return ", ".join(map(repr, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
 
 
 class Throughput:
@@ -361,9 +488,10 @@ class Throughput:
 class ValidationSet:
     """Validation loss over a held-out feature file and, optionally, CIDEr of greedy captions."""
 
-    def __init__(self, features: FeatureSet, cfg: TrainConfig, tokenizer: Any, max_positions: int):
+    def __init__(self, cfg: TrainConfig, features: FeatureSet, tokenizer: Any, max_positions: int):
         self.features = features
-        self.dataset = CaptionDataset(self.features, tokenizer, tokens_cache_path(cfg.val_data), max_positions)
+        self.dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.val_data), max_positions,
+                                      source=cfg.val_data)
         self.tokenizer, self.bs, self.num_images = tokenizer, cfg.bs, cfg.val_captions
 
     @torch.no_grad()
@@ -432,25 +560,43 @@ def find_resume_file(path: str, prefix: str) -> Path:
     return p
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "state")
+
+
 def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
             scaler: torch.amp.GradScaler) -> dict[str, Any]:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ClipCapError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:200]})") from None
-    theirs = ClipCapConfig.from_dict(json.loads(saved["config"]))
+        saved = load_pt(path)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise ClipCapError(f"{path}: unreadable resume state ({first_line(e)})") from None
+    if not isinstance(saved, dict) or any(k not in saved for k in RESUME_KEYS) or not isinstance(saved["model"], dict):
+        raise ClipCapError(f"{path}: not a resume state of train.py (expected the {prefix_of(path)}_resume.pt "
+                           "that training writes, holding model, optimizer and progress)")
+    try:
+        theirs = parse_config(json.loads(saved["config"]), path)
+        progress = json.loads(saved["state"])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ClipCapError(f"{path}: resume state has an unreadable config or progress ({e})") from None
+    check_finite(saved["model"], path)
     if theirs.only_prefix != model.config.only_prefix:
         raise ClipCapError(f"{path}: checkpoint has only_prefix {theirs.only_prefix}, "
                            f"model built with {model.config.only_prefix}")
     check_compatible(saved["model"], model, path, theirs)
     load_state(model, saved["model"], path)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClipCapError(f"{path}: resume state's optimizer does not fit this run ({first_line(e)})") from None
     torch.set_rng_state(saved["rng"]["cpu"])
     if "cuda" in saved["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return json.loads(saved["state"])
+    return progress
+
+
+def prefix_of(path: Path) -> str:
+    return path.name.removesuffix("_resume.pt") if path.name.endswith("_resume.pt") else "{prefix}"
 
 
 # --------------------------------------------------------------------------- logs and plots
@@ -459,12 +605,14 @@ def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, schedu
 class RunLog:
     """Rank 0's record of a run: JSONL and TensorBoard scalars, and messages printed above the bar."""
 
-    def __init__(self, out_dir: Path, prefix: str, enabled: bool):
+    def __init__(self, out_dir: Path, prefix: str, enabled: bool, fresh: bool):
         self.enabled = enabled
         self.path = out_dir / f"{prefix}_log.jsonl"
         self.writer = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if fresh:  # a new run (--overwrite) starts a new log; a resumed one appends
+                self.path.unlink(missing_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out_dir / "tensorboard" / prefix))

@@ -22,9 +22,9 @@ def same_outputs(a, b):
 
 
 def test_config_path_for():
-    assert config_path_for("out/coco_prefix-009.pt").name == "coco_prefix_config.json"
-    assert config_path_for("out/coco_prefix_latest.safetensors").name == "coco_prefix_config.json"
-    assert config_path_for("out/coco_prefix_best.pt").name == "coco_prefix_config.json"
+    """Each .pt has its own config, never one shared by a run (which a later run could change)."""
+    assert config_path_for("out/coco_prefix-009.pt").name == "coco_prefix-009.json"
+    assert config_path_for("out/coco_prefix_best.pt").name == "coco_prefix_best.json"
 
 
 def test_safetensors_round_trip_is_self_contained(tmp_path, gpt2_dir):
@@ -62,10 +62,13 @@ def test_original_pt_without_config_loads_by_shape(tmp_path, gpt2_dir, mapping):
     same_outputs(model, loaded)
 
 
-def test_pt_uses_config_json_beside_it(tmp_path, gpt2_dir):
+def test_pt_uses_its_own_config(tmp_path, gpt2_dir):
+    """save_checkpoint pairs a .pt with its config; a run-wide config beside it is not read."""
     model = tiny(gpt2_dir, normalize_prefix=True)
     save_checkpoint(model, tmp_path / "run-003.pt")
-    save_config(model.config, tmp_path / "run_config.json")
+    assert (tmp_path / "run-003.json").is_file()
+    assert load_checkpoint(tmp_path / "run-003.pt").config.normalize_prefix
+    save_config(tiny(gpt2_dir).config, tmp_path / "run_config.json")  # a later run's, with normalize_prefix off
     assert load_checkpoint(tmp_path / "run-003.pt").config.normalize_prefix
 
 
@@ -104,7 +107,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, gpt2_dir, monkeypatch)
     with pytest.raises(OSError):
         save_checkpoint(model, path)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt"]  # no temporary file left
 
 
 def test_config_json_is_plain(tmp_path, gpt2_dir):
