@@ -1,4 +1,4 @@
-"""What the scripts share: atomic file writes, one-line errors, the choice of device."""
+"""What the scripts share: atomic file writes, one-line errors, safe reads."""
 from __future__ import annotations
 
 import contextlib
@@ -112,15 +112,6 @@ def read_json(path: Path, what: str = "annotations") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name is kept."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _umask() -> int:

@@ -30,8 +30,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import CLIP_BY_WIDTH, check_compatible, clip_for_width, load_state, save_checkpoint, save_config
 from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
-from .features import OPENAI_CHECKPOINTS
-from .files import ClipCapError, atomic_write, resolve_device
+from .encoder import OPENAI_CHECKPOINTS
+from .files import ClipCapError, atomic_write
+from .runtime import resolve_device
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, real_token_positions
 
 
