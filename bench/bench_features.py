@@ -62,7 +62,7 @@ def original_loop(encoder, captions: list[tuple[Path, str]]) -> float:
     """parse_coco.py's loop: per caption, imread + preprocess + encode_image on a batch of one."""
     start = time.perf_counter()
     for path, _ in captions:
-        image = encoder.preprocess([Image.fromarray(skio.imread(path))])
+        image = encoder.transform([Image.fromarray(skio.imread(path))])
         encoder.encode(image).cpu()
     return time.perf_counter() - start
 
@@ -98,7 +98,7 @@ def main() -> None:
         paths = coco_like_images(tmp / "images", args.images)
         captions = [(p, f"caption {j}") for p in paths for j in range(args.captions_per_image)]
         encoder = load_image_encoder(str(clip_dir), args.device)
-        encoder.encode(encoder.preprocess([Image.open(paths[0]).convert("RGB")]))  # warm-up
+        encoder.encode(encoder.transform([Image.open(paths[0]).convert("RGB")]))  # warm-up
 
         # Rounds alternate which method goes first (A B, B A, ...): a change of load on a shared
         # machine then falls on both alike.

@@ -143,17 +143,13 @@ class ImageEncoder:
         self.device = device
         self.dtype = dtype
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> normalised float32 pixels [B, 3, H, W] (CPU)."""
-        return self.transform(images)
-
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels [B, 3, H, W] -> float32 embeddings [B, D] on the encoder's device."""
         return self.embed(pixels.to(self.device, self.dtype)).float()
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.encode(self.preprocess(images))
+        return self.encode(self.transform(images))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -80,6 +80,7 @@ class _Images(Dataset):
         return i, self.transform.crop(image), None
 
 
+# A batch of the good crops, and the failures beside it as (index, reason).
 def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]
     pixels = torch.stack([p for _, p in good]) if good else None
@@ -117,7 +118,7 @@ def _encode_shard(shard: Shard, encoder: ImageEncoder, store: Path, batch_size: 
     feature_store.write_shard(store, shard.name, embeddings, captions, image_ids, rows, skipped, written_by)
 
 
-def clip_fingerprint(name: str) -> str | None:
+def _clip_fingerprint(name: str) -> str | None:
     """A local CLIP directory's files by name, size and time (its weights and preprocessing); None for a hub name."""
     folder = Path(name)
     if not folder.is_dir():
@@ -186,7 +187,7 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
         if num_workers is None:
             num_workers = max(1, min(8, (os.cpu_count() or 1) // procs.local_world - 1))
         dtype = dtype or default_dtype(device)
-        _check_job(store, {"clip_model": clip_model, "clip_files": clip_fingerprint(clip_model),
+        _check_job(store, {"clip_model": clip_model, "clip_files": _clip_fingerprint(clip_model),
                            "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels, **(settings or {}),
                            "shards": {s.name: s.fingerprint for s in shards}})
         for folder in (store, store / feature_store.SHARD_DIR):  # what killed runs left

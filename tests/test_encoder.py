@@ -96,7 +96,7 @@ def test_bad_images_raise_one_clear_error(tmp_path):
 def test_encoder_gives_clip_image_features(clip_dir):
     encoder = load_image_encoder(clip_dir)
     images = [photo((50, 40)), photo((30, 90)).convert("L").convert("RGB")]
-    pixels = encoder.preprocess(images)
+    pixels = encoder.transform(images)
     assert pixels.shape == (2, 3, 32, 32) and encoder.dim == 16
     with torch.no_grad():
         expected = CLIPModel.from_pretrained(clip_dir).get_image_features(pixel_values=pixels).pooler_output

@@ -214,8 +214,8 @@ def nocaps(tmp_path):
 def test_parse_nocaps_keys_features_by_nocaps_id(nocaps, clip_dir, tmp_path, monkeypatch, capsys):
     annotations, folder = nocaps
     out = tmp_path / "nocaps.pkl"
-    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model_type", clip_dir,
-               "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model", clip_dir,
+               "--out", out, "--num_workers", 0, "--device", "cpu", monkeypatch=monkeypatch)  # the new spellings
     features = load_original_pickle(out)
     assert features.clip_model == str(clip_dir)
     assert features.image_ids == [7] * 10 + [0] * 10
