@@ -26,8 +26,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from clipcap.captioner import Captioner
-from clipcap.features import load_image
-from clipcap.files import ClipCapError, resolve_device, run_cli
+from clipcap.encoder import load_image
+from clipcap.files import ClipCapError, run_cli
+from clipcap.runtime import resolve_device
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # 8000 x 5000; decoding one takes 120 MB

@@ -23,7 +23,8 @@ import torch
 from clipcap.evaluation import (ENTIRE, SCORERS, SPICE_JARS_ENV, Evaluation, Scorer, domain_table, image_files,
                                 image_key, load_annotations, load_results, match_images, write_scores)
 from clipcap.data import load_features
-from clipcap.files import ClipCapError, atomic_write, check_output_path, resolve_device, run_cli
+from clipcap.files import ClipCapError, atomic_write, check_output_path, run_cli
+from clipcap.runtime import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

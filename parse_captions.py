@@ -1,47 +1,6 @@
-"""Encode your own captioned images with CLIP, each image once, into a feature pickle (or a feature store).
-
-    python parse_captions.py data/photos                   # imagefolder: data/photos/metadata.jsonl -> data/photos_ViT-B_32.pkl
-    python parse_captions.py data/captions.csv --images_root data/images
-    python parse_captions.py data/flickr30k/dataset_flickr30k.json --split train --images_root data/flickr30k/images
-
-Sources:
-- a folder in Hugging Face's imagefolder layout: metadata.jsonl or metadata.csv with file_name and
-  text (or caption: one caption, a JSONL list of several, or several rows per image);
-- a CSV, JSONL or TSV file with an image column (file_name, image, path) and a caption column
-  (text, caption); a TSV may be headerless path<TAB>caption; paths relative to the file or --images_root;
-- Karpathy's dataset_flickr30k.json / dataset_flickr8k.json, by --split (train = train + restval).
-
-Image ids are Karpathy's imgid, else the image path as the file writes it; the same source is the
-references of evaluate.py (--annotations SOURCE, with --split for Karpathy's files). Missing or
-unreadable images are skipped and listed. Killed, it resumes when run again with the same arguments.
-"""
-import argparse
-from pathlib import Path
-
-from clipcap.features import add_extraction_arguments, extract_to, model_tag
-from clipcap.files import run_cli
-from clipcap.sources import KARPATHY_SPLITS, caption_shards
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="image folder with metadata.jsonl/csv, a CSV/TSV/JSONL file, or Karpathy's Flickr JSON")
-    parser.add_argument("--images_root", default=None, help="where image paths start (default: the source's folder)")
-    parser.add_argument("--split", default=None, choices=list(KARPATHY_SPLITS), help="Karpathy's files only")
-    parser.add_argument("--out_path", default=None, help="default: beside the source, {name}_{clip model}[_{split}].pkl "
-                                                         "(no .pkl with --feature_store)")
-    add_extraction_arguments(parser)
-    args = parser.parse_args(argv)
-
-    source = Path(args.source)
-    shards = caption_shards(source, args.images_root, args.split, args.shard_size)
-    where = source.resolve()
-    name = where.name if where.is_dir() else where.stem
-    out = args.out_path or where.parent / (f"{name}_{model_tag(args.clip_model_type)}"
-                                           + (f"_{args.split}" if args.split else "")
-                                           + ("" if args.feature_store else ".pkl"))
-    extract_to(shards, out, args, split=args.split, annotations=str(source))
-
+"""Encode your own captioned images with CLIP into a feature pickle (usage: python parse_captions.py -h)."""
+from clipcap.cli import run
+from clipcap.cli.parse_captions import main
 
 if __name__ == "__main__":
-    run_cli(main)
+    run(main)

@@ -5,7 +5,7 @@ Same CLIP architecture (ViT-B/32 size, random weights: no download), same COCO-s
 
 - original: for every caption, read the image (skimage.io.imread, as the original), preprocess,
   encode a batch of one; each image is therefore encoded 5 times.
-- ours: clipcap.features.extract: each image once, decoded in DataLoader workers, batched, written
+- ours: clipcap.extraction.extract: each image once, decoded in DataLoader workers, batched, written
   to a feature store; timed from loading CLIP to the finished store.
 
 The images are split into rounds that alternate which method runs first, so that a change of load
@@ -28,7 +28,8 @@ from skimage import data as photos
 from skimage import io as skio
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from clipcap.features import ImageItem, extract, load_image_encoder
+from clipcap.encoder import load_image_encoder
+from clipcap.extraction import ImageItem, extract
 from clipcap.sources import chunked
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
@@ -61,13 +62,13 @@ def original_loop(encoder, captions: list[tuple[Path, str]]) -> float:
     """parse_coco.py's loop: per caption, imread + preprocess + encode_image on a batch of one."""
     start = time.perf_counter()
     for path, _ in captions:
-        image = encoder.preprocess([Image.fromarray(skio.imread(path))])
+        image = encoder.transform([Image.fromarray(skio.imread(path))])
         encoder.encode(image).cpu()
     return time.perf_counter() - start
 
 
 def pipeline(clip_dir: Path, captions: list[tuple[Path, str]], out: Path, args) -> float:
-    """clipcap.features.extract on the same captions, from loading CLIP to the written store."""
+    """clipcap.extraction.extract on the same captions, from loading CLIP to the written store."""
     paths = list(dict.fromkeys(p for p, _ in captions))
     items = [ImageItem(i, [c for p, c in captions if p == path], str(path)) for i, path in enumerate(paths)]
     start = time.perf_counter()
@@ -97,7 +98,7 @@ def main() -> None:
         paths = coco_like_images(tmp / "images", args.images)
         captions = [(p, f"caption {j}") for p in paths for j in range(args.captions_per_image)]
         encoder = load_image_encoder(str(clip_dir), args.device)
-        encoder.encode(encoder.preprocess([Image.open(paths[0]).convert("RGB")]))  # warm-up
+        encoder.encode(encoder.transform([Image.open(paths[0]).convert("RGB")]))  # warm-up
 
         # Rounds alternate which method goes first (A B, B A, ...): a change of load on a shared
         # machine then falls on both alike.

@@ -22,11 +22,10 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .data import FeatureSet
 from .decoding import caption_embeddings
+from .encoder import IMAGE_EXTENSIONS
 from .files import ClipCapError
 from .hub import push_to_hub, resolve_checkpoint, save_pretrained
 from .model import ClipCap, load_tokenizer
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def image_paths(sources: Sequence[str | Path]) -> list[Path]:
@@ -38,9 +37,9 @@ def image_paths(sources: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for source in map(str, sources):
         if Path(source).is_dir():
-            found = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             if not found:
-                raise ClipCapError(f"{source}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise ClipCapError(f"{source}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
         elif glob.has_magic(source):
             found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
             if not found:
@@ -93,7 +92,7 @@ class Captioner:
     def encoder(self):
         """The CLIP image encoder, loaded once; it must produce the width the checkpoint takes."""
         if self._encoder is None:
-            from .features import load_image_encoder
+            from .encoder import load_image_encoder
 
             encoder = load_image_encoder(self.clip_model, self.device)
             if encoder.dim != self.model.config.prefix_size:
@@ -104,7 +103,7 @@ class Captioner:
 
     def embed(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """CLIP embeddings [N, D] of image files or PIL images (a bad file raises ClipCapError)."""
-        from .features import load_image
+        from .encoder import load_image
 
         pictures = [image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in images]
         return self.encoder(pictures)
@@ -126,7 +125,7 @@ class Captioner:
                       **decoding: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """COCO results ``[{"image_id": path, "caption"}]`` (``num_captions`` per image, best first),
         and one line per file that could not be read; the other files are captioned regardless."""
-        from .features import load_image
+        from .encoder import load_image
 
         results: list[dict[str, Any]] = []
         problems: list[str] = []

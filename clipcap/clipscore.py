@@ -5,7 +5,7 @@
 
 as in Hessel's reference code: CLIP ViT-B/32; every text, caption and reference alike, is read
 as "A photo depicts " + text, cut to the text tower's context length (its end token kept);
-embeddings are L2-normalised; images go through OpenAI's preprocessing (:mod:`clipcap.features`).
+embeddings are L2-normalised; images go through OpenAI's preprocessing (:mod:`clipcap.encoder`).
 The scores are the mean over images of the per-image values.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .features import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder
+from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder
 from .files import ClipCapError
 
 PREFIX = "A photo depicts "

@@ -35,8 +35,10 @@ from tqdm import tqdm
 from .captioner import Captioner
 from .data import FeatureSet, load_features, save_original_pickle
 from .evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
-from .features import OPENAI_CHECKPOINTS, extract
-from .files import ClipCapError, atomic_write, resolve_device
+from .encoder import OPENAI_CHECKPOINTS
+from .extraction import extract
+from .files import ClipCapError, atomic_write
+from .runtime import resolve_device
 from .sources import coco_images, coco_shards
 from .tiny import make_tiny_clip, make_tiny_gpt2
 from .training import TrainConfig, train

@@ -1,4 +1,4 @@
-"""What the scripts share: atomic file writes, one-line errors, the choice of device."""
+"""What the scripts share: atomic file writes, one-line errors, safe reads."""
 from __future__ import annotations
 
 import contextlib
@@ -125,15 +125,6 @@ def check_output_path(path: str | Path, flag: str) -> None:
         raise ClipCapError(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ClipCapError(f"{flag} {path}: cannot write in {parent}")
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; any other name is kept."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _umask() -> int:

@@ -1,7 +1,7 @@
 """Where the images and captions come from: COCO, nocaps and Conceptual Captions, in the layouts in use.
 
-Each reader turns its layout into :class:`clipcap.features.Shard` s of images with their
-captions; :func:`clipcap.features.extract` encodes them. Readers list files, they decode nothing.
+Each reader turns its layout into :class:`clipcap.extraction.Shard` s of images with their
+captions; :func:`clipcap.extraction.extract` encodes them. Readers list files, they decode nothing.
 
 - COCO: Karpathy's ``dataset_coco.json`` (by split) or the original's ``train_caption.json``
   (a list of ``{"image_id", "caption"}``); images under ``train2014/`` and ``val2014/``.
@@ -22,10 +22,10 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .features import ImageItem, Shard
+from .encoder import IMAGE_EXTENSIONS
+from .extraction import ImageItem, Shard
 from .files import ClipCapError, atomic_write, open_regular, read_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Karpathy split names, and what each of our --split values takes from them.
 KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",),
                    "trainval": ("train", "restval", "val")}

@@ -37,9 +37,10 @@ from transformers import get_linear_schedule_with_warmup
 from .checkpoint import (CLIP_BY_WIDTH, check_compatible, check_finite, clip_for_width, first_line, load_pt,
                          load_state, parse_config, save_checkpoint, save_config)
 from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
-from .features import OPENAI_CHECKPOINTS
-from .files import ClipCapError, atomic_write, check_output_path, resolve_device
+from .encoder import OPENAI_CHECKPOINTS
+from .files import ClipCapError, atomic_write, check_output_path
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
+from .runtime import resolve_device
 
 
 @dataclass

@@ -13,14 +13,14 @@ from PIL import Image
 from skimage import data as photos
 
 from clipcap.checkpoint import save_checkpoint
+from clipcap.cli.parse_captions import main as parse_captions
 from clipcap.data import load_features
 from clipcap.evaluation import load_references
-from clipcap.features import load_image, load_image_encoder
+from clipcap.encoder import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-PARSE = runpy.run_path(str(REPO / "parse_captions.py"))["main"]
 EVALUATE = runpy.run_path(str(REPO / "evaluate.py"))["main"]
 
 # The images every layout describes (path as written -> captions), and one listed but missing.
@@ -100,7 +100,7 @@ LAYOUTS = ["imagefolder_jsonl", "imagefolder_csv", "csv", "jsonl", "tsv_headerle
 def test_parse_captions_reads_every_layout(layout, tmp_path, clip_dir, capsys):
     args, expected = make_layout(tmp_path, layout)
     out = tmp_path / "features.pkl"
-    PARSE([*args, "--clip_model_type", clip_dir, "--out_path", str(out), "--num_workers", "0", "--shard_size", "2"])
+    parse_captions([*args, "--clip_model_type", clip_dir, "--out_path", str(out), "--num_workers", "0", "--shard_size", "2"])
     features = load_features(out)
     got: dict = {}
     for image_id, caption in zip(features.image_ids, features.captions):
@@ -127,7 +127,7 @@ def test_parse_captions_reads_every_layout(layout, tmp_path, clip_dir, capsys):
 
 def test_karpathy_splits_and_default_output_name(tmp_path, clip_dir):
     args, _ = make_layout(tmp_path, "karpathy")
-    PARSE([args[0], "--images_root", str(tmp_path / "images"), "--split", "test", "--clip_model_type", clip_dir,
+    parse_captions([args[0], "--images_root", str(tmp_path / "images"), "--split", "test", "--clip_model_type", clip_dir,
            "--num_workers", "0"])
     features = load_features(tmp_path / f"dataset_flickr30k_{Path(clip_dir).name}_test.pkl")
     assert set(features.image_ids) == {2} and len(features) == 3
@@ -140,7 +140,7 @@ def test_evaluate_scores_features_of_your_own_data(tmp_path, clip_dir, gpt2_dir,
     """The whole path: parse_captions.py, a checkpoint, evaluate.py with the image folder as references
     (less the image that is missing, so only the common images are scored)."""
     args, _ = make_layout(tmp_path, "imagefolder_jsonl")
-    PARSE([*args, "--clip_model_type", clip_dir, "--num_workers", "0"])
+    parse_captions([*args, "--clip_model_type", clip_dir, "--num_workers", "0"])
     features = tmp_path / f"photos_{Path(clip_dir).name}.pkl"
     torch.manual_seed(0)
     model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4, clip_model=clip_dir))

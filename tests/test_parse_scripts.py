@@ -17,8 +17,9 @@ from PIL import Image
 from skimage import data as photos
 
 from clipcap import store
+from clipcap.cli.parse_conceptual import parse_args
 from clipcap.data import load_features, load_original_pickle
-from clipcap.features import load_image, load_image_encoder
+from clipcap.encoder import load_image, load_image_encoder
 from clipcap.sources import add_period, conceptual_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,10 +184,11 @@ def test_parse_conceptual_reads_every_layout_alike(clip_dir, tmp_path, monkeypat
 
 def test_parse_conceptual_takes_the_original_command_line():
     """The original README's line: --num_threads (its download threads) sets the decoding workers."""
-    script = runpy.run_path(str(REPO / "parse_conceptual.py"), run_name="not_main")
-    args = script["parse_args"](["--clip_model_type", "ViT-B/32", "--data_root", "/data/cc", "--num_threads", "16"])
-    assert (args.clip_model_type, args.data_root, args.num_workers, args.split) == ("ViT-B/32", "/data/cc", 16, "both")
-    assert script["parse_args"]([]).num_workers is None  # the default worker count still applies
+    args = parse_args(["--clip_model_type", "ViT-B/32", "--data_root", "/data/cc", "--num_threads", "16",
+                       "--out_path", "cc.pkl"])
+    assert (args.clip_model, args.data_root, args.num_workers, args.split, args.out) == \
+        ("ViT-B/32", "/data/cc", 16, "both", "cc.pkl")
+    assert parse_args([]).num_workers is None and parse_args([]).device == "auto"  # the defaults still apply
 
 
 @pytest.fixture
@@ -212,8 +214,8 @@ def nocaps(tmp_path):
 def test_parse_nocaps_keys_features_by_nocaps_id(nocaps, clip_dir, tmp_path, monkeypatch, capsys):
     annotations, folder = nocaps
     out = tmp_path / "nocaps.pkl"
-    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model_type", clip_dir,
-               "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    run_script("parse_nocaps.py", "--annotations", annotations, "--images", folder, "--clip_model", clip_dir,
+               "--out", out, "--num_workers", 0, "--device", "cpu", monkeypatch=monkeypatch)  # the new spellings
     features = load_original_pickle(out)
     assert features.clip_model == str(clip_dir)
     assert features.image_ids == [7] * 10 + [0] * 10

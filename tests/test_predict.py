@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from clipcap.captioner import Captioner, image_paths
 from clipcap.checkpoint import infer_config, save_checkpoint
 from clipcap.data import load_features
-from clipcap.features import load_image, load_image_encoder
+from clipcap.encoder import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 from conftest import write_feature_pickle

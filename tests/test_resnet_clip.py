@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from clipcap import resnet_clip
-from clipcap.features import Preprocess, load_image_encoder, model_tag
+from clipcap.encoder import Preprocess, load_image_encoder
+from clipcap.extraction import model_tag
 from clipcap.files import ClipCapError
 from clipcap.tiny import make_tiny_resnet_clip
 

@@ -191,7 +191,7 @@ def photo_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_store(tmp_path_factory, clip_dir, photo_dir):
     """Features of the photos made by the real extraction with the tiny CLIP, which the store records."""
-    from clipcap.features import ImageItem, extract
+    from clipcap.extraction import ImageItem, extract
     from clipcap.sources import chunked
 
     corpus = caption_corpus()
