@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from clipcap.tiny import train_tokenizer
+from clipcap.model import ClipCapConfig
 from clipcap.training import TrainConfig, train
 
 COCO_CAPTIONS = 566_747  # Karpathy train + restval
@@ -83,10 +84,11 @@ def main() -> None:
         gpt2, data = make_run_files(Path(tmp), size, bs * (steps + 1))
         for mode, settings in MODES.items():
             start = time.perf_counter()
-            result = train(TrainConfig(data=data, gpt2=gpt2, out_dir=str(Path(tmp) / "out"), bs=bs, epochs=1,
+            model = ClipCapConfig(gpt2=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
+            result = train(TrainConfig(model=model, data=data, out_dir=str(Path(tmp) / "out"), batch_size=bs, epochs=1,
                                        max_steps=steps, log_every=log_every, precision=precision,
                                        device=args.device, compile=args.compile, num_workers=args.num_workers,
-                                       prefix_length=10, prefix_length_clip=10, warmup=100, **settings))
+                                       warmup=100))
             timed = result["history"][1:]  # the first window holds warm-up (and compilation)
             samples_per_s = sum(r["samples_per_s"] for r in timed) / len(timed)
             tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)

@@ -14,7 +14,6 @@ import glob
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -150,12 +149,7 @@ class Captioner:
         if features.dim != self.model.config.prefix_size:
             raise ClipCapError(f"{source}: features are {features.dim}-d, but the checkpoint takes "
                                f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")
-        first: dict[Any, int] = {}
-        for image_id, row in zip(features.image_ids, features.image_index):
-            first.setdefault(image_id, int(row))
-        rows = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-        embeds = features.embeddings[torch.from_numpy(rows)] if isinstance(features.embeddings, torch.Tensor) \
-            else torch.from_numpy(np.asarray(features.embeddings[rows]))  # a memory map or a store reads just these
-        embeds = embeds.float()
-        captions = self.caption_embeddings(embeds, batch_size=batch_size, progress=len(rows) > batch_size, **decoding)
-        return [{"image_id": image_id, "caption": c} for image_id, cs in zip(first, captions) for c in cs]
+        image_ids, rows = features.first_rows()
+        captions = self.caption_embeddings(features.embeddings_at(rows), batch_size=batch_size,
+                                           progress=len(rows) > batch_size, **decoding)
+        return [{"image_id": image_id, "caption": c} for image_id, cs in zip(image_ids, captions) for c in cs]

@@ -49,6 +49,16 @@ class FeatureSet:
             return self.embeddings[torch.from_numpy(rows)].float()
         return torch.as_tensor(np.asarray(self.embeddings[rows]), dtype=torch.float32)
 
+    def first_rows(self, limit: int | None = None) -> tuple[list[Any], np.ndarray]:
+        """Each image's id and embedding row, images in order of first appearance (the first ``limit``)."""
+        first: dict[Any, int] = {}
+        for image_id, row in zip(self.image_ids, self.image_index):
+            if image_id not in first:
+                if len(first) == limit:
+                    break
+                first[image_id] = int(row)
+        return list(first), np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
     def validate(self, source: str | Path) -> None:
         """Check the caption -> embedding indices and that every embedding is finite, naming the
         first bad ones: a NaN row would otherwise train to NaN weights without a word."""

@@ -41,6 +41,7 @@ from .files import ClipCapError, atomic_write
 from .runtime import resolve_device
 from .sources import coco_images, coco_shards
 from .tiny import make_tiny_clip, make_tiny_gpt2
+from .model import ClipCapConfig
 from .training import TrainConfig, train
 
 # --------------------------------------------------------------------------- 1. the dataset
@@ -190,9 +191,9 @@ def blank(features: FeatureSet) -> FeatureSet:
 
 def train_captioner(data: Path, out_dir: Path, recipe: Recipe, epochs: int, seed: int, device: str) -> dict[str, Any]:
     """train.py's training: MLP mapper, GPT-2 fine-tuned, the recipe's optimisation."""
-    return train(TrainConfig(data=str(data), out_dir=str(out_dir), prefix="shapes", epochs=epochs, bs=recipe.bs,
-                             lr=recipe.lr, warmup=recipe.warmup, gpt2=recipe.gpt2, clip_model=recipe.clip_model,
-                             seed=seed, device=device, num_workers=0, log_every=10))
+    return train(TrainConfig(model=ClipCapConfig(gpt2=recipe.gpt2), data=str(data), out_dir=str(out_dir),
+                             prefix="shapes", epochs=epochs, batch_size=recipe.bs, lr=recipe.lr, warmup=recipe.warmup,
+                             clip_model=recipe.clip_model, seed=seed, device=device, num_workers=0, log_every=10))
 
 
 def caption_and_score(checkpoint: str, features: FeatureSet, references: dict, scorer: Scorer,

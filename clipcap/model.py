@@ -18,21 +18,26 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 MAPPING_TYPES = ("mlp", "transformer")
 
 
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A config field and its command-line help; ``flags=("--a", "--b")`` spells its flag otherwise."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class ClipCapConfig:
-    """Everything needed to rebuild a ClipCap model; written as JSON beside each checkpoint."""
+    """Everything needed to rebuild a ClipCap model; stored in each checkpoint."""
 
-    prefix_length: int = 10  # K: number of prefix vectors fed to GPT-2
-    prefix_length_clip: int = 10  # transformer mapper only: tokens the CLIP vector is split into
-    prefix_size: int = 512  # D: CLIP embedding width (ViT-B/32 512, RN50x4 640, ViT-L/14 768)
-    mapping_type: str = "mlp"
-    num_layers: int = 8  # transformer mapper depth
-    num_heads: int = 8  # transformer mapper heads
-    only_prefix: bool = False  # GPT-2 frozen; only the mapper is trained and saved
-    normalize_prefix: bool = False  # L2-normalise CLIP embeddings (training and inference alike)
-    gpt2: str = "gpt2"  # Hugging Face name or local directory of GPT-2 and its tokenizer
-    clip_model: str = "ViT-B/32"  # the CLIP that produced the features (for captioning images)
-    gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2 architecture, filled on build
+    prefix_length: int = setting(10, "K: prefix vectors fed to GPT-2")
+    prefix_length_clip: int = setting(10, "transformer mapper: tokens the CLIP embedding is split into")
+    prefix_size: int = setting(512, "D: CLIP embedding width (ViT-B/32 512, RN50x4 640, ViT-L/14 768)")
+    mapping_type: str = setting("mlp", "mapping network", choices=MAPPING_TYPES)
+    num_layers: int = setting(8, "transformer mapper: layers")
+    num_heads: int = setting(8, "transformer mapper: attention heads")
+    only_prefix: bool = setting(False, "freeze GPT-2: train and save the mapper only")
+    normalize_prefix: bool = setting(False, "L2-normalise CLIP embeddings, in training and inference alike")
+    gpt2: str = setting("gpt2", "GPT-2 and its tokenizer: a Hugging Face name or a local folder")
+    clip_model: str = setting("ViT-B/32", "the CLIP that made the features (what captioning images loads)")
+    gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2's architecture, filled on build
 
     def __post_init__(self) -> None:
         if self.mapping_type not in MAPPING_TYPES:

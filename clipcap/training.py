@@ -1,28 +1,25 @@
 """Training ClipCap on cached CLIP features: one process or many (torchrun), resumable.
 
-Read top to bottom: configuration, the data order, the loop, checkpoints and logs.
+Read top to bottom: the configuration, the data order, then :func:`train`: :func:`setup`, the
+training :func:`step`, and :func:`end_of_epoch`, the logs and the loss plot.
 
 Where this differs from the original's loop (on purpose):
 - Each batch is padded to its own longest caption and the loss ignores padding only
   (the original padded to one global length and ignored token 0, which is the real "!").
 - Prefix-only mode computes no gradients for GPT-2's weights.
 - The loss of an optimizer step is the mean over all real tokens of the global batch, however
-  it is split over processes (``--bs`` per process) and accumulation steps (``--grad_accum``),
-  so N processes with batch B equal one process with batch N*B.
-
-Everything that can be checked is checked before the first step (flags, the output folder, the
-data and validation data, GPT-2), and a non-finite loss stops the run before any checkpoint
-can hold its weights (see ``LossGuard``).
+  it is split over processes (``--batch_size`` per process) and accumulation steps
+  (``--grad_accum``), so N processes with batch B equal one process with batch N*B.
+- Everything that can be checked is checked before the first step (flags, the output folder,
+  the data and validation data, GPT-2), and a non-finite loss stops the run before any
+  checkpoint can hold its weights (:class:`LossGuard`).
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
-import pickle
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,128 +31,72 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import (CLIP_BY_WIDTH, check_compatible, check_finite, clip_for_width, first_line, load_pt,
-                         load_state, parse_config, save_checkpoint, save_config)
-from .data import CaptionDataset, FeatureSet, load_features, tokens_cache_path
+from .checkpoint import (CLIP_BY_WIDTH, RunFiles, clip_for_width, find_resume_file, restore, save_config,
+                         save_resume, save_weights)
+from .data import Batch, CaptionDataset, FeatureSet, load_features, tokens_cache_path
 from .encoder import OPENAI_CHECKPOINTS
-from .files import ClipCapError, atomic_write, check_output_path
-from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer
-from .runtime import resolve_device
+from .files import ClipCapError, atomic_write, check_output_path, remove_stale_temp_files
+from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
+from .runtime import Processes, pick_device, start_processes
 
 
 @dataclass
 class TrainConfig:
-    """Defaults are the paper's (COCO, MLP mapper, GPT-2 fine-tuned, batch 40, 10 epochs)."""
+    """A training run; the defaults are the paper's (COCO, MLP mapper, GPT-2 fine-tuned, batch 40, 10 epochs).
 
-    data: str = "./data/coco/oscar_split_ViT-B_32_train.pkl"
-    out_dir: str = "./checkpoints"
-    prefix: str = "coco_prefix"
-    epochs: int = 10
-    save_every: int = 1
-    prefix_length: int = 10
-    prefix_length_clip: int = 10
-    bs: int = 40  # per process; the global batch is bs * processes * grad_accum
-    only_prefix: bool = False
-    mapping_type: str = "mlp"
-    num_layers: int = 8
-    normalize_prefix: bool = False
-    lr: float = 2e-5
-    warmup: int = 5000
-    gpt2: str = "gpt2"
-    clip_model: str | None = None  # default: the CLIP the training features record
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0  # a batch is one NumPy gather in this process; workers only add copies between processes
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on GPUs that have it, else fp32)
-    grad_accum: int = 1
-    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping (the original)
-    compile: bool = False
-    resume: str | None = None
-    save_original_format: bool = False
-    save_latest_every: int = 10_000  # optimizer steps between {prefix}_latest checkpoints
-    max_steps: int | None = None  # stop (resumably) after this many steps in this run
-    val_data: str | None = None
-    val_captions: int = 0  # CIDEr on this many validation images each epoch (greedy captions)
-    log_every: int = 20
-    overwrite: bool = False  # start afresh in an out_dir that holds files of a run with the same prefix
-    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf (no optimizer step) instead of stopping
+    ``model.prefix_size`` and ``model.clip_model`` come from the features; train.py's flags are
+    these fields and the model's (:mod:`clipcap.cli.train`).
+    """
 
+    model: ClipCapConfig = field(default_factory=ClipCapConfig)
+    data: str = setting("./data/coco/oscar_split_ViT-B_32_train.pkl", "feature pickle or feature store folder")
+    out_dir: str = setting("./checkpoints", "the run's folder", flags=("--out", "--out_dir"))
+    prefix: str = setting("coco_prefix", "the run's file names start with it")
+    epochs: int = setting(10, "epochs")
+    save_every: int = setting(1, "write {prefix}-{epoch}.safetensors every this many epochs")
+    batch_size: int = setting(40, "captions per process and step (global batch: x processes x grad_accum)",
+                              flags=("--batch_size", "--bs"))
+    lr: float = setting(2e-5, "AdamW's learning rate (eps 1e-6, no weight decay)")
+    warmup: int = setting(5000, "linear warm-up steps, then linear decay to 0")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    clip_grad: float = setting(0.0, "max gradient norm (0: no clipping, as the original)")
+    precision: str = setting("auto", "autocast: auto is bf16 on GPUs that have it, else fp32",
+                             choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model")
+    seed: int = setting(0, "initial weights and data order")
+    clip_model: str | None = setting(None, "the CLIP that made the features (default: the one they record; "
+                                           "for the original's pickles, the CLIP of their width)")
+    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1 ...")
+    num_workers: int = setting(0, "DataLoader workers (a batch is one NumPy gather: 0 is usually fastest)")
+    resume: str | None = setting(None, "continue the run in this folder (or this {prefix}_resume.pt)")
+    overwrite: bool = setting(False, "start afresh even where a run with this prefix left files")
+    max_steps: int | None = setting(None, "stop after this many steps (resumable)")
+    save_latest_every: int = setting(10_000, "write {prefix}_latest and the resume state every this many steps")
+    save_original_format: bool = setting(False, "also write the original's .pt beside each .safetensors")
+    val_data: str | None = setting(None, "validation features: loss each epoch, {prefix}_best kept")
+    val_captions: int = setting(0, "also CIDEr of greedy captions of this many validation images each epoch")
+    log_every: int = setting(20, "steps between log lines")
+    skip_nonfinite: bool = setting(False, "skip a batch whose loss is NaN or inf instead of stopping")
 
-POSITIVE_FIELDS = ("epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "grad_accum",
-                   "save_latest_every", "log_every")
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Flags that would crash later or do nothing, refused up front with the flag's name."""
-    for name in POSITIVE_FIELDS:
-        if getattr(cfg, name) < 1:
-            raise ClipCapError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup", "num_workers", "val_captions", "num_layers"):
-        if getattr(cfg, name) < 0:
-            raise ClipCapError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ClipCapError(f"--max_steps must be at least 1, got {cfg.max_steps}")
-    if not (cfg.lr > 0 and np.isfinite(cfg.lr)):
-        raise ClipCapError(f"--lr must be a positive number, got {cfg.lr}")
-    if not (cfg.clip_grad >= 0 and np.isfinite(cfg.clip_grad)):
-        raise ClipCapError(f"--clip_grad must be a non-negative number, got {cfg.clip_grad}")
-
-
-def run_files(out_dir: Path, prefix: str) -> list[Path]:
-    """The files a run with ``prefix`` writes into ``out_dir`` (that exist)."""
-    p = glob.escape(str(out_dir / prefix))
-    patterns = ("_resume.pt", "_config.json", "_log.jsonl", "-[0-9][0-9][0-9].*", "_latest.*", "_best.*")
-    return sorted({Path(f) for pattern in patterns for f in glob.glob(p + pattern)})
-
-
-def check_out_dir(cfg: TrainConfig) -> None:
-    """The output folder can be written, and a fresh run will not overwrite another run's files
-    (whose ``.pt`` files would then load with this run's config) unless ``--overwrite`` says so."""
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ClipCapError(f"--out_dir {out_dir}: not a folder")
-    check_output_path(out_dir / f"{cfg.prefix}_config.json", "--out_dir")
-    existing = run_files(out_dir, cfg.prefix)
-    if existing and not cfg.resume and not cfg.overwrite:
-        raise ClipCapError(f"--out_dir {out_dir}: holds a run with prefix {cfg.prefix!r} ({existing[0].name}, ...); "
-                           f"continue it with --resume {out_dir}, or pass --overwrite to replace it")
-
-
-@dataclass
-class Processes:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-
-def start_processes(device: str) -> Processes:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes()
-    if not torch_dist.is_initialized():
-        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
-        torch_dist.init_process_group(backend)
-    return Processes(torch_dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(name: str, procs: Processes) -> torch.device:
-    device = torch.device(resolve_device(name))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", procs.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-    return device
+    def check(self) -> None:
+        """Settings that would crash later or do nothing, refused with the flag's name."""
+        at_least_one = {"epochs": self.epochs, "save_every": self.save_every, "batch_size": self.batch_size,
+                        "grad_accum": self.grad_accum, "save_latest_every": self.save_latest_every,
+                        "log_every": self.log_every, "prefix_length": self.model.prefix_length,
+                        "prefix_length_clip": self.model.prefix_length_clip, "num_heads": self.model.num_heads,
+                        "max_steps": 1 if self.max_steps is None else self.max_steps}
+        not_negative = {"warmup": self.warmup, "num_workers": self.num_workers, "val_captions": self.val_captions,
+                        "num_layers": self.model.num_layers}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ClipCapError(f"--{name} must be at least 1, got {value}")
+        for name, value in not_negative.items():
+            if value < 0:
+                raise ClipCapError(f"--{name} must not be negative, got {value}")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ClipCapError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.clip_grad >= 0 and np.isfinite(self.clip_grad)):
+            raise ClipCapError(f"--clip_grad must be a non-negative number, got {self.clip_grad}")
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -168,18 +109,51 @@ def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     return choices[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def make_optimizer(model: ClipCap, lr: float) -> torch.optim.AdamW:
-    """The original's AdamW (eps 1e-6, no weight decay) over the trainable weights, fused:
-    one kernel for all tensors, several times faster than the per-tensor loop on CPU and GPU."""
+    """The original's AdamW (eps 1e-6, no weight decay) over the trainable weights, fused into one kernel."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-6,
                              weight_decay=0.0, fused=True)
 
 
-# --------------------------------------------------------------------------- data order
+# --------------------------------------------------------------------------- the features' CLIP
+
+
+def same_clip(a: str, b: str) -> bool:
+    """Whether two CLIP names mean one model (``ViT-B/32`` is ``openai/clip-vit-base-patch32``;
+    a local folder is itself however its path is spelled)."""
+    def identity(name: str) -> str:
+        name = OPENAI_CHECKPOINTS.get(name, name)
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
+    return identity(a) == identity(b)
+
+
+def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureSet | None) -> tuple[str, str | None]:
+    """The CLIP the checkpoint records (what captioning images will load), and a note when it is a guess.
+
+    The training features name it; ``--clip_model`` may name it too, and must agree. Features
+    that do not (the original's pickles) get ``--clip_model``, or the CLIP of their width.
+    """
+    recorded = features.clip_model
+    if recorded and cfg.clip_model and not same_clip(recorded, cfg.clip_model):
+        raise ClipCapError(f"--clip_model {cfg.clip_model}: {cfg.data} was made with CLIP {recorded}")
+    if val_features is not None:
+        if val_features.dim != features.dim:
+            raise ClipCapError(f"--val_data {cfg.val_data}: {val_features.dim}-d embeddings, but the training "
+                               f"features are {features.dim}-d")
+        theirs, ours = val_features.clip_model, recorded or cfg.clip_model
+        if theirs and ours and not same_clip(theirs, ours):
+            raise ClipCapError(f"--val_data {cfg.val_data}: made with CLIP {theirs}, the training features with {ours}")
+    if cfg.clip_model or recorded:
+        return cfg.clip_model or recorded, None
+    guess = clip_for_width(features.dim)
+    if features.dim in CLIP_BY_WIDTH:
+        return guess, (f"{cfg.data} does not name its CLIP: recording {guess}, the CLIP of {features.dim}-d "
+                       "embeddings (--clip_model names another)")
+    return guess, (f"{cfg.data} does not name its CLIP and no known CLIP gives {features.dim}-d embeddings: "
+                   f"recording {guess}; pass --clip_model to name the right one")
+
+
+# --------------------------------------------------------------------------- the data order
 
 
 def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
@@ -205,189 +179,217 @@ class MicroBatches:
                 yield step[start:start + self.bs].tolist()
 
 
-# --------------------------------------------------------------------------- the features' CLIP
-
-
-def same_clip(a: str, b: str) -> bool:
-    """Whether two CLIP names mean one model (``ViT-B/32`` is ``openai/clip-vit-base-patch32``;
-    a local directory is itself however its path is spelled)."""
-    def identity(name: str) -> str:
-        name = OPENAI_CHECKPOINTS.get(name, name)
-        return str(Path(name).resolve()) if Path(name).is_dir() else name
-    return identity(a) == identity(b)
-
-
-def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureSet | None) -> tuple[str, str | None]:
-    """The CLIP the checkpoint records (what captioning images will load), and a note when it is a guess.
-
-    The training features name it; ``--clip_model`` may name it too, and must agree. Features
-    that do not (the original's pickles) get ``--clip_model``, or the CLIP of their width.
-    """
-    recorded = features.clip_model
-    if recorded and cfg.clip_model and not same_clip(recorded, cfg.clip_model):
-        raise ClipCapError(f"--clip_model {cfg.clip_model}: {cfg.data} was made with CLIP {recorded}")
-    if val_features is not None:
-        if val_features.dim != features.dim:
-            raise ClipCapError(f"--val_data {cfg.val_data}: {val_features.dim}-d embeddings, but the training "
-                               f"features are {features.dim}-d")
-        theirs = val_features.clip_model
-        ours = recorded or cfg.clip_model
-        if theirs and ours and not same_clip(theirs, ours):
-            raise ClipCapError(f"--val_data {cfg.val_data}: made with CLIP {theirs}, the training features with {ours}")
-    if cfg.clip_model or recorded:
-        return cfg.clip_model or recorded, None
-    guess = clip_for_width(features.dim)
-    if features.dim in CLIP_BY_WIDTH:
-        return guess, (f"{cfg.data} does not name its CLIP: recording {guess}, the CLIP of {features.dim}-d "
-                       "embeddings (--clip_model names another)")
-    return guess, (f"{cfg.data} does not name its CLIP and no known CLIP gives {features.dim}-d embeddings: "
-                   f"recording {guess}; pass --clip_model to name the right one")
-
-
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: TrainConfig
+    procs: Processes
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    files: RunFiles
+    model: ClipCap
+    step_model: nn.Module  # the model as the step calls it: compiled and/or wrapped by DDP
+    dataset: CaptionDataset
+    token_counts: torch.Tensor  # real tokens per caption, after truncation
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    state: dict[str, Any]  # epoch, step, global_step, history, best: what a resume continues from
+    log: RunLog
+    guard: LossGuard
+    val: ValidationSet | None
+    global_batch: int
+    steps_per_epoch: int
+
+    def save_resume(self) -> None:
+        if self.procs.main:
+            save_resume(self.files.resume, self.model, self.optimizer, self.scheduler, self.scaler, self.state)
+
+    def save_weights(self, stem: Path) -> None:
+        save_weights(self.model, stem, self.cfg.save_original_format)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, write checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history)."""
-    check_config(cfg)
+    """Train, writing checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history)."""
+    run = setup(cfg)
+    state, steps_this_run = run.state, 0
+    for epoch in range(state["epoch"], cfg.epochs):
+        run.model.train()
+        batches = epoch_batches(len(run.dataset), run.global_batch, cfg.seed, epoch)
+        first = state["step"] if epoch == state["epoch"] else 0
+        loader = DataLoader(run.dataset, sampler=MicroBatches(batches[first:], run.procs, cfg.batch_size,
+                                                              cfg.grad_accum),
+                            batch_size=None, num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG (dropout) alone
+        micro_batches = iter(loader)
+        run.guard.bar = bar = tqdm(total=run.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                   disable=not run.procs.main, dynamic_ncols=True)
+        window = Throughput(run.device)
+        for step in range(first, run.steps_per_epoch):
+            micro = [next(micro_batches) for _ in range(cfg.grad_accum)]
+            window.add(*train_step(run, micro, batches[step]))
+            state.update(epoch=epoch, step=step + 1, global_step=state["global_step"] + 1)
+            steps_this_run += 1
+            bar.update(1)
+            stopping = steps_this_run == cfg.max_steps
+            logging = state["global_step"] % cfg.log_every == 0 or step + 1 == run.steps_per_epoch
+            latest = state["global_step"] % cfg.save_latest_every == 0
+            if logging or latest or stopping:
+                run.guard.check()  # before any checkpoint is written, and with the values read to log anyway
+            if logging:
+                record = window.flush(run.procs) | {"epoch": epoch + 1, "step": state["global_step"],
+                                                    "lr": run.scheduler.get_last_lr()[0]}
+                if run.guard.skipped:
+                    record["skipped_nonfinite"] = run.guard.skipped
+                state["history"].append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                run.log.scalars(record)
+            if latest and run.procs.main:
+                run.save_weights(run.files.named("latest"))
+            if latest or stopping:
+                run.save_resume()
+            if stopping:
+                bar.close()
+                run.log.text(f"stopped after {steps_this_run} steps (--max_steps); continue with "
+                             f"--resume {cfg.out_dir}")
+                run.procs.barrier()
+                return summary(run, finished=False)
+        bar.close()
+        end_of_epoch(run, epoch)
+    return summary(run, finished=True)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check everything that can be checked, then build the run: processes, data, model, optimizer, resume."""
+    cfg.check()
     procs = start_processes(cfg.device)
     device = pick_device(cfg.device, procs)
     autocast_dtype = pick_precision(cfg.precision, device)
-    out_dir = Path(cfg.out_dir)
+    files = RunFiles(Path(cfg.out_dir), cfg.prefix)
     if procs.main:
-        check_out_dir(cfg)
+        check_out_dir(cfg, files)
 
     features = load_features(cfg.data)
     val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
     clip_model, note = features_clip(cfg, features, val_features)
-    log = RunLog(out_dir, cfg.prefix, enabled=procs.main, fresh=not cfg.resume)
+    log = RunLog(files, enabled=procs.main, fresh=not cfg.resume)
     if note:
         log.text(note)
-    tokenizer = load_tokenizer(cfg.gpt2)
+    tokenizer = load_tokenizer(cfg.model.gpt2)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    model = build_model(ClipCapConfig(
-        prefix_length=cfg.prefix_length, prefix_length_clip=cfg.prefix_length_clip, prefix_size=features.dim,
-        mapping_type=cfg.mapping_type, num_layers=cfg.num_layers, only_prefix=cfg.only_prefix,
-        normalize_prefix=cfg.normalize_prefix, gpt2=cfg.gpt2, clip_model=clip_model)).to(device)
-    max_positions = model.gpt.config.n_positions - cfg.prefix_length
+    config = ClipCapConfig(**{**cfg.model.to_dict(), "prefix_size": features.dim, "clip_model": clip_model,
+                              "gpt2_config": {}})
+    model = build_model(config).to(device)
+    max_positions = model.gpt.config.n_positions - config.prefix_length
     if max_positions < 1:
-        raise ClipCapError(f"--prefix_length {cfg.prefix_length} leaves no room for a caption: "
-                           f"{cfg.gpt2} takes {model.gpt.config.n_positions} positions")
+        raise ClipCapError(f"--prefix_length {config.prefix_length} leaves no room for a caption: "
+                           f"{config.gpt2} takes {model.gpt.config.n_positions} positions")
     if procs.main:  # the first process writes the token cache, the others read it
         dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
     procs.barrier()
     if not procs.main:
         dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
-    token_counts = torch.from_numpy(np.minimum(np.diff(dataset.offsets), dataset.max_length))
 
-    global_batch = cfg.bs * procs.world * cfg.grad_accum
+    global_batch = cfg.batch_size * procs.world * cfg.grad_accum
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
         raise ClipCapError(f"{cfg.data}: {len(dataset)} captions, fewer than one global batch of {global_batch}")
-    total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-
     state = {"epoch": 0, "step": 0, "global_step": 0, "history": [], "best": None}
     if cfg.resume:
         state = restore(find_resume_file(cfg.resume, cfg.prefix), model, optimizer, scheduler, scaler)
 
     step_model: nn.Module = torch.compile(model) if cfg.compile else model
     if procs.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
-
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
     val = ValidationSet(cfg, val_features, tokenizer, max_positions) if val_features is not None else None
-    guard = LossGuard(device, cfg.skip_nonfinite, dataset.features, cfg.data)
     if procs.main:
-        save_config(model.config, out_dir / f"{cfg.prefix}_config.json")
+        save_config(model.config, files.config)
         log.text(f"{len(dataset):,} captions, {steps_per_epoch:,} steps/epoch of {global_batch} "
-                 f"({procs.world} process(es) x bs {cfg.bs} x accum {cfg.grad_accum}), {device}, "
+                 f"({procs.world} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}), {device}, "
                  f"precision {autocast_dtype or torch.float32}, trainable params "
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    token_counts = torch.from_numpy(np.minimum(np.diff(dataset.offsets), dataset.max_length))
+    return Run(cfg, procs, device, autocast_dtype, files, model, step_model, dataset, token_counts, optimizer,
+               scheduler, scaler, state, log, LossGuard(device, cfg.skip_nonfinite, features, cfg.data), val,
+               global_batch, steps_per_epoch)
 
-    steps_this_run = 0
-    for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        batches = epoch_batches(len(dataset), global_batch, cfg.seed, epoch)
-        first = state["step"] if epoch == state["epoch"] else 0
-        loader = DataLoader(dataset, sampler=MicroBatches(batches[first:], procs, cfg.bs, cfg.grad_accum),
-                            batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(epoch))  # leaves the global RNG (dropout) alone
-        micro_batches = iter(loader)
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not procs.main, dynamic_ncols=True)
-        guard.bar = bar  # closed before an error, so that the message starts a line of its own
-        window = Throughput(device)
-        for step in range(first, steps_per_epoch):
-            step_tokens = int(token_counts[batches[step]].sum())
-            step_losses = []
-            for micro in range(cfg.grad_accum):
-                tokens, lengths, embeds, positions = next(micro_batches)
-                tokens, embeds, positions = (t.to(device, non_blocking=True) for t in (tokens, embeds, positions))
-                syncing = micro == cfg.grad_accum - 1 or procs.world == 1
-                with step_model.no_sync() if not syncing else nullcontext(), autocast(device, autocast_dtype):
-                    loss_sum = step_model(embeds, tokens, positions, reduction="sum")
-                    # DDP averages gradients over processes; scale so the step's gradient is the global token mean
-                    scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
-                step_losses.append((loss_sum.detach(), len(positions), len(lengths)))
-            if guard.observe([loss for loss, _, _ in step_losses], state["global_step"] + 1, batches[step]):
-                for loss, n_tokens, n_samples in step_losses:
-                    window.add(loss, n_tokens, n_samples)
-                if cfg.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.update(epoch=epoch, step=step + 1, global_step=state["global_step"] + 1)
-            steps_this_run += 1
-            bar.update(1)
 
-            logging = state["global_step"] % cfg.log_every == 0 or step + 1 == steps_per_epoch
-            saving = state["global_step"] % cfg.save_latest_every == 0 or steps_this_run == cfg.max_steps
-            if logging or saving:
-                guard.check()  # before any checkpoint is written, and with the values read to log anyway
-            if logging:
-                record = window.flush(procs) | {"epoch": epoch + 1, "step": state["global_step"],
-                                                "lr": scheduler.get_last_lr()[0]}
-                if guard.skipped:
-                    record["skipped_nonfinite"] = guard.skipped
-                state["history"].append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                log.scalars(record)
-            if state["global_step"] % cfg.save_latest_every == 0 and procs.main:
-                save_weights(model, out_dir / f"{cfg.prefix}_latest", cfg.save_original_format)
-                save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
-            if cfg.max_steps is not None and steps_this_run >= cfg.max_steps:
-                bar.close()
-                if procs.main:
-                    save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
-                    log.text(f"stopped after {steps_this_run} steps (--max_steps); continue with "
-                             f"--resume {out_dir}")
-                procs.barrier()
-                return summary(out_dir, cfg, state, log, finished=False)
-        bar.close()
+def check_out_dir(cfg: TrainConfig, files: RunFiles) -> None:
+    """The run's folder can be written, and a fresh run will not overwrite another run's files
+    (whose ``.pt`` files would then load with this run's config) unless ``--overwrite`` says so."""
+    if files.folder.exists() and not files.folder.is_dir():
+        raise ClipCapError(f"--out_dir {files.folder}: not a folder")
+    check_output_path(files.config, "--out_dir")
+    existing = files.existing()
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise ClipCapError(f"--out_dir {files.folder}: holds a run with prefix {cfg.prefix!r} ({existing[0].name}, "
+                           f"...); continue it with --resume {files.folder}, or pass --overwrite to replace it")
+    if files.folder.is_dir():
+        remove_stale_temp_files(files.folder)
 
-        state.update(epoch=epoch + 1, step=0)
-        guard.check()
-        if procs.main:
-            if val is not None:
-                metrics = val.evaluate(model)
-                state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
-                log.scalars({"step": state["global_step"], **metrics})
-                log.text(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                score = metrics.get("val_CIDEr", -metrics["val_loss"])
-                if state["best"] is None or score > state["best"]["score"]:
-                    state["best"] = {"epoch": epoch + 1, "score": score, **metrics}
-                    save_weights(model, out_dir / f"{cfg.prefix}_best", cfg.save_original_format)
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                save_weights(model, out_dir / f"{cfg.prefix}-{epoch:03d}", cfg.save_original_format)
-            save_resume(out_dir / f"{cfg.prefix}_resume.pt", model, optimizer, scheduler, scaler, state)
-            plot_history(state["history"], out_dir / f"{cfg.prefix}_loss.png")
-        procs.barrier()
-    return summary(out_dir, cfg, state, log, finished=True)
+
+def train_step(run: Run, micro_batches: list[Batch], captions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step over the global batch ``captions``; returns its loss sum, tokens and samples here."""
+    cfg, procs = run.cfg, run.procs
+    step_tokens = int(run.token_counts[captions].sum())
+    losses, tokens_here, samples_here = [], 0, 0
+    for i, batch in enumerate(micro_batches):
+        tokens, embeds, positions = (t.to(run.device, non_blocking=True)
+                                     for t in (batch.tokens, batch.embeddings, batch.positions))
+        syncing = i == len(micro_batches) - 1 or procs.world == 1
+        with run.step_model.no_sync() if not syncing else nullcontext(), autocast(run.device, run.autocast_dtype):
+            loss_sum = run.step_model(embeds, tokens, positions, reduction="sum")
+            # DDP averages gradients over processes; scale so the step's gradient is the global token mean
+            run.scaler.scale(loss_sum * (procs.world / step_tokens)).backward()
+        losses.append(loss_sum.detach())
+        tokens_here += len(batch.positions)
+        samples_here += len(batch.lengths)
+    total = torch.stack(losses).sum()
+    if not run.guard.observe(losses, run.state["global_step"] + 1, captions):
+        total, tokens_here, samples_here = total.new_zeros(()), 0, 0  # a skipped step is not logged
+    else:
+        if cfg.clip_grad > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return total, tokens_here, samples_here
+
+
+def end_of_epoch(run: Run, epoch: int) -> None:
+    """Validation (keeping the best epoch), the epoch's checkpoint, the resume state and the loss plot."""
+    cfg, state = run.cfg, run.state
+    state.update(epoch=epoch + 1, step=0)
+    run.guard.check()
+    if run.procs.main:
+        if run.val is not None:
+            metrics = run.val.evaluate(run.model)
+            state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
+            run.log.scalars({"step": state["global_step"], **metrics})
+            run.log.text(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            score = metrics.get("val_CIDEr", -metrics["val_loss"])
+            if state["best"] is None or score > state["best"]["score"]:
+                state["best"] = {"epoch": epoch + 1, "score": score, **metrics}
+                run.save_weights(run.files.named("best"))
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            run.save_weights(run.files.epoch(epoch))
+        run.save_resume()
+        plot_history(state["history"], run.files.loss_plot)
+    run.procs.barrier()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class NonFiniteLoss(ClipCapError):
@@ -398,14 +400,12 @@ class LossGuard:
     """Stops training at the first non-finite loss, naming the step and its captions, before any
     checkpoint is written; or, with ``skip``, skips such steps (no optimizer step) and counts them.
 
-    Checking ``torch.isfinite(loss)`` on the host every step would make a GPU run wait for each
-    step to finish before queuing the next. So: on the CPU, and with ``skip`` (which must know
-    before the optimizer step), each step is checked at once. On a GPU, the first bad step's
-    number is recorded on the device and read by ``check()``, which the loop calls when it logs
-    (a read that happens anyway) and before every checkpoint, validation or resume write; the
-    weights are also checked finite by ``save_checkpoint`` itself. In several processes each
-    checks its own losses: a bad batch in any process stops that process, and torchrun then
-    ends the others.
+    Reading ``torch.isfinite(loss)`` every step would make a GPU run wait for each step before
+    queuing the next. So on the CPU, and with ``skip`` (which must know before the optimizer
+    step), each step is checked at once; on a GPU the first bad step is recorded on the device
+    and read by :meth:`check`, which the loop calls when it logs (a read it makes anyway) and
+    before every checkpoint. ``save_checkpoint`` checks the weights finite as well. Under
+    torchrun each process checks its own losses, and torchrun ends the others when one stops.
     """
 
     def __init__(self, device: torch.device, skip: bool, features: FeatureSet, source: str):
@@ -440,7 +440,7 @@ class LossGuard:
 
     def fail(self, step: int, captions: torch.Tensor) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.close()  # so that the message starts a line of its own
         indices = captions.tolist()
         ids = [self.features.image_ids[i] for i in indices[:5]]
         raise NonFiniteLoss(f"{self.source}: non-finite loss at step {step}, in the batch of captions "
@@ -493,15 +493,15 @@ class ValidationSet:
         self.features = features
         self.dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.val_data), max_positions,
                                       source=cfg.val_data)
-        self.tokenizer, self.bs, self.num_images = tokenizer, cfg.bs, cfg.val_captions
+        self.tokenizer, self.batch_size, self.num_images = tokenizer, cfg.batch_size, cfg.val_captions
 
     @torch.no_grad()
     def evaluate(self, model: ClipCap) -> dict[str, float]:
         model.eval()
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for start in range(0, len(self.dataset), self.bs):
-            batch = self.dataset[range(start, min(start + self.bs, len(self.dataset)))]
+        for start in range(0, len(self.dataset), self.batch_size):
+            batch = self.dataset[range(start, min(start + self.batch_size, len(self.dataset)))]
             total += float(model(batch.embeddings.to(device), batch.tokens.to(device), batch.positions.to(device),
                                  reduction="sum"))
             count += len(batch.positions)
@@ -515,89 +515,15 @@ class ValidationSet:
         from .decoding import caption_embeddings
         from .evaluation import score
 
-        references: dict[Any, list[str]] = {}
-        rows: dict[Any, int] = {}
-        for caption, row, image_id in zip(self.features.captions, self.features.image_index, self.features.image_ids):
-            if image_id in rows or len(rows) < self.num_images:
-                rows.setdefault(image_id, int(row))
-                references.setdefault(image_id, []).append(caption)
-        embeds = self.features.embeddings_at(np.array(list(rows.values())))
-        captions = caption_embeddings(model, self.tokenizer, embeds.to(next(model.parameters()).device),
-                                      strategy="greedy")
-        results = [{"image_id": i, "caption": c[0]} for i, c in zip(rows, captions)]
+        image_ids, rows = self.features.first_rows(limit=self.num_images)
+        references: dict[Any, list[str]] = {i: [] for i in image_ids}
+        for caption, image_id in zip(self.features.captions, self.features.image_ids):
+            if image_id in references:
+                references[image_id].append(caption)
+        embeds = self.features.embeddings_at(rows).to(next(model.parameters()).device)
+        captions = caption_embeddings(model, self.tokenizer, embeds, strategy="greedy")
+        results = [{"image_id": i, "caption": c[0]} for i, c in zip(image_ids, captions)]
         return score(results, references, metrics=("CIDEr",))["CIDEr"]
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_weights(model: ClipCap, stem: Path, original_format: bool) -> None:
-    """``stem.safetensors`` (ours), and ``stem.pt`` (the original's layout) when asked."""
-    save_checkpoint(model, stem.with_name(stem.name + ".safetensors"))
-    if original_format:
-        save_checkpoint(model, stem.with_name(stem.name + ".pt"))
-
-
-def save_resume(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where this step ended (loadable with weights_only=True)."""
-    trainable = {k: v for k, v in model.state_dict().items()
-                 if not model.config.only_prefix or k.startswith("clip_project.")}
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with atomic_write(path) as tmp:
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng, "config": json.dumps(model.config.to_dict()),
-                    "state": json.dumps(state)}, tmp)
-
-
-def find_resume_file(path: str, prefix: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / f"{prefix}_resume.pt"
-    if not p.is_file():
-        raise ClipCapError(f"{p}: no resume state to continue from")
-    return p
-
-
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "state")
-
-
-def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    try:
-        saved = load_pt(path)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ClipCapError(f"{path}: unreadable resume state ({first_line(e)})") from None
-    if not isinstance(saved, dict) or any(k not in saved for k in RESUME_KEYS) or not isinstance(saved["model"], dict):
-        raise ClipCapError(f"{path}: not a resume state of train.py (expected the {prefix_of(path)}_resume.pt "
-                           "that training writes, holding model, optimizer and progress)")
-    try:
-        theirs = parse_config(json.loads(saved["config"]), path)
-        progress = json.loads(saved["state"])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ClipCapError(f"{path}: resume state has an unreadable config or progress ({e})") from None
-    check_finite(saved["model"], path)
-    if theirs.only_prefix != model.config.only_prefix:
-        raise ClipCapError(f"{path}: checkpoint has only_prefix {theirs.only_prefix}, "
-                           f"model built with {model.config.only_prefix}")
-    check_compatible(saved["model"], model, path, theirs)
-    load_state(model, saved["model"], path)
-    try:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ClipCapError(f"{path}: resume state's optimizer does not fit this run ({first_line(e)})") from None
-    torch.set_rng_state(saved["rng"]["cpu"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return progress
-
-
-def prefix_of(path: Path) -> str:
-    return path.name.removesuffix("_resume.pt") if path.name.endswith("_resume.pt") else "{prefix}"
 
 
 # --------------------------------------------------------------------------- logs and plots
@@ -606,17 +532,17 @@ def prefix_of(path: Path) -> str:
 class RunLog:
     """Rank 0's record of a run: JSONL and TensorBoard scalars, and messages printed above the bar."""
 
-    def __init__(self, out_dir: Path, prefix: str, enabled: bool, fresh: bool):
+    def __init__(self, files: RunFiles, enabled: bool, fresh: bool):
         self.enabled = enabled
-        self.path = out_dir / f"{prefix}_log.jsonl"
+        self.path = files.log
         self.writer = None
         if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            files.folder.mkdir(parents=True, exist_ok=True)
             if fresh:  # a new run (--overwrite) starts a new log; a resumed one appends
                 self.path.unlink(missing_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard" / prefix))
+            self.writer = SummaryWriter(str(files.folder / "tensorboard" / files.prefix))
 
     def text(self, message: str) -> None:
         if self.enabled:
@@ -657,25 +583,21 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def summary(out_dir: Path, cfg: TrainConfig, state: dict[str, Any], log: RunLog, finished: bool) -> dict[str, Any]:
-    last_epoch = state["epoch"] - 1
-    result = {"finished": finished, "out_dir": str(out_dir), "history": state["history"], "best": state["best"],
-              "checkpoint": str(out_dir / f"{cfg.prefix}-{last_epoch:03d}.safetensors") if finished else None,
-              "resume": str(out_dir / f"{cfg.prefix}_resume.pt"), "config": str(out_dir / f"{cfg.prefix}_config.json"),
-              "log": str(log.path), "loss_plot": str(out_dir / f"{cfg.prefix}_loss.png")}
+def summary(run: Run, finished: bool) -> dict[str, Any]:
+    """What the run wrote, and its history; printed when it finished."""
+    files, state = run.files, run.state
+    stem = files.epoch(state["epoch"] - 1)
+    checkpoint = stem.with_name(stem.name + ".safetensors") if finished else None
+    result = {"finished": finished, "out_dir": str(files.folder), "history": state["history"], "best": state["best"],
+              "checkpoint": str(checkpoint) if checkpoint else None, "resume": str(files.resume),
+              "config": str(files.config), "log": str(files.log), "loss_plot": str(files.loss_plot)}
     if finished:
         losses = [r["loss"] for r in state["history"] if "loss" in r]
-        log.text(f"done: {state['global_step']} steps, final train loss {losses[-1]:.4f}" if losses else "done")
-        log.text(f"checkpoint: {result['checkpoint']}  (config {result['config']})")
+        run.log.text(f"done: {state['global_step']} steps, final train loss {losses[-1]:.4f}" if losses else "done")
+        run.log.text(f"checkpoint: {checkpoint}  (config {files.config})")
         if state["best"]:
-            log.text(f"best epoch {state['best']['epoch']}: " + ", ".join(
+            run.log.text(f"best epoch {state['best']['epoch']}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in state["best"].items() if k.startswith("val_")) +
-                f"  -> {out_dir / (cfg.prefix + '_best.safetensors')}")
-        log.text(f"log: {result['log']}, loss curve: {result['loss_plot']}, tensorboard: {out_dir / 'tensorboard'}")
+                f"  -> {files.named('best')}.safetensors")
+        run.log.text(f"log: {files.log}, loss curve: {files.loss_plot}, tensorboard: {files.folder / 'tensorboard'}")
     return result
-
-
-def config_from_args(args: Any) -> TrainConfig:
-    known = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
-

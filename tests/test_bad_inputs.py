@@ -25,12 +25,15 @@ from clipcap.checkpoint import load_checkpoint, save_checkpoint, save_config
 from clipcap.data import load_features
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
+from clipcap.cli import run
+from clipcap.cli import train as cli_train
 from clipcap.training import epoch_batches
 
 from conftest import caption_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {name: runpy.run_path(str(REPO / f"{name}.py")) for name in ("train", "predict", "evaluate", "app")}
+MAINS = {"train": cli_train.main,
+         **{name: runpy.run_path(str(REPO / f"{name}.py"))["main"] for name in ("predict", "evaluate", "app")}}
 DIM = 16
 
 
@@ -137,7 +140,7 @@ def train_args(d: dict[str, str], out: str, *extra: str, data: str = "good") -> 
 def run_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
     """``python SCRIPT.py ARGV`` in this process: (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        SCRIPTS[script]["run_cli"](lambda: SCRIPTS[script]["main"](argv))
+        run(lambda: MAINS[script](argv))
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -152,8 +155,8 @@ def assert_one_line_error(code: int, err: str, message: str) -> None:
 # Each case: (script, argv built from the files ``d`` and a fresh folder ``out``, message fragment).
 CASES = {
     # training flags, refused before any work
-    "bs 0": ("train", lambda d, out: train_args(d, out, "--bs", "0"), "--bs must be at least 1, got 0"),
-    "bs -1": ("train", lambda d, out: train_args(d, out, "--bs", "-1"), "--bs must be at least 1, got -1"),
+    "bs 0": ("train", lambda d, out: train_args(d, out, "--bs", "0"), "--batch_size must be at least 1, got 0"),
+    "bs -1": ("train", lambda d, out: train_args(d, out, "--bs", "-1"), "--batch_size must be at least 1, got -1"),
     "grad_accum 0": ("train", lambda d, out: train_args(d, out, "--grad_accum", "0"), "--grad_accum must be at least 1"),
     "save_every 0": ("train", lambda d, out: train_args(d, out, "--save_every", "0"), "--save_every must be at least 1"),
     "log_every 0": ("train", lambda d, out: train_args(d, out, "--log_every", "0"), "--log_every must be at least 1"),
@@ -275,12 +278,12 @@ def test_gpt2_hub_name_offline_is_one_line(d, tmp_path):
 
 def test_fresh_run_over_another_is_refused_unless_overwrite(d, tmp_path, capsys):
     out, run = str(tmp_path / "run"), tmp_path / "run"
-    SCRIPTS["train"]["main"](train_args(d, out, "--save_original_format", "--epochs", "2", "--normalize_prefix"))
+    MAINS["train"](train_args(d, out, "--save_original_format", "--epochs", "2", "--normalize_prefix"))
     new_run = ["--mapping_type", "transformer", "--only_prefix", "--prefix_length_clip", "2", "--num_layers", "1"]
     code, err = run_main("train", train_args(d, out, *new_run), capsys)
     assert_one_line_error(code, err, f"--out_dir {out}: holds a run with prefix 'coco_prefix'")
-    SCRIPTS["train"]["main"](train_args(d, out, "--epochs", "3", "--normalize_prefix", "--resume", out))  # continues
-    SCRIPTS["train"]["main"](train_args(d, out, *new_run, "--save_original_format", "--overwrite"))
+    MAINS["train"](train_args(d, out, "--epochs", "3", "--normalize_prefix", "--resume", out))  # continues
+    MAINS["train"](train_args(d, out, *new_run, "--save_original_format", "--overwrite"))
     # epoch 0's .pt is the new run's, with its own config; epoch 1's, left from the first run, keeps its own
     assert load_checkpoint(run / "coco_prefix-000.pt").config.mapping_type == "transformer"
     old = load_checkpoint(run / "coco_prefix-001.pt")
@@ -325,7 +328,7 @@ def test_deferred_loss_check_names_the_first_bad_step(d):
 def test_skip_nonfinite_skips_those_batches_and_counts_them(d, tmp_path):
     args = train_args(d, str(tmp_path / "run"), "--mapping_type", "transformer", "--prefix_length_clip", "2",
                       "--num_layers", "1", "--skip_nonfinite", "--log_every", "100", data="huge")
-    SCRIPTS["train"]["main"](args)
+    MAINS["train"](args)
     bad_captions = {i for i, e in enumerate(entries()) if e["clip_embedding"] == 0}
     expected = sum(bool(bad_captions & set(b.tolist())) for b in epoch_batches(16, 4, seed=0, epoch=0))
     assert expected >= 1
@@ -340,7 +343,7 @@ def test_superscript_image_id_is_scored_as_text(d, tmp_path, capsys):
     references = tmp_path / "refs.json"
     references.write_text(json.dumps([{"image_id": "²", "caption": "a dog on a bench."},
                                       {"image_id": 2, "caption": "a cat in a field."}]))
-    SCRIPTS["evaluate"]["main"](["--results", d["results_sup2"], "--annotations", str(references),
+    MAINS["evaluate"](["--results", d["results_sup2"], "--annotations", str(references),
                                  "--metrics", "Bleu", "--out", str(tmp_path / "m.json")])
     assert json.loads((tmp_path / "m.json").read_text())["Bleu_1"] > 0.99
 
@@ -359,7 +362,7 @@ def test_saving_nonfinite_weights_is_refused(d, tmp_path):
 def test_app_refuses_bad_decoding_settings(d, clip_dir, form, message):
     from fastapi.testclient import TestClient
 
-    client = TestClient(SCRIPTS["app"]["create_app"]([d["safetensors"]], clip_model=clip_dir))
+    client = TestClient(runpy.run_path(str(REPO / "app.py"))["create_app"]([d["safetensors"]], clip_model=clip_dir))
     answer = client.post("/api/caption", data={"checkpoint": d["safetensors"], "sample": "coffee",
                                                "strategy": "sample", **form})
     assert answer.status_code == 422 and message in answer.json()["error"], answer.text

@@ -36,10 +36,12 @@ def small_data(tmp_path_factory):
 
 
 def run(tmp_path, data, gpt2, name="run", **overrides):
-    cfg = dict(data=data, out_dir=str(tmp_path / name), gpt2=gpt2, bs=4, epochs=2, warmup=2, lr=1e-3,
+    """train() with small settings; ``overrides`` name fields of the run or of the model."""
+    cfg = dict(data=data, out_dir=str(tmp_path / name), gpt2=gpt2, batch_size=4, epochs=2, warmup=2, lr=1e-3,
                prefix_length=3, num_workers=0, log_every=1)
     cfg.update(overrides)
-    return train(TrainConfig(**cfg))
+    model = {k: cfg.pop(k) for k in list(cfg) if k in ClipCapConfig.__dataclass_fields__}
+    return train(TrainConfig(model=ClipCapConfig(**model), **cfg))
 
 
 def weights(path):
@@ -59,7 +61,7 @@ def test_learns_and_reproduces_training_captions(tmp_path):
     captions = [corpus[i * 13] for i in range(8)] + ["a dog on a bench! a cat in a field."]  # "!" is learned
     gpt2 = str(make_tiny_gpt2(tmp_path / "gpt2", corpus, n_embd=64))
     data = str(write_feature_pickle(tmp_path / "train.pkl", [[c] * 8 for c in captions]))
-    result = run(tmp_path, data, gpt2, bs=8, epochs=12, lr=3e-3, warmup=10, prefix_length=4, save_every=100,
+    result = run(tmp_path, data, gpt2, batch_size=8, epochs=12, lr=3e-3, warmup=10, prefix_length=4, save_every=100,
                  log_every=5)
     losses = [r["loss"] for r in result["history"]]
     assert losses[-1] < losses[0] / 10, losses
@@ -93,14 +95,14 @@ def test_resume_with_other_settings_is_one_clear_line(tmp_path, small_data, gpt2
 
 
 def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_dropout_gpt2):
-    big = run(tmp_path, small_data, no_dropout_gpt2, "big", bs=4)
-    accumulated = run(tmp_path, small_data, no_dropout_gpt2, "acc", bs=2, grad_accum=2, num_workers=2)  # same batches
+    big = run(tmp_path, small_data, no_dropout_gpt2, "big", batch_size=4)
+    accumulated = run(tmp_path, small_data, no_dropout_gpt2, "acc", batch_size=2, grad_accum=2, num_workers=2)  # same batches
     assert_same_weights(big["checkpoint"], accumulated["checkpoint"], rtol=1e-5, atol=1e-6)
 
 
 def test_two_processes_equal_one(tmp_path, small_data, no_dropout_gpt2):
     """torchrun with 2 CPU processes (gloo) and bs 2 gives the weights of 1 process with bs 4."""
-    one = run(tmp_path, small_data, no_dropout_gpt2, "one", bs=4)
+    one = run(tmp_path, small_data, no_dropout_gpt2, "one", batch_size=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(REPO / "train.py"), "--data", small_data, "--out_dir", str(tmp_path / "two"), "--gpt2",
@@ -108,7 +110,7 @@ def test_two_processes_equal_one(tmp_path, small_data, no_dropout_gpt2):
            "--num_workers", "0", "--log_every", "1", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es) x bs 2" in done.stderr + done.stdout
+    assert "2 process(es) x batch 2" in done.stderr + done.stdout
     assert_same_weights(one["checkpoint"], tmp_path / "two" / "coco_prefix-001.safetensors",
                         rtol=1e-5, atol=1e-6)
     two_log = [json.loads(line) for line in (tmp_path / "two" / "coco_prefix_log.jsonl").read_text().splitlines()]

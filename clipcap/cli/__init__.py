@@ -5,7 +5,7 @@ One spelling per concept across all of them, the original's spellings kept as al
 ``--clip_model`` (alias ``--clip_model_type``), ``--batch_size`` (alias ``--bs``), ``--device``
 (``auto``: a GPU when there is one), ``--gpt2``. Each module has ``main(argv=None)``, which raises
 ClipCapError for bad input; :func:`run` turns that into one line on stderr and exit status 2.
-The functions at the bottom are the installed commands (``clipcap-train`` ...).
+The ``run_*`` functions at the bottom are the installed commands (``clipcap-train`` ...).
 """
 from __future__ import annotations
 
@@ -63,16 +63,17 @@ def _command(module: str) -> Callable[[], None]:
     def command() -> None:
         run(importlib.import_module(f"{__name__}.{module}").main)
 
-    command.__name__ = module
+    command.__name__ = f"run_{module}"
     return command
 
 
-train = _command("train")
-predict = _command("predict")
-evaluate = _command("evaluate")
-parse_coco = _command("parse_coco")
-parse_conceptual = _command("parse_conceptual")
-parse_nocaps = _command("parse_nocaps")
-parse_captions = _command("parse_captions")
-convert = _command("convert")
-app = _command("app")
+# The installed commands (clipcap-train ...) and the top-level scripts call these.
+run_train = _command("train")
+run_predict = _command("predict")
+run_evaluate = _command("evaluate")
+run_parse_coco = _command("parse_coco")
+run_parse_conceptual = _command("parse_conceptual")
+run_parse_nocaps = _command("parse_nocaps")
+run_parse_captions = _command("parse_captions")
+run_convert = _command("convert")
+run_app = _command("app")
