@@ -96,6 +96,8 @@ def d(tmp_path_factory, gpt2_dir) -> dict[str, str]:
     files["pt"] = str(save_checkpoint(model, root / "model.pt"))
     save_config(model.config, root / "model.json")  # as save_checkpoint pairs it (spelled out for old code)
     files["safetensors"] = str(save_checkpoint(model, root / "model.safetensors"))
+    prefix_only = build_model(ClipCapConfig(prefix_size=DIM, prefix_length=3, gpt2=gpt2_dir, only_prefix=True))
+    files["prefix_only"] = str(save_checkpoint(prefix_only, root / "prefix_only.safetensors"))
     torch.save(model.state_dict(), root / "bare.pt")
     files["bare"] = str(root / "bare.pt")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -218,6 +220,9 @@ CASES = {
                                       "string_length.json: config prefix_length must be a positive integer, got '3'"),
     "config bool a string": ("predict", lambda d, out: ["--checkpoint", d["config_yes"], "--features", d["good"]],
                              "yes.json: config normalize_prefix must be a bool, got 'yes'"),
+    "predict gpt2 missing folder": ("predict", lambda d, out: ["--checkpoint", d["prefix_only"], "--features",
+                                                               d["good"], "--gpt2", d["root"] + "/no_gpt2"],
+                                    "no_gpt2: cannot load its weights"),
     # outputs checked before any work, and decoding settings
     "predict out a folder": ("predict", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
                                                         "--out", d["folder"]], "--out " + "{folder}: is a folder"),
