@@ -379,3 +379,20 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
     assert len(shards) == 3
     for chunk_bytes in (1, 2 * DIM * 2, 2**20):  # one row, two rows, everything at a time
         assert embeddings.nonfinite_rows(chunk_bytes=chunk_bytes).tolist() == [2, 5]
+
+
+def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
+    """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
+    from clipcap.evaluation import Evaluation
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Evaluation, "write", disk_full)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "caption": "a dog on a bench."},
+                                   {"image_id": 2, "caption": "a cat in a field."}]))
+    with pytest.raises(OSError, match="disk full"):
+        SCRIPTS["evaluate"]["main"](["--results", str(results), "--annotations", d["references"],
+                                     "--metrics", "Bleu", "--out", str(tmp_path / "m.json")])
+    assert "| 2 | 100.00 | 100.00 | 100.00 | 100.00 |" in capsys.readouterr().out
