@@ -208,7 +208,13 @@ def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:
 def build_model(config: ClipCapConfig, pretrained_gpt2: bool = True) -> ClipCap:
     """Build a ClipCap model: GPT-2 weights from ``config.gpt2`` or random from ``config.gpt2_config``."""
     if pretrained_gpt2:
-        gpt = GPT2LMHeadModel.from_pretrained(config.gpt2)
+        from .files import ClipCapError
+
+        try:
+            gpt = GPT2LMHeadModel.from_pretrained(config.gpt2)
+        except OSError as e:  # a missing folder, or a hub name offline
+            raise ClipCapError(f"GPT-2 {config.gpt2}: cannot load its weights "
+                               f"({(str(e).splitlines() or ['not found'])[0][:200]})") from None
     else:
         if not config.gpt2_config:
             raise ValueError("config.gpt2_config is empty: cannot build GPT-2 without its weights")

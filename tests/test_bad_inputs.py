@@ -99,6 +99,8 @@ def d(tmp_path_factory, gpt2_dir) -> dict[str, str]:
     files["pt"] = str(save_checkpoint(model, root / "model.pt"))
     save_config(model.config, root / "model.json")  # as save_checkpoint pairs it (spelled out for old code)
     files["safetensors"] = str(save_checkpoint(model, root / "model.safetensors"))
+    prefix_only = build_model(ClipCapConfig(prefix_size=DIM, prefix_length=3, gpt2=gpt2_dir, only_prefix=True))
+    files["prefix_only"] = str(save_checkpoint(prefix_only, root / "prefix_only.safetensors"))
     torch.save(model.state_dict(), root / "bare.pt")
     files["bare"] = str(root / "bare.pt")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -221,6 +223,9 @@ CASES = {
                                       "string_length.json: config prefix_length must be a positive integer, got '3'"),
     "config bool a string": ("predict", lambda d, out: ["--checkpoint", d["config_yes"], "--features", d["good"]],
                              "yes.json: config normalize_prefix must be a bool, got 'yes'"),
+    "predict gpt2 missing folder": ("predict", lambda d, out: ["--checkpoint", d["prefix_only"], "--features",
+                                                               d["good"], "--gpt2", d["root"] + "/no_gpt2"],
+                                    "no_gpt2: cannot load its weights"),
     # outputs checked before any work, and decoding settings
     "predict out a folder": ("predict", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
                                                         "--out", d["folder"]], "--out " + "{folder}: is a folder"),
@@ -377,3 +382,20 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
     assert len(shards) == 3
     for chunk_bytes in (1, 2 * DIM * 2, 2**20):  # one row, two rows, everything at a time
         assert embeddings.nonfinite_rows(chunk_bytes=chunk_bytes).tolist() == [2, 5]
+
+
+def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
+    """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
+    from clipcap.evaluation import Evaluation
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Evaluation, "write", disk_full)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": 1, "caption": "a dog on a bench."},
+                                   {"image_id": 2, "caption": "a cat in a field."}]))
+    with pytest.raises(OSError, match="disk full"):
+        SCRIPTS["evaluate"]["main"](["--results", str(results), "--annotations", d["references"],
+                                     "--metrics", "Bleu", "--out", str(tmp_path / "m.json")])
+    assert "| 2 | 100.00 | 100.00 | 100.00 | 100.00 |" in capsys.readouterr().out
