@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, write_json
 from .model import MAPPING_TYPES, ClipCap, ClipCapConfig, build_model
 
 CONFIG_KEY = "clipcap_config"
@@ -55,8 +55,7 @@ def config_path_for(weights: str | Path) -> Path:
 
 
 def save_config(config: ClipCapConfig, path: str | Path) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_json(path, config.to_dict(), indent=2)
 
 
 def parse_config(values: Any, source: str | Path) -> ClipCapConfig:

@@ -20,7 +20,6 @@ Face cache, the demo uses those.
 from __future__ import annotations
 
 import html
-import json
 import random
 import shutil
 import time
@@ -37,7 +36,7 @@ from .data import FeatureSet, load_features, save_original_pickle
 from .evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
 from .encoder import OPENAI_CHECKPOINTS
 from .extraction import extract
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, write_json
 from .runtime import resolve_device
 from .sources import coco_images, coco_shards
 from .tiny import make_tiny_clip, make_tiny_gpt2
@@ -96,8 +95,7 @@ def make_shapes_dataset(out_dir: str | Path, n_train: int, n_test: int, seed: in
         images.append({"filepath": split, "filename": name, "cocoid": image_id, "split": split,
                        "sentences": [{"raw": c, "sentid": 2 * image_id + k} for k, c in enumerate(captions)]})
     path = out_dir / "dataset_shapes.json"
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps({"dataset": "shapes", "images": images}))
+    write_json(path, {"dataset": "shapes", "images": images}, indent=None)
     return path
 
 
@@ -342,16 +340,14 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     notes = [about, BASELINE_NOTE] if cfg.baseline else [about]
     write_gallery(report / "gallery.html", coco_images(annotations, annotations.parent, "test")[:cfg.gallery_size],
                   captions, per_image, notes, rows)
-    with atomic_write(report / "captions.json") as tmp:
-        tmp.write_text(json.dumps(captions, indent=1) + "\n")
+    write_json(report / "captions.json", captions)
     summary = {"backbones": "real" if not recipe.tiny else "tiny random", "about": about,
                "recipe": {**asdict(recipe), "epochs": epochs},
                "dataset": {"train_images": cfg.n_train, "test_images": cfg.n_test, "seed": cfg.seed,
                            "annotations": str(annotations)},
                "held_out_scores": scores, "checkpoints": {name: r["checkpoint"] for name, r in runs.items()},
                "seconds": round(time.perf_counter() - start, 1)}
-    with atomic_write(report / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(report / "metrics.json", summary, indent=2)
 
     print(f"\nheld-out scores, {cfg.n_test} images (x100; exact_match: the caption is one of the references):")
     print(markdown_table(rows))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import store as feature_store
 from .encoder import MAX_PIXELS, ImageEncoder, Preprocess, default_dtype, load_image, load_image_encoder
-from .files import ClipCapError, atomic_write, open_regular, remove_stale_temp_files
+from .files import ClipCapError, open_regular, remove_stale_temp_files, write_json
 from .runtime import pick_device, start_processes
 
 
@@ -161,8 +161,7 @@ def _check_job(store: Path, job: dict[str, Any]) -> None:
             raise ClipCapError(f"{store}: was started with {'; '.join(differences)}; rerun with the same "
                                f"arguments, or delete {store} to start over")
         return
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(job) + "\n")
+    write_json(path, job, indent=None)
 
 
 def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B/32", *, device: str = "auto",

@@ -69,6 +69,12 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:
+    """``value`` as JSON at ``path``, written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=indent) + "\n")
+
+
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``; returns them.
 

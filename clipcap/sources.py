@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from .encoder import IMAGE_EXTENSIONS
 from .extraction import ImageItem, Shard
-from .files import ClipCapError, atomic_write, open_regular, read_json
+from .files import ClipCapError, open_regular, read_json, write_json
 
 # Karpathy split names, and what each of our --split values takes from them.
 KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",),
@@ -137,8 +137,7 @@ def write_coco_references(images: list[dict[str, Any]], path: str | Path) -> Non
     references = {"images": [{"id": image["id"]} for image in images],
                   "annotations": [{"image_id": image["id"], "caption": c["caption"], "id": c["id"]}
                                   for image in images for c in image["captions"]]}
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(references))
+    write_json(path, references, indent=None)
 
 
 # --------------------------------------------------------------------------- COCO-format captions (nocaps)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .data import FeatureSet, load_original_pickle, save_original_pickle
-from .files import ClipCapError, atomic_write, run_cli
+from .files import ClipCapError, atomic_write, run_cli, write_json
 
 FORMAT = "clipcap-feature-store"
 VERSION = 1
@@ -263,8 +263,7 @@ def _finish(store: Path, names: Sequence[str], index: pa.Table | None, skipped: 
     meta = {"format": FORMAT, "version": VERSION, **(meta or {}), "dim": int(shapes[0][1]) if shapes else 0,
             "num_images": sum(int(rows) for rows, _ in shapes), "num_captions": index.num_rows,
             "num_skipped": len(skipped), "shards": [{"name": n, "rows": int(rows)} for n, (rows, _) in zip(names, shapes)]}
-    with atomic_write(store / STORE_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(store / STORE_FILE, meta)
 
 
 def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **meta: Any) -> Path:
