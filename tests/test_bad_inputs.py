@@ -386,16 +386,16 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
 
 def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
     """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
-    from clipcap.evaluation import Evaluation
+    from clipcap import evaluation
 
-    def disk_full(self, *args, **kwargs):
+    def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Evaluation, "write", disk_full)
+    monkeypatch.setattr(evaluation, "atomic_write", disk_full)
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": 1, "caption": "a dog on a bench."},
                                    {"image_id": 2, "caption": "a cat in a field."}]))
     with pytest.raises(OSError, match="disk full"):
-        SCRIPTS["evaluate"]["main"](["--results", str(results), "--annotations", d["references"],
+        MAINS["evaluate"](["--results", str(results), "--annotations", d["references"],
                                      "--metrics", "Bleu", "--out", str(tmp_path / "m.json")])
     assert "| 2 | 100.00 | 100.00 | 100.00 | 100.00 |" in capsys.readouterr().out
