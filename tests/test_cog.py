@@ -72,6 +72,8 @@ def cog_predict(stand_in_cog, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     import cog_predict
 
+    for name in ("cog", "cog_predict"):  # gone again after the test
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])
     return cog_predict
 
 

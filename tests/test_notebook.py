@@ -34,6 +34,7 @@ def test_inference_notebook_executes(tmp_path, gpt2_dir, clip_dir, monkeypatch):
     checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
     monkeypatch.setenv("CLIPCAP_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(NOTEBOOK.parents[1]))  # the kernel imports this checkout's clipcap
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
