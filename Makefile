@@ -4,11 +4,11 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test bench clean
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,app]"
+	$(PY) -m pip install --quiet -c constraints.txt $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,app]"  # exact versions: constraints.txt
 	$(PY) -m pip install --quiet --no-deps openai-clip==1.0.1  # tests' oracle: its clip/model.py, never imported as clip
 	touch $@
 

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
@@ -209,28 +208,3 @@ def test_page_captions_uploads_and_samples_and_survives_bad_files(page, captione
     assert shown_captions(page) == expected[0] != expected[1]  # the sample's caption, not the last upload's
     expect(page.locator("#error")).to_be_empty()
 
-
-def test_cog_predictor_captions_with_either_released_model(tmp_path, monkeypatch, gpt2_dir, clip_dir):
-    """cog_predict.py under a stand-in for the ``cog`` package, which only Cog's image has."""
-    cog = types.ModuleType("cog")
-    cog.BasePredictor, cog.Path = object, Path
-    cog.Input = lambda description=None, default=None, **_: default
-    monkeypatch.setitem(sys.modules, "cog", cog)
-    monkeypatch.syspath_prepend(str(REPO))
-    monkeypatch.delitem(sys.modules, "cog_predict", raising=False)
-    import cog_predict
-
-    monkeypatch.setattr(cog_predict, "WEIGHTS", tmp_path)
-    for seed, file in enumerate(cog_predict.MODELS.values()):
-        tiny_checkpoint(tmp_path / file, gpt2_dir, clip_dir, seed)
-    photo = tmp_path / "cat.png"
-    photo.write_bytes(png(photos.chelsea()))
-    predictor = cog_predict.Predictor()
-    predictor.setup()
-    captions = {}
-    for model, file in cog_predict.MODELS.items():
-        captioner = Captioner.from_checkpoint(tmp_path / file)
-        for beam in (False, True):
-            captions[model, beam] = predictor.predict(image=photo, model=model, use_beam_search=beam)
-            assert captions[model, beam] == captioner.caption([photo], strategy="beam" if beam else "greedy")[0][0]
-    assert captions["coco", True] != captions["conceptual-captions", True]

@@ -1,7 +1,18 @@
 """The inference notebook runs top to bottom (against a tiny checkpoint, offline) and shows its captions."""
+import contextlib
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import types
+import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 import nbformat
+import pytest
 import torch
 from nbclient import NotebookClient
 from PIL import Image
@@ -23,6 +34,7 @@ def test_inference_notebook_executes(tmp_path, gpt2_dir, clip_dir, monkeypatch):
     checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
     monkeypatch.setenv("CLIPCAP_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(NOTEBOOK.parents[1]))  # the kernel imports this checkout's clipcap
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -38,3 +50,76 @@ def test_inference_notebook_executes(tmp_path, gpt2_dir, clip_dir, monkeypatch):
                                 seed=0)[0]
     assert text.endswith("".join(f"{s}\n" for s in samples))
     assert not any(o.output_type == "error" for o in outputs)
+
+
+def install_cell() -> str:
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    return next(cell.source for cell in notebook.cells if cell.cell_type == "code" and "IN_COLAB" in cell.source)
+
+
+@contextlib.contextmanager
+def colab_sessions(sessions: list[dict]) -> Iterator[str]:
+    """A stand-in for Colab's Jupyter server: its /api/sessions answer, the notebooks open in this runtime."""
+    class Sessions(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(sessions).encode() if self.path == "/api/sessions" else b""
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sessions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api/sessions"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def github_session(url: str) -> dict:
+    return {"name": url.rpartition("/")[2], "path": "fileId=" + urllib.parse.quote(url, safe="")}
+
+
+THIS = "notebooks/clip_prefix_captioning_inference.ipynb"
+OTHER = github_session(f"https://github.com/someone/other/blob/main/{THIS.replace('clip_prefix', 'not_this')}")
+DRIVE = {"name": "clip_prefix_captioning_inference.ipynb", "path": "fileId=1AbCdEfGhIjK"}
+
+
+@pytest.mark.parametrize("sessions, form_value, installed", [
+    ([OTHER, github_session(f"https://github.com/you/clipcap/blob/v1.2/{THIS}")], "", "https://github.com/you/clipcap@v1.2"),
+    ([DRIVE], "https://github.com/me/clipcap@dev", "https://github.com/me/clipcap@dev"),  # the form field wins
+    ([DRIVE, OTHER], "", None),  # opened from Drive: nothing to tell the repository by
+    (None, "", None),  # no session server answers
+])
+def test_colab_install_cell_installs_from_where_the_notebook_was_opened(monkeypatch, sessions, form_value, installed):
+    """The first cell, run as on Colab (google.colab imported, Colab's session server) with pip recorded."""
+    source = install_cell()
+    assert 'REPO_URL = ""  # @param' in source and 'COLAB_SESSIONS = "http://172.28.0.12:9000/api/sessions"' in source
+    source = source.replace('REPO_URL = ""', f'REPO_URL = "{form_value}"')  # what Colab's form field does
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    pip = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: pip.append(command))
+    with contextlib.ExitStack() as stack:
+        if sessions is None:
+            with socket.socket() as s:  # a port nothing listens on
+                s.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{s.getsockname()[1]}/api/sessions"
+        else:
+            url = stack.enter_context(colab_sessions(sessions))
+        source = source.replace("http://172.28.0.12:9000/api/sessions", url)
+        if installed is None:
+            with pytest.raises(SystemExit, match="^Set REPO_URL in this cell"):
+                exec(source, {})
+            assert pip == []
+        else:
+            exec(source, {})
+            assert pip == [[sys.executable, "-m", "pip", "install", "-q", f"clipcap @ git+{installed}"]]
+
+
+def test_install_cell_installs_nothing_outside_colab(monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("pip run outside Colab"))
+    exec(install_cell(), {})
