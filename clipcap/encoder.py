@@ -33,7 +33,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Pillow's own decompression-bomb limit (~89 Mpx); larger images are skipped, not decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-# Image files that folders of images are searched for (Pillow reads them all).
+# The image files looked for in folders and archives (Pillow reads them all).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Preprocess resizes an image whole while its long side becomes at most this many crops wide.
 MAX_RESIZE_RATIO = 8
@@ -131,17 +131,16 @@ class Preprocess:
         return self.normalize(torch.stack([self.crop(image) for image in images]))
 
 
+@dataclass
 class ImageEncoder:
     """A frozen CLIP image tower: images in, unnormalised projected embeddings out (as ``encode_image``)."""
 
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], transform: Preprocess, dim: int,
-                 name: str, device: torch.device, dtype: torch.dtype):
-        self.embed = embed
-        self.transform = transform
-        self.dim = dim
-        self.name = name
-        self.device = device
-        self.dtype = dtype
+    embed: Callable[[torch.Tensor], torch.Tensor]  # normalised pixels -> embeddings, in ``dtype`` on ``device``
+    transform: Preprocess
+    dim: int
+    name: str
+    device: torch.device
+    dtype: torch.dtype
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
