@@ -4,16 +4,17 @@
     captioner = Captioner.from_pretrained("owner/name")   # a Hub repo id, a saved folder or a checkpoint file
     captioner.caption(["photo.jpg"])
 
-``Captioner`` is imported on first use, so ``import clipcap.evaluation`` (say) loads no torch.
+The public API is these four names, imported on first use, so ``import clipcap.evaluation``
+(say) loads no torch.
 """
+import importlib
 from typing import Any
 
-__all__ = ["Captioner"]
+_HOMES = {"Captioner": "captioner", "load_checkpoint": "checkpoint", "ClipCap": "model", "ClipCapConfig": "model"}
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Captioner":
-        from .captioner import Captioner
-
-        return Captioner
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'clipcap' has no attribute {name!r}")
