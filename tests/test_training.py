@@ -40,7 +40,7 @@ def run(tmp_path, data, gpt2, name="run", **overrides):
     cfg = dict(data=data, out_dir=str(tmp_path / name), gpt2=gpt2, batch_size=4, epochs=2, warmup=2, lr=1e-3,
                prefix_length=3, num_workers=0, log_every=1)
     cfg.update(overrides)
-    model = {k: cfg.pop(k) for k in list(cfg) if k in ClipCapConfig.__dataclass_fields__}
+    model = {k: cfg.pop(k) for k in list(cfg) if k in ClipCapConfig.__dataclass_fields__ and k != "clip_model"}
     return train(TrainConfig(model=ClipCapConfig(**model), **cfg))
 
 
