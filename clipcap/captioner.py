@@ -110,8 +110,8 @@ class Captioner:
 
     def caption_embeddings(self, clip_embeds: torch.Tensor, options: DecodingOptions | None = None,
                            batch_size: int = 16, progress: bool = False, **fields: Any) -> list[list[str]]:
-        """Captions per CLIP embedding, best first. Every method takes ``options``, and/or
-        :class:`DecodingOptions` fields by keyword (``strategy="greedy"``), which replace its."""
+        """Captions per CLIP embedding, best first. Like every captioning method here it takes ``options``
+        and/or :class:`DecodingOptions` fields by keyword (``strategy="greedy"``), which override them."""
         options = dataclasses.replace(options or DecodingOptions(), **fields)
         return caption_embeddings(self.model, self.tokenizer, clip_embeds, options, batch_size, progress)
 

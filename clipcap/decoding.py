@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from tqdm import tqdm
@@ -22,8 +22,9 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from .files import ClipCapError
 from .model import ClipCap
 
-STRATEGIES = ("beam", "greedy", "sample")
-STOPS = ("period", "eos")
+Strategy = Literal["beam", "greedy", "sample"]
+Stop = Literal["period", "eos"]
+STRATEGIES, STOPS = get_args(Strategy), get_args(Stop)
 MIN_TEMPERATURE = 0.01  # below this the scaled logits overflow float32 and sampling gives NaN
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
@@ -46,14 +47,14 @@ class DecodingOptions:
     rule) or at end-of-text.
     """
 
-    strategy: Literal["beam", "greedy", "sample"] = "beam"
+    strategy: Strategy = "beam"
     beam_size: int = 5
     temperature: float = 1.0
     top_p: float = 0.9
     num_captions: int = 1
     seed: int | None = None
     max_length: int = 67
-    stop: Literal["period", "eos"] = "period"
+    stop: Stop = "period"
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, rule: str) -> None:
