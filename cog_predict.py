@@ -14,6 +14,7 @@ import torch
 from cog import BasePredictor, Input, Path
 
 from clipcap.captioner import Captioner
+from clipcap.decoding import DecodingOptions
 
 WEIGHTS = FilePath(__file__).with_name("weights")
 MODELS = {"coco": "coco_weights.pt", "conceptual-captions": "conceptual_weights.pt"}
@@ -29,5 +30,5 @@ class Predictor(BasePredictor):
                 model: str = Input(description="Model to use", choices=list(MODELS), default="coco"),
                 use_beam_search: bool = Input(description="Beam search instead of greedy decoding", default=False),
                 ) -> str:
-        captions = self.captioners[model].caption([image], strategy="beam" if use_beam_search else "greedy")
+        captions = self.captioners[model].caption([image], DecodingOptions(strategy="beam" if use_beam_search else "greedy"))
         return captions[0][0]

@@ -10,6 +10,7 @@ needs no CLIP at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .data import FeatureSet
-from .decoding import caption_embeddings
+from .decoding import DecodingOptions, caption_embeddings
 from .encoder import IMAGE_EXTENSIONS
 from .files import ClipCapError
 from .hub import push_to_hub, resolve_checkpoint, save_pretrained
@@ -107,21 +108,24 @@ class Captioner:
         pictures = [image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in images]
         return self.encoder(pictures)
 
-    def caption_embeddings(self, clip_embeds: torch.Tensor, **decoding: Any) -> list[list[str]]:
-        """Captions per CLIP embedding, best first; ``decoding`` as in :func:`clipcap.decoding.caption_embeddings`."""
-        return caption_embeddings(self.model, self.tokenizer, clip_embeds, **decoding)
+    def caption_embeddings(self, clip_embeds: torch.Tensor, options: DecodingOptions | None = None,
+                           batch_size: int = 16, progress: bool = False, **fields: Any) -> list[list[str]]:
+        """Captions per CLIP embedding, best first. Like every captioning method here it takes ``options``
+        and/or :class:`DecodingOptions` fields by keyword (``strategy="greedy"``), which override them."""
+        options = dataclasses.replace(options or DecodingOptions(), **fields)
+        return caption_embeddings(self.model, self.tokenizer, clip_embeds, options, batch_size, progress)
 
-    def caption(self, images: Sequence[str | Path | Image.Image], batch_size: int = 16,
-                **decoding: Any) -> list[list[str]]:
+    def caption(self, images: Sequence[str | Path | Image.Image], options: DecodingOptions | None = None,
+                batch_size: int = 16, **fields: Any) -> list[list[str]]:
         """Captions per image (file path or PIL image), best first: ``num_captions`` each (default 1)."""
         captions: list[list[str]] = []
         for start in range(0, len(images), batch_size):
             embeds = self.embed(images[start:start + batch_size])
-            captions += self.caption_embeddings(embeds, batch_size=batch_size, **decoding)
+            captions += self.caption_embeddings(embeds, options, batch_size, **fields)
         return captions
 
-    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16,
-                      **decoding: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    def caption_files(self, paths: Sequence[str | Path], options: DecodingOptions | None = None,
+                      batch_size: int = 16, **fields: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """COCO results ``[{"image_id": path, "caption"}]`` (``num_captions`` per image, best first),
         and one line per file that could not be read; the other files are captioned regardless."""
         from .encoder import load_image
@@ -138,18 +142,18 @@ class Captioner:
                     except ClipCapError as e:
                         problems.append(str(e))
                 if pictures:
-                    captions = self.caption_embeddings(self.encoder(pictures), batch_size=batch_size, **decoding)
+                    captions = self.caption_embeddings(self.encoder(pictures), options, batch_size, **fields)
                     results += [{"image_id": path, "caption": c} for path, cs in zip(good, captions) for c in cs]
                 bar.update(len(paths[start:start + batch_size]))
         return results, problems
 
-    def caption_features(self, features: FeatureSet, source: str | Path = "features", batch_size: int = 16,
-                         **decoding: Any) -> list[dict[str, Any]]:
+    def caption_features(self, features: FeatureSet, options: DecodingOptions | None = None, batch_size: int = 16,
+                         source: str | Path = "features", **fields: Any) -> list[dict[str, Any]]:
         """COCO results for cached CLIP features: one entry per distinct image id (``num_captions`` with more)."""
         if features.dim != self.model.config.prefix_size:
             raise ClipCapError(f"{source}: features are {features.dim}-d, but the checkpoint takes "
                                f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")
         image_ids, rows = features.first_rows()
-        captions = self.caption_embeddings(features.embeddings_at(rows), batch_size=batch_size,
-                                           progress=len(rows) > batch_size, **decoding)
+        captions = self.caption_embeddings(features.embeddings_at(rows), options, batch_size,
+                                           progress=len(rows) > batch_size, **fields)
         return [{"image_id": image_id, "caption": c} for image_id, cs in zip(image_ids, captions) for c in cs]

@@ -12,7 +12,8 @@ original loops. ``sample_tokens`` is real nucleus sampling, which the original n
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from tqdm import tqdm
@@ -21,8 +22,11 @@ from transformers import DynamicCache, GPT2LMHeadModel
 from .files import ClipCapError
 from .model import ClipCap
 
-STRATEGIES = ("beam", "greedy", "sample")
-STOPS = ("period", "eos")
+Strategy = Literal["beam", "greedy", "sample"]
+Stop = Literal["period", "eos"]
+STRATEGIES, STOPS = get_args(Strategy), get_args(Stop)
+MIN_TEMPERATURE = 0.01  # below this the scaled logits overflow float32 and sampling gives NaN
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
 # transformers renamed GPT-2's cache argument within 5.x (past_key_values -> cache) and ignores an
 # unknown keyword silently, which would decode without the cache: ask this version's signature.
@@ -30,6 +34,44 @@ CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward
 
 # A caption as token ids and its score: the mean log-probability per token (the beam's sum / length).
 Scored = tuple[list[int], float]
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to turn a prefix into captions; checked when made, so bad settings fail before any work.
+
+    ``temperature`` divides the logits of beam search (as the original's did) and of sampling;
+    greedy decoding ignores it. ``num_captions`` per image, best first (sampled captions ranked by
+    mean log-probability). A ``seed`` makes sampling reproducible for the same batch size.
+    ``max_length`` is the most tokens per caption; ``stop`` ends a caption at "." (the original's
+    rule) or at end-of-text.
+    """
+
+    strategy: Strategy = "beam"
+    beam_size: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.9
+    num_captions: int = 1
+    seed: int | None = None
+    max_length: int = 67
+    stop: Stop = "period"
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, rule: str) -> None:
+            if not ok:
+                raise ClipCapError(f"{field} must be {rule}, got {getattr(self, field)!r}")
+
+        check(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}")
+        check(self.stop in STOPS, "stop", f"one of {', '.join(STOPS)}")
+        check(self.beam_size >= 1, "beam_size", "at least 1")
+        check(self.max_length >= 1, "max_length", "at least 1")
+        check(MIN_TEMPERATURE <= self.temperature < float("inf"), "temperature", f"at least {MIN_TEMPERATURE}")
+        check(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        check(self.seed is None or 0 <= self.seed <= MAX_SEED, "seed", "between 0 and 2**64 - 1")
+        most = {"greedy": 1, "beam": self.beam_size}.get(self.strategy)
+        if self.num_captions < 1 or (most is not None and self.num_captions > most):
+            raise ClipCapError(f"num_captions {self.num_captions} is not possible with {self.strategy} decoding"
+                               + (f" and beam size {self.beam_size}" if self.strategy == "beam" else ""))
 
 
 def stop_token_id(tokenizer: Any, stop: str) -> int:
@@ -205,43 +247,32 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
     return results
 
 
-def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor, *, strategy: str = "beam",
-                       beam_size: int = 5, max_length: int = 67, stop: str = "period", top_p: float = 0.9,
-                       temperature: float = 1.0, num_captions: int = 1, seed: int | None = None,
-                       batch_size: int = 16, progress: bool = False) -> list[list[str]]:
-    """Captions for CLIP embeddings [N, D]: ``num_captions`` per embedding, best first.
+def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor,
+                       options: DecodingOptions = DecodingOptions(), batch_size: int = 16,
+                       progress: bool = False) -> list[list[str]]:
+    """Captions for CLIP embeddings [N, D]: ``options.num_captions`` per embedding, best first.
 
-    ``temperature`` divides the logits of beam search (as the original's did) and sampling;
-    greedy decoding ignores it. Sampled captions are ranked by mean log-probability.
-
-    ``batch_size`` images go through GPT-2 together (times ``beam_size`` or ``num_captions``
-    rows). Sampling with a ``seed`` is reproducible for the same ``batch_size``.
+    ``batch_size`` images go through GPT-2 together (times ``beam_size`` or ``num_captions`` rows).
     """
-    if strategy not in STRATEGIES:
-        raise ClipCapError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if num_captions < 1 or (strategy == "greedy" and num_captions != 1) or \
-            (strategy == "beam" and not 1 <= num_captions <= beam_size):
-        raise ClipCapError(f"num_captions {num_captions} is not possible with {strategy} decoding"
-                           + (f" and beam size {beam_size}" if strategy == "beam" else ""))
     if clip_embeds.ndim != 2 or clip_embeds.shape[1] != model.config.prefix_size:
         raise ClipCapError(f"CLIP embeddings of shape {tuple(clip_embeds.shape)} do not fit the model, "
                            f"which takes [N, {model.config.prefix_size}]")
-    stop_token = stop_token_id(tokenizer, stop)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    skip_special = stop == "eos"
+    o = options
+    stop_token = stop_token_id(tokenizer, o.stop)
+    generator = torch.Generator().manual_seed(o.seed) if o.seed is not None else None
     captions: list[list[str]] = []
     for start in tqdm(range(0, len(clip_embeds), batch_size), desc="captioning", unit="batch",
                       disable=not progress):
         batch = clip_embeds[start:start + batch_size]
-        if strategy == "greedy":
-            scored = [[(t, 0.0)] for t in greedy_tokens(model, batch, max_length=max_length, stop_token=stop_token)]
-        elif strategy == "beam":
-            scored = beam_tokens(model, batch, beam_size=beam_size, max_length=max_length,
-                                 stop_token=stop_token, temperature=temperature)
+        if o.strategy == "greedy":
+            scored = [[(t, 0.0)] for t in greedy_tokens(model, batch, max_length=o.max_length, stop_token=stop_token)]
+        elif o.strategy == "beam":
+            scored = beam_tokens(model, batch, beam_size=o.beam_size, max_length=o.max_length,
+                                 stop_token=stop_token, temperature=o.temperature)
         else:
             scored = [sorted(s, key=lambda c: -c[1]) for s in sample_tokens(
-                model, batch, num_samples=num_captions, top_p=top_p, temperature=temperature,
-                max_length=max_length, stop_token=stop_token, generator=generator)]
-        captions.extend([tokenizer.decode(t, skip_special_tokens=skip_special) for t, _ in s[:num_captions]]
+                model, batch, num_samples=o.num_captions, top_p=o.top_p, temperature=o.temperature,
+                max_length=o.max_length, stop_token=stop_token, generator=generator)]
+        captions.extend([tokenizer.decode(t, skip_special_tokens=o.stop == "eos") for t, _ in s[:o.num_captions]]
                         for s in scored)
     return captions

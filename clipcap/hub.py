@@ -26,6 +26,9 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# File-name fragments of the original's released weights, and their training data.
+DATASETS = {"conceptual": "Conceptual Captions (3.3M images)", "coco": "COCO (Karpathy train split)",
+            "transformer_weights": "COCO (Karpathy train split)"}
 PAPER = "https://arxiv.org/abs/2111.09734"
 CODE = "https://github.com/rmokady/CLIP_prefix_caption"
 
@@ -73,6 +76,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
             raise ClipCapError(f"{path}: folder has no {WEIGHTS_NAME} (not a ClipCap model saved by save_pretrained)")
         return path / WEIGHTS_NAME
     return path  # a file; read_checkpoint reports one that is missing or unreadable
+
+
+def infer_dataset(path: str | Path) -> str | None:
+    """The training data named by a checkpoint's file name, when it says (``coco_weights.pt``)."""
+    name = Path(path).name.lower()
+    return next((dataset for key, dataset in DATASETS.items() if key in name), None)
 
 
 def read_metrics(path: str | Path) -> dict[str, float]:

@@ -512,7 +512,7 @@ class ValidationSet:
         return metrics
 
     def cider(self, model: ClipCap) -> float:
-        from .decoding import caption_embeddings
+        from .decoding import DecodingOptions, caption_embeddings
         from .evaluation import score
 
         image_ids, rows = self.features.first_rows(limit=self.num_images)
@@ -521,7 +521,7 @@ class ValidationSet:
             if image_id in references:
                 references[image_id].append(caption)
         embeds = self.features.embeddings_at(rows).to(next(model.parameters()).device)
-        captions = caption_embeddings(model, self.tokenizer, embeds, strategy="greedy")
+        captions = caption_embeddings(model, self.tokenizer, embeds, DecodingOptions(strategy="greedy"))
         results = [{"image_id": i, "caption": c[0]} for i, c in zip(image_ids, captions)]
         return score(results, references, metrics=("CIDEr",))["CIDEr"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import runpy
 import shutil
 import socket
 import subprocess
@@ -22,7 +21,9 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
+from clipcap.app import create_app
 from clipcap.captioner import Captioner
+from clipcap.cli.app import main
 from clipcap.checkpoint import save_checkpoint
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
@@ -69,7 +70,6 @@ def captioner(checkpoint) -> Captioner:
 def client(checkpoint):
     from fastapi.testclient import TestClient
 
-    create_app = runpy.run_path(str(REPO / "app.py"))["create_app"]
     return TestClient(create_app([checkpoint], max_bytes=2**20, max_pixels=100_000))
 
 
@@ -110,8 +110,9 @@ def test_api_captions_an_upload_and_a_sample_as_the_captioner_does(client, check
     (None, {}, 400, "no image: upload one or choose a sample"),
     (None, {"sample": "mona-lisa"}, 400, "no sample named 'mona-lisa'"),
     (None, {"sample": "coffee", "checkpoint": "other.pt"}, 400, "unknown checkpoint 'other.pt'"),
-    (None, {"sample": "coffee", "beam_size": "0", "strategy": "best"}, 422,
-     "strategy: Input should be 'beam', 'greedy' or 'sample'; beam_size: Input should be greater than or equal to 1"),
+    (None, {"sample": "coffee", "beam_size": "21", "strategy": "best"}, 422,
+     "strategy: Input should be 'beam', 'greedy' or 'sample'; beam_size: Input should be less than or equal to 20"),
+    (None, {"sample": "coffee", "beam_size": "0"}, 400, "beam_size must be at least 1, got 0"),
     (None, {"sample": "coffee", "strategy": "greedy", "num_captions": "2"}, 400, "num_captions 2 is not possible"),
 ])
 def test_api_answers_bad_input_with_a_message(client, checkpoint, files, form, status, message):
@@ -120,7 +121,6 @@ def test_api_answers_bad_input_with_a_message(client, checkpoint, files, form, s
 
 
 def test_app_refuses_missing_checkpoints(tmp_path):
-    main = runpy.run_path(str(REPO / "app.py"))["main"]
     with pytest.raises(ClipCapError, match="absent.safetensors: checkpoint not found"):
         main(["--checkpoint", str(tmp_path / "absent.safetensors")])
 

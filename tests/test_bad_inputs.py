@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,9 @@ from clipcap.checkpoint import load_checkpoint, save_checkpoint, save_config
 from clipcap.data import load_features
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
+from clipcap.cli import app as cli_app
+from clipcap.cli import evaluate as cli_evaluate
+from clipcap.cli import predict as cli_predict
 from clipcap.cli import run
 from clipcap.cli import train as cli_train
 from clipcap.training import epoch_batches
@@ -32,8 +34,7 @@ from clipcap.training import epoch_batches
 from conftest import caption_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-MAINS = {"train": cli_train.main,
-         **{name: runpy.run_path(str(REPO / f"{name}.py"))["main"] for name in ("predict", "evaluate", "app")}}
+MAINS = {"train": cli_train.main, "predict": cli_predict.main, "evaluate": cli_evaluate.main, "app": cli_app.main}
 DIM = 16
 
 
@@ -233,9 +234,9 @@ CASES = {
                                                             "--out", d["text"] + "/x.json"], "notes.txt is not a folder"),
     "predict temperature 1e-300": ("predict", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
                                                               "--temperature", "1e-300"],
-                                   "--temperature must be at least 0.01"),
+                                   "temperature must be at least 0.01, got 1e-300"),
     "predict seed 2**80": ("predict", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
-                                                      "--seed", str(2**80)], "--seed must be between 0 and 2**64 - 1"),
+                                                      "--seed", str(2**80)], "seed must be between 0 and 2**64 - 1"),
     "evaluate out a folder": ("evaluate", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
                                                           "--annotations", d["references"], "--out", d["folder"]],
                               "--out " + "{folder}: is a folder"),
@@ -367,10 +368,12 @@ def test_saving_nonfinite_weights_is_refused(d, tmp_path):
 def test_app_refuses_bad_decoding_settings(d, clip_dir, form, message):
     from fastapi.testclient import TestClient
 
-    client = TestClient(runpy.run_path(str(REPO / "app.py"))["create_app"]([d["safetensors"]], clip_model=clip_dir))
+    from clipcap.app import create_app
+
+    client = TestClient(create_app([d["safetensors"]], clip_model=clip_dir))
     answer = client.post("/api/caption", data={"checkpoint": d["safetensors"], "sample": "coffee",
                                                "strategy": "sample", **form})
-    assert answer.status_code == 422 and message in answer.json()["error"], answer.text
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
 
 
 def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
@@ -386,12 +389,10 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
 
 def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
     """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
-    from clipcap import evaluation
-
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(evaluation, "atomic_write", disk_full)
+    monkeypatch.setattr(cli_evaluate, "write_scores", disk_full)
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": 1, "caption": "a dog on a bench."},
                                    {"image_id": 2, "caption": "a cat in a field."}]))

@@ -6,7 +6,7 @@ import json
 import math
 import pickle
 import re
-import runpy
+from clipcap.cli.evaluate import main as evaluate
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ from clipcap.tiny import make_tiny_clip
 
 from conftest import caption_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 # Image id -> (domain, references, caption); the last caption is longer than the text tower's 16 tokens.
 IMAGES = {
     11: ("in-domain", ["a red circle left of a blue square.", "a dog on a bench."], "a red circle left of a red star."),
@@ -118,12 +117,11 @@ def test_clipscore_equals_clip_features_and_the_formulas(clip_with_tokenizer, no
 def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokenizer, nocaps, tmp_path):
     folder, annotations, results = nocaps
     expected, images = by_hand(clip_with_tokenizer, folder)
-    evaluate = runpy.run_path(str(REPO / "evaluate.py"))
     common = ["--results", str(results), "--annotations", str(annotations), "--metrics", "CIDEr", "--clipscore",
               "--clipscore_model", clip_with_tokenizer, "--device", "cpu"]
 
-    evaluate["main"]([*common, "--images", str(folder), "--out", str(tmp_path / "m.json"),
-                      "--per_image", str(tmp_path / "p.json")])
+    evaluate([*common, "--images", str(folder), "--out", str(tmp_path / "m.json"),
+              "--per_image", str(tmp_path / "p.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
     per_image = json.loads((tmp_path / "p.json").read_text())
     assert [(r["image_id"], r["domain"]) for r in per_image] == [(k, d) for k, (d, _, _) in IMAGES.items()]
@@ -144,9 +142,9 @@ def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokeni
         if clip_model == "ViT-B/32":
             with pytest.raises(ClipCapError, match=f"--clipscore: the run's image embeddings are made by ViT-B/32, "
                                                    f"not {re.escape(clip_with_tokenizer)}; pass --images FOLDER"):
-                evaluate["main"]([*common, "--features", str(features), "--out", str(tmp_path / "f.json")])
+                evaluate([*common, "--features", str(features), "--out", str(tmp_path / "f.json")])
             continue
-        evaluate["main"]([*common, "--features", str(features), "--out", str(tmp_path / "f.json")])
+        evaluate([*common, "--features", str(features), "--out", str(tmp_path / "f.json")])
         from_features = json.loads((tmp_path / "f.json").read_text())
         for subset in metrics:
             assert from_features[subset] == pytest.approx(metrics[subset], abs=1e-5)
@@ -160,10 +158,9 @@ def test_evaluate_captions_the_images_folder(clip_with_tokenizer, gpt2_dir, noca
     folder, annotations, _ = nocaps
     checkpoint = save_checkpoint(build_model(ClipCapConfig(prefix_size=16, prefix_length=2, gpt2=gpt2_dir,
                                                            clip_model=clip_with_tokenizer)), tmp_path / "tiny.safetensors")
-    evaluate = runpy.run_path(str(REPO / "evaluate.py"))
-    evaluate["main"](["--checkpoint", str(checkpoint), "--images", str(folder), "--annotations", str(annotations),
-                      "--metrics", "CIDEr", "--greedy", "--batch_size", "3", "--device", "cpu",
-                      "--out", str(tmp_path / "m.json"), "--save_captions", str(tmp_path / "captions.json")])
+    evaluate(["--checkpoint", str(checkpoint), "--images", str(folder), "--annotations", str(annotations),
+              "--metrics", "CIDEr", "--greedy", "--batch_size", "3", "--device", "cpu",
+              "--out", str(tmp_path / "m.json"), "--save_captions", str(tmp_path / "captions.json")])
     captions = json.loads((tmp_path / "captions.json").read_text())
     direct = Captioner.from_checkpoint(checkpoint).caption([folder / f"{k:04d}.png" for k in IMAGES], strategy="greedy")
     assert captions == [{"image_id": k, "caption": c[0]} for k, c in zip(IMAGES, direct)]
@@ -172,5 +169,5 @@ def test_evaluate_captions_the_images_folder(clip_with_tokenizer, gpt2_dir, noca
     (folder / "0004.png").unlink()
     with pytest.raises(ClipCapError, match=r"images \(--images\): 1 of the 4 images of .*nocaps_val.json are "
                                            r"missing \(e.g. '0004.png'\); .*--only_common_images"):
-        evaluate["main"](["--checkpoint", str(checkpoint), "--images", str(folder), "--annotations",
-                          str(annotations), "--metrics", "CIDEr"])
+        evaluate(["--checkpoint", str(checkpoint), "--images", str(folder), "--annotations",
+                  str(annotations), "--metrics", "CIDEr"])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from clipcap.decoding import (beam_tokens, caption_embeddings, greedy_tokens, nucleus_filter, sample_tokens,
-                              stop_token_id)
+from clipcap.decoding import (MAX_SEED, DecodingOptions, beam_tokens, caption_embeddings, greedy_tokens,
+                              nucleus_filter, sample_tokens, stop_token_id)
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
 from clipcap.reference import original_beam, original_greedy
@@ -95,17 +95,18 @@ def test_stop_on_end_of_text(gpt2_dir, embeds):
     expected = [original_greedy(model, e, max_length=16, stop_token=eos) for e in embeds[:6]]
     assert any(t[-1] == eos for t in expected)
     assert greedy_tokens(model, embeds[:6], max_length=16, stop_token=eos) == expected
-    texts = caption_embeddings(model, tokenizer, embeds[:6], strategy="greedy", stop="eos", max_length=16)
+    texts = caption_embeddings(model, tokenizer, embeds[:6], DecodingOptions("greedy", stop="eos", max_length=16))
     assert [t[0] for t in texts] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
     assert not any("<|endoftext|>" in t[0] for t in texts)
 
 
 def test_caption_embeddings_decodes_the_original_tokens(model, embeds, reference_beams, gpt2_dir):
     tokenizer = load_tokenizer(gpt2_dir)
-    beams = caption_embeddings(model, tokenizer, embeds, max_length=MAX_LENGTH, num_captions=3, batch_size=5)
+    beams = caption_embeddings(model, tokenizer, embeds, DecodingOptions(max_length=MAX_LENGTH, num_captions=3),
+                               batch_size=5)
     assert beams == [[tokenizer.decode(t) for t, _ in ref[:3]] for ref in reference_beams]
     assert any(text.endswith(".") for text, *_ in beams)  # the stop token is part of the caption, as before
-    greedy = caption_embeddings(model, tokenizer, embeds[:4], strategy="greedy", max_length=MAX_LENGTH)
+    greedy = caption_embeddings(model, tokenizer, embeds[:4], DecodingOptions("greedy", max_length=MAX_LENGTH))
     assert greedy == [[tokenizer.decode(original_greedy(model, e, max_length=MAX_LENGTH))] for e in embeds[:4]]
 
 
@@ -119,8 +120,8 @@ def test_nucleus_filter_keeps_smallest_set_reaching_top_p():
 
 def test_sampling_is_real_and_reproducible(model, embeds, gpt2_dir):
     tokenizer = load_tokenizer(gpt2_dir)
-    run = lambda seed: caption_embeddings(model, tokenizer, embeds[:4], strategy="sample", num_captions=4,
-                                          top_p=0.95, seed=seed, max_length=MAX_LENGTH)
+    run = lambda seed: caption_embeddings(model, tokenizer, embeds[:4], DecodingOptions(
+        "sample", num_captions=4, top_p=0.95, seed=seed, max_length=MAX_LENGTH))
     first = run(0)
     assert first == run(0)
     assert first != run(1)
@@ -138,17 +139,41 @@ def test_sampling_with_a_tiny_nucleus_is_greedy(model, embeds):
     assert [[t for t, _ in s] for s in samples] == [[g, g] for g in greedy]
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(strategy="greedy", num_captions=2), "num_captions 2"),
-    (dict(strategy="beam", beam_size=3, num_captions=4), "num_captions 4"),
-    (dict(strategy="nucleus"), "strategy must be"),
-    (dict(stop="comma"), "stop must be"),
-    (dict(max_length=500), "max_length must be"),
-    (dict(strategy="sample", temperature=0), "temperature > 0"),
+@pytest.mark.parametrize("fields, message", [
+    (dict(strategy="greedy", num_captions=2), "num_captions 2 is not possible with greedy decoding"),
+    (dict(strategy="beam", beam_size=3, num_captions=4), "num_captions 4 is not possible with beam decoding and beam size 3"),
+    (dict(strategy="sample", num_captions=0), "num_captions 0 is not possible with sample decoding"),
+    (dict(strategy="nucleus"), "strategy must be one of beam, greedy, sample, got 'nucleus'"),
+    (dict(stop="comma"), "stop must be one of period, eos, got 'comma'"),
+    (dict(beam_size=0), "beam_size must be at least 1, got 0"),
+    (dict(max_length=0), "max_length must be at least 1, got 0"),
+    (dict(strategy="sample", temperature=0), "temperature must be at least 0.01, got 0"),
+    (dict(temperature=float("inf")), "temperature must be at least 0.01, got inf"),
+    (dict(temperature=float("nan")), "temperature must be at least 0.01, got nan"),
+    (dict(top_p=0), "top_p must be in (0, 1], got 0"),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(seed=-1), "seed must be between 0 and 2**64 - 1, got -1"),
+    (dict(seed=MAX_SEED + 1), f"seed must be between 0 and 2**64 - 1, got {MAX_SEED + 1}"),
 ])
-def test_bad_options_are_one_line_errors(model, embeds, gpt2_dir, options, message):
-    with pytest.raises(ClipCapError, match=message):
-        caption_embeddings(model, load_tokenizer(gpt2_dir), embeds[:1], **options)
+def test_decoding_options_check_themselves(fields, message):
+    with pytest.raises(ClipCapError) as error:
+        DecodingOptions(**fields)
+    assert str(error.value) == message
+
+
+def test_decoding_options_edges_are_allowed(model, embeds, gpt2_dir):
+    """The extremes each check allows give captions (the largest seed torch.Generator takes, top_p = 1 ...)."""
+    tokenizer = load_tokenizer(gpt2_dir)
+    for options in (DecodingOptions("sample", seed=MAX_SEED, top_p=1.0, temperature=0.01, num_captions=3),
+                    DecodingOptions("beam", beam_size=2, num_captions=2, temperature=0.01),
+                    DecodingOptions("greedy", max_length=1)):
+        captions = caption_embeddings(model, tokenizer, embeds[:2], options)
+        assert [len(c) for c in captions] == [options.num_captions] * 2
+
+
+def test_max_length_must_fit_the_model(model, embeds, gpt2_dir):
+    with pytest.raises(ClipCapError, match="max_length must be between 1 and"):
+        caption_embeddings(model, load_tokenizer(gpt2_dir), embeds[:1], DecodingOptions(max_length=500))
 
 
 def test_embedding_width_must_match(model, gpt2_dir):

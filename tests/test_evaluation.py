@@ -11,7 +11,7 @@ import io
 import json
 import math
 import os
-import runpy
+from clipcap.cli.evaluate import main as evaluate
 import subprocess
 import sys
 from collections import Counter
@@ -353,6 +353,7 @@ def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
     from clipcap.captioner import Captioner
     from clipcap.checkpoint import save_checkpoint
     from clipcap.data import load_features
+    from clipcap.decoding import DecodingOptions
     from clipcap.model import ClipCapConfig, build_model
 
     from conftest import caption_corpus, write_feature_pickle
@@ -363,11 +364,10 @@ def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
     annotations = write_coco(tmp_path / "refs.json", {1000 + i: caps for i, caps in enumerate(per_image)})
     checkpoint = save_checkpoint(build_model(ClipCapConfig(prefix_size=16, prefix_length=2, gpt2=gpt2_dir)),
                                  tmp_path / "tiny.safetensors")
-    evaluate = runpy.run_path(str(REPO / "evaluate.py"))
 
-    evaluate["main"](["--checkpoint", str(checkpoint), "--features", str(features), "--annotations",
-                      str(annotations), "--metrics", "Bleu,CIDEr", "--beam_size", "3", "--device", "cpu",
-                      "--out", str(tmp_path / "metrics.json"), "--save_captions", str(tmp_path / "captions.json")])
+    evaluate(["--checkpoint", str(checkpoint), "--features", str(features), "--annotations", str(annotations),
+              "--metrics", "Bleu,CIDEr", "--beam_size", "3", "--device", "cpu",
+              "--out", str(tmp_path / "metrics.json"), "--save_captions", str(tmp_path / "captions.json")])
 
     captions = json.loads((tmp_path / "captions.json").read_text())
     expected = Captioner.from_checkpoint(checkpoint).caption_features(
@@ -376,11 +376,22 @@ def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
     assert json.loads((tmp_path / "metrics.json").read_text()) == score(
         captions, load_references(annotations), metrics=("Bleu", "CIDEr"))
 
+    # The decoding flags are predict's: sampling, seeded, with a temperature.
+    evaluate(["--checkpoint", str(checkpoint), "--features", str(features), "--annotations", str(annotations),
+              "--metrics", "CIDEr", "--seed", "3", "--temperature", "1.5", "--max_length", "6",
+              "--out", str(tmp_path / "sampled.json"), "--save_captions", str(tmp_path / "sampled_captions.json")])
+    assert json.loads((tmp_path / "sampled_captions.json").read_text()) == \
+        Captioner.from_checkpoint(checkpoint).caption_features(load_features(features), DecodingOptions(
+            "sample", seed=3, temperature=1.5, max_length=6))
+    with pytest.raises(SystemExit):  # the metrics score one caption per image
+        evaluate(["--checkpoint", str(checkpoint), "--features", str(features), "--annotations", str(annotations),
+                  "--num_captions", "2"])
+
     # Images missing from the references are found before any captioning (the checkpoint is not even read).
     annotations = write_coco(tmp_path / "refs.json", {1000: per_image[0]})
     with pytest.raises(ClipCapError, match=r"test.pkl: 3 of 4 captions are for images not in .*refs.json"):
-        evaluate["main"](["--checkpoint", str(tmp_path / "absent.safetensors"), "--features", str(features),
-                          "--annotations", str(annotations), "--metrics", "CIDEr"])
+        evaluate(["--checkpoint", str(tmp_path / "absent.safetensors"), "--features", str(features),
+                  "--annotations", str(annotations), "--metrics", "CIDEr"])
 
 
 # --------------------------------------------------------------------------- nocaps domains

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from clipcap import Captioner
 from clipcap.checkpoint import LEGACY_BUFFER, load_checkpoint
-from clipcap.convert import main as convert
+from clipcap.cli.convert import main as convert
 from clipcap.files import ClipCapError
 from clipcap.hub import model_card, resolve_checkpoint
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
@@ -99,6 +99,38 @@ def test_repo_id_resolves_from_the_cache_offline(tmp_path, gpt2_dir, offline_hub
     with pytest.raises(ClipCapError, match=r"^someone/not-cached: no such local file or folder, and not "
                                            r"downloadable from the Hugging Face Hub \(LocalEntryNotFoundError"):
         Captioner.from_pretrained("someone/not-cached")
+
+
+def test_commands_take_a_repo_id_or_a_saved_folder(tmp_path, gpt2_dir, clip_dir, offline_hub):
+    """predict's and the web page's --checkpoint: a Hub id (from the cache, offline) or a save_pretrained folder."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from clipcap.app import create_app
+    from clipcap.cli.predict import main as predict
+    from clipcap.data import load_features
+    from conftest import write_feature_pickle
+
+    original = tiny_captioner(gpt2_dir, clip_model=clip_dir)
+    folder = original.save_pretrained(tmp_path / "model")
+    fake_hub_cache(offline_hub, "someone/clipcap-tiny", folder)
+    features = str(write_feature_pickle(tmp_path / "f.pkl", [["a cat."], ["a dog."]]))
+    expected = original.caption_features(load_features(features), max_length=8)
+    for checkpoint in ("someone/clipcap-tiny", str(folder)):
+        predict(["--checkpoint", checkpoint, "--features", features, "--max_length", "8",
+                 "--out", str(tmp_path / "out.json")])
+        assert json.loads((tmp_path / "out.json").read_text()) == expected
+
+    client = TestClient(create_app(["someone/clipcap-tiny", str(folder)]))
+    assert client.get("/api/options").json()["checkpoints"] == ["someone/clipcap-tiny", str(folder)]
+    coffee = Image.open(io.BytesIO(client.get("/samples/coffee.png").content))
+    for checkpoint in ("someone/clipcap-tiny", str(folder)):
+        answer = client.post("/api/caption", data={"checkpoint": checkpoint, "sample": "coffee", "max_length": "8"})
+        assert answer.json()["captions"] == original.caption([coffee], max_length=8)[0]
+    with pytest.raises(ClipCapError, match=r"^someone/not-cached: no such local file or folder"):
+        create_app(["someone/not-cached"])
 
 
 def test_local_names_are_never_taken_for_repo_ids(tmp_path, offline_hub):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import runpy
+from clipcap.cli.evaluate import main as evaluate
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,7 @@ from clipcap.encoder import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 
-REPO = Path(__file__).resolve().parents[1]
-EVALUATE = runpy.run_path(str(REPO / "evaluate.py"))["main"]
+EVALUATE = evaluate
 
 # The images every layout describes (path as written -> captions), and one listed but missing.
 IMAGES = {"dogs/astronaut.jpg": ["an astronaut in a white suit.", "a person posing with a flag."],

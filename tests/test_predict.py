@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
-from pathlib import Path
+from clipcap.cli import run
+from clipcap.cli.predict import main as predict
 
 import pytest
 import torch
@@ -21,8 +21,7 @@ from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 from conftest import write_feature_pickle
 from clipcap.reference import original_beam, original_greedy
 
-REPO = Path(__file__).resolve().parent.parent
-PREDICT = runpy.run_path(str(REPO / "predict.py"))
+
 
 
 def tiny_clipcap(gpt2_dir, clip_model="ViT-B/32", prefix_size=16, **config) -> ClipCap:
@@ -68,10 +67,10 @@ def run_predict(*args, expect_exit: int | None = None, capsys=None):
     """predict.py in this process, as ``python predict.py ARGS`` runs it (run_cli included)."""
     argv = [str(a) for a in args]
     if expect_exit is None:
-        PREDICT["main"](argv)
+        predict(argv)
         return
     with pytest.raises(SystemExit) as exit_info:
-        PREDICT["run_cli"](lambda: PREDICT["main"](argv))
+        run(lambda: predict(argv))
     assert exit_info.value.code == expect_exit
 
 

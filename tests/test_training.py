@@ -1,7 +1,7 @@
 """The training loop end to end: learning, resume, processes, accumulation, precision, the CLI."""
 import json
 import os
-import runpy
+from clipcap.cli.predict import main as predict
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from clipcap.checkpoint import load_checkpoint
 from clipcap.data import load_features
-from clipcap.decoding import caption_embeddings
+from clipcap.decoding import DecodingOptions, caption_embeddings
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
 from clipcap.tiny import make_tiny_gpt2
 from clipcap.training import TrainConfig, train
@@ -68,7 +68,7 @@ def test_learns_and_reproduces_training_captions(tmp_path):
     model = load_checkpoint(result["checkpoint"])
     features = load_features(data)
     embeds = torch.stack([features.embedding(i) for i in range(len(captions))])
-    generated = [c[0] for c in caption_embeddings(model, load_tokenizer(gpt2), embeds, strategy="greedy")]
+    generated = [c[0] for c in caption_embeddings(model, load_tokenizer(gpt2), embeds, DecodingOptions("greedy"))]
     assert generated == captions
     assert Path(result["loss_plot"]).stat().st_size > 1000
     log = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
@@ -174,7 +174,7 @@ def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
     rows = [int(features.image_index[features.image_ids.index(i)]) for i in first]
     model = load_checkpoint(result["checkpoint"])
     captions = caption_embeddings(model, load_tokenizer(gpt2_dir), torch.stack([features.embedding(r) for r in rows]),
-                                  strategy="greedy")
+                                  DecodingOptions("greedy"))
     expected = score([{"image_id": i, "caption": c[0]} for i, c in zip(first, captions)], references, ("CIDEr",))
     assert record["val_CIDEr"] == pytest.approx(expected["CIDEr"])
 
@@ -210,7 +210,7 @@ def test_checkpoint_names_the_clip_of_its_features_and_captions_images_without_f
     assert json.loads(Path(result["config"]).read_text())["clip_model"] == clip_dir
     assert load_checkpoint(result["checkpoint"]).config.clip_model == clip_dir
     out = tmp_path / "captions.json"
-    runpy.run_path(str(REPO / "predict.py"))["main"](
+    predict(
         ["--checkpoint", result["checkpoint"], "--images", str(photo_dir), "--out", str(out), "--greedy",
          "--max_length", "5", "--device", "cpu"])
     captions = json.loads(out.read_text())

@@ -1,7 +1,7 @@
 """Turn a ClipCap checkpoint, such as one of the original's released ``.pt`` files, into a Hub-ready folder.
 
-    python -m clipcap.convert coco_weights.pt clipcap-coco-mlp/
-    python -m clipcap.convert transformer_weights.pt clipcap-coco-transformer/
+    clipcap-convert coco_weights.pt clipcap-coco-mlp/          # or: python -m clipcap.cli.convert ...
+    clipcap-convert transformer_weights.pt clipcap-coco-transformer/
     hf upload OWNER/clipcap-coco-mlp clipcap-coco-mlp/     # huggingface_hub's CLI (after hf auth login)
 
 The config is inferred from the tensor shapes as for loading (:func:`clipcap.checkpoint.load_checkpoint`):
@@ -15,23 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
-from .files import ClipCapError, run_cli
-from .hub import WEIGHTS_NAME, save_pretrained
-
-# File-name fragments of the original's released weights, and their training data.
-DATASETS = {"conceptual": "Conceptual Captions (3.3M images)", "coco": "COCO (Karpathy train split)",
-            "transformer_weights": "COCO (Karpathy train split)"}
+from ..checkpoint import load_checkpoint
+from ..files import ClipCapError
+from ..hub import WEIGHTS_NAME, infer_dataset, save_pretrained
+from . import add_clip_model, run
 
 
-def infer_dataset(path: str | Path) -> str | None:
-    """The training data named by a checkpoint's file name, when it says (``coco_weights.pt``)."""
-    name = Path(path).name.lower()
-    return next((dataset for key, dataset in DATASETS.items() if key in name), None)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m clipcap.convert", description=__doc__,
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="clipcap-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="the original's .pt (coco_weights.pt, conceptual_weights.pt, "
                                       "transformer_weights.pt) or any checkpoint of ours")
@@ -41,14 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", help="evaluate.py's metrics.json, for the model card")
     p.add_argument("--repo_id", help="the Hub repo it will live in, for the model card's example")
     p.add_argument("--gpt2", help="GPT-2 name or directory to record (default: inferred from the shapes)")
-    p.add_argument("--clip_model", help="CLIP to record (default: inferred from the embedding width)")
+    add_clip_model(p, help="CLIP to record (default: inferred from the embedding width)")
     p.add_argument("--normalize_prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise CLIP embeddings (default: on for the released transformer weights only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
 
-
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
     out = Path(args.out)
     if (out / WEIGHTS_NAME).exists():
         raise ClipCapError(f"{out}: already holds a {WEIGHTS_NAME}; choose another folder or delete it")
@@ -65,4 +53,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run(main)

@@ -1,0 +1,79 @@
+"""The installed commands: the package installed into a fresh virtual environment, each command run from its bin/."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clipcap.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A virtual environment holding this repository installed (not editable), its dependencies seen
+    through a .pth file naming the test's own site-packages; built offline, without build isolation."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "source"  # a copy, so that the build leaves nothing in the repository
+    shutil.copytree(REPO / "clipcap", source / "clipcap", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    env = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    python = env / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--no-index", str(source)], check=True)
+    shutil.rmtree(source)  # the installed package must stand alone
+    return env
+
+
+def test_every_command_is_a_run_function():
+    import clipcap.cli
+
+    assert sorted(COMMANDS) == sorted(f"clipcap-{m.removeprefix('run_').replace('_', '-')}"
+                                      for m in dir(clipcap.cli) if m.startswith("run_"))
+    assert all(target == f"clipcap.cli:run_{name.removeprefix('clipcap-').replace('-', '_')}"
+               for name, target in COMMANDS.items())
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_installed_command_runs(venv, command):
+    done = subprocess.run([venv / "bin" / command, "--help"], capture_output=True, text=True, cwd=venv)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {command} ") or done.stdout.startswith(f"usage: {command}\n")
+
+
+def test_installed_package_has_the_web_page(venv):
+    """clipcap-app serves clipcap/app.html from the installed package, not from a checkout."""
+    code = "import clipcap.app as a; print(a.PAGE, a.PAGE.is_file())"
+    done = subprocess.run([venv / "bin" / "python", "-c", code], capture_output=True, text=True, cwd=venv, check=True)
+    page, found = done.stdout.split()
+    assert Path(page).is_relative_to(venv) and found == "True"
+
+
+def test_bad_input_from_an_installed_command_is_one_line(venv, tmp_path):
+    done = subprocess.run([venv / "bin" / "clipcap-predict", "--checkpoint", str(tmp_path / "absent.pt"),
+                           "--features", str(tmp_path / "absent.pkl")], capture_output=True, text=True, cwd=venv)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'absent.pkl'}: feature file not found"], done.stderr
+
+
+def test_run_turns_clipcap_errors_into_exit_status_2(capsys):
+    from clipcap.files import ClipCapError
+
+    def fail():
+        raise ClipCapError("x.pt: broken")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(fail)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: x.pt: broken\n"
