@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from bench_train_throughput import WORDS, coco_like_caption
-from clipcap.data import CaptionDataset, FeatureSet
+from clipcap.data import CaptionDataset
+from clipcap.featureset import FeatureSet
 from clipcap.tiny import train_tokenizer
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import FeatureSet
+from .featureset import FeatureSet
 from .decoding import caption_embeddings
 from .encoder import IMAGE_EXTENSIONS
 from .files import ClipCapError

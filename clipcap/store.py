@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .data import FeatureSet, load_original_pickle, save_original_pickle
+from .featureset import FeatureSet, load_original_pickle, save_original_pickle
 from .files import ClipCapError, atomic_write, run_cli, write_json
 
 FORMAT = "clipcap-feature-store"

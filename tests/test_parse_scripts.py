@@ -18,7 +18,8 @@ from skimage import data as photos
 
 from clipcap import store
 from clipcap.cli.parse_conceptual import parse_args
-from clipcap.data import load_features, load_original_pickle
+from clipcap.data import load_features
+from clipcap.featureset import load_original_pickle
 from clipcap.encoder import load_image, load_image_encoder
 from clipcap.sources import add_period, conceptual_shards
 

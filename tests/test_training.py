@@ -218,7 +218,7 @@ def test_checkpoint_names_the_clip_of_its_features_and_captions_images_without_f
 
 
 def test_clip_contradictions_stop_before_training(tmp_path, clip_store, clip_dir, gpt2_dir):
-    from clipcap.data import save_original_pickle
+    from clipcap.featureset import save_original_pickle
     from clipcap.files import ClipCapError
 
     with pytest.raises(ClipCapError) as error:
