@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from clipcap.data import load_features
-from clipcap.demo import (BACKGROUND, BASELINE, COLOURS, MODEL, SHAPES, SIZES, DemoConfig, draw_scene,
-                          make_shapes_dataset, real_backbones_cached, run)
 from clipcap.evaluation import load_references
 from clipcap.sources import coco_images
+from demo.shapes import (BACKGROUND, BASELINE, COLOURS, MODEL, SHAPES, SIZES, DemoConfig, draw_scene,
+                         make_shapes_dataset, real_backbones_cached, run)
 
 CAPTION = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (left of|next to) "
                      rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\.")
