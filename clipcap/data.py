@@ -59,9 +59,9 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Any,
                     return f["ids"], f["offsets"]
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: rebuild it
-    chunks: list[np.ndarray] = []  # int32 per 10k captions: a list of Python ints would take 10x the memory
+    chunks: list[np.ndarray] = []  # int32 per 10k captions: a list of Python ints would be many times larger
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)
-    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: the Python wrapper's per-call overhead dominates at 3M
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer, batched: the Python wrapper's per-call cost adds up on millions
     for start in tqdm(range(0, len(captions), 10_000), desc="tokenising captions", unit_scale=10_000,
                       disable=len(captions) <= 50_000):
         encoded = [e.ids for e in backend.encode_batch(list(captions[start:start + 10_000]), add_special_tokens=False)]

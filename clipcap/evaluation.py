@@ -377,7 +377,7 @@ def spice_java_options() -> Iterator[None]:
 
 
 def _spice_cache() -> Path | None:
-    """A lasting home for SPICE's parse cache (parsing 25K references takes minutes), if one can be made."""
+    """A lasting home for SPICE's parse cache (parsing a test set's references is slow), if one can be made."""
     try:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / "spice"
         cache.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ every 10,000 captions. A store is a directory instead::
 Shards are written one at a time, so an extraction killed at any point loses at most the
 shard in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
 touched pages would count against the training process) and keeps captions in Arrow buffers,
-not Python strings: a 3M-caption store trains in well under 2 GB. Nothing is unpickled.
+not Python strings, so memory stays flat however large the store. Nothing is unpickled.
 """
 from __future__ import annotations
 

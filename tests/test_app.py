@@ -182,6 +182,7 @@ def shown_captions(page) -> list[str]:
     return page.locator("#captions li").all_text_contents()
 
 
+@pytest.mark.browser
 def test_page_captions_uploads_and_samples_and_survives_bad_files(page, captioner, tmp_path):
     from playwright.sync_api import expect
 

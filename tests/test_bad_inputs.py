@@ -343,6 +343,7 @@ def test_skip_nonfinite_skips_those_batches_and_counts_them(d, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.java
 def test_superscript_image_id_is_scored_as_text(d, tmp_path, capsys):
     """"²" passes str.isdigit but is no number: it stays an id of its own, matching itself."""
     references = tmp_path / "refs.json"
@@ -384,6 +385,7 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
         assert embeddings.nonfinite_rows(chunk_bytes=chunk_bytes).tolist() == [2, 5]
 
 
+@pytest.mark.java
 def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
     """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
     from clipcap.evaluation import Evaluation

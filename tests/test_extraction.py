@@ -109,6 +109,7 @@ def test_resuming_another_job_is_refused_naming_what_differs(clip_dir, tmp_path)
     extract(shards, tmp_path / "store", clip_dir, num_workers=0)  # the same job: resumes (nothing left to do)
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_give_the_features_of_one(clip_dir, tmp_path, monkeypatch):
     paths, _ = odd_images(tmp_path / "images")
     for i, path in enumerate(paths):  # img2dataset's files layout, one shard per folder

@@ -136,6 +136,7 @@ def test_karpathy_splits_and_default_output_name(tmp_path, clip_dir):
         load_references(args[0])
 
 
+@pytest.mark.java
 def test_evaluate_scores_features_of_your_own_data(tmp_path, clip_dir, gpt2_dir, capsys):
     """The whole path: parse_captions.py, a checkpoint, evaluate.py with the image folder as references
     (less the image that is missing, so only the common images are scored)."""

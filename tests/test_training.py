@@ -100,6 +100,7 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_
     assert_same_weights(big["checkpoint"], accumulated["checkpoint"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(tmp_path, small_data, no_dropout_gpt2):
     """torchrun with 2 CPU processes (gloo) and bs 2 gives the weights of 1 process with bs 4."""
     one = run(tmp_path, small_data, no_dropout_gpt2, "one", batch_size=4)
@@ -161,6 +162,7 @@ def test_cli_reports_a_missing_data_file_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pkl'}: feature file not found"]
 
 
+@pytest.mark.java
 def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
     result = run(tmp_path, small_data, gpt2_dir, val_data=small_data, val_captions=5, epochs=1)
     record = [r for r in result["history"] if "val_CIDEr" in r][0]
