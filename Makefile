@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -13,7 +13,7 @@ TORCH := torch==2.13.0
 	touch $@
 
 demo: .venv/.installed
-	$(PY) demo.py
+	$(PY) -m demo.shapes
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests

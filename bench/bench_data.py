@@ -17,10 +17,11 @@ import time
 
 import numpy as np
 import torch
+from bench_train_throughput import WORDS, coco_like_caption
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from bench_train_throughput import WORDS, coco_like_caption
-from clipcap.data import CaptionDataset, FeatureSet
+from clipcap.data import CaptionDataset
+from clipcap.featureset import FeatureSet
 from clipcap.tiny import train_tokenizer
 
 

@@ -23,8 +23,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from clipcap.tiny import train_tokenizer
 from clipcap.model import ClipCapConfig
+from clipcap.tiny import train_tokenizer
 from clipcap.training import TrainConfig, train
 
 COCO_CAPTIONS = 566_747  # Karpathy train + restval

@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .data import FeatureSet
 from .decoding import DecodingOptions, caption_embeddings
 from .encoder import IMAGE_EXTENSIONS
+from .featureset import FeatureSet
 from .files import ClipCapError
 from .hub import push_to_hub, resolve_checkpoint, save_pretrained
 from .model import ClipCap, load_tokenizer

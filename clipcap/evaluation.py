@@ -102,7 +102,9 @@ def load_annotations(path: str | Path, split: str | None = None) -> tuple[Refere
     """The references (as :func:`load_references`) and what the file says about their images:
     the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
     path = Path(path)
-    from .sources import caption_references  # imported here: it needs torch, scoring does not
+    from .sources import (
+        caption_references,  # imported here: it needs torch, scoring does not
+    )
 
     if (references := caption_references(path, split)) is not None:
         return references, {}
@@ -377,7 +379,7 @@ def spice_java_options() -> Iterator[None]:
 
 
 def _spice_cache() -> Path | None:
-    """A lasting home for SPICE's parse cache (parsing 25K references takes minutes), if one can be made."""
+    """A lasting home for SPICE's parse cache (parsing a test set's references is slow), if one can be made."""
     try:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / "spice"
         cache.mkdir(parents=True, exist_ok=True)
@@ -461,12 +463,16 @@ class Evaluation:
 
     def table(self) -> str:
         """A one-row markdown table in the paper's units (x100)."""
-        keys = list(self.scores)
-        return "\n".join(["| images | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|", self._row(keys)])
+        return markdown_table([["images", *self.scores], self._cells(self.scores)])
 
-    def _row(self, keys: Sequence[str], label: str | None = None) -> str:
-        cells = ([label] if label is not None else []) + [str(len(self.per_image))]
-        return "| " + " | ".join(cells + [f"{100 * self.scores[k]:.2f}" for k in keys]) + " |"
+    def _cells(self, keys: Iterable[str]) -> list[str]:
+        return [str(len(self.per_image)), *(f"{100 * self.scores[k]:.2f}" for k in keys)]
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as a markdown table, the first row its header."""
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
 
 
 class Scorer:
@@ -583,9 +589,9 @@ def write_scores(evaluations: dict[str, Evaluation], path: str | Path, per_image
 
 def domain_table(evaluations: dict[str, Evaluation]) -> str:
     """A markdown table with a row per subset (entire, in-domain, ...) in the paper's units (x100)."""
-    keys = list(evaluations[next(iter(evaluations))].scores)
-    return "\n".join(["| subset | images | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|",
-                      *(evaluation._row(keys, name) for name, evaluation in evaluations.items())])
+    keys = list(next(iter(evaluations.values())).scores)
+    return markdown_table([["subset", "images", *keys],
+                           *([name, *evaluation._cells(keys)] for name, evaluation in evaluations.items())])
 
 
 def score(results: Sequence[dict[str, Any]], references: References, metrics: Iterable[str] | None = None,

@@ -7,10 +7,9 @@ import os
 import re
 import socket
 import stat
-import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Iterator
 
 
 class ClipCapError(Exception):
@@ -137,15 +136,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main; a ClipCapError becomes ``error: ...`` on stderr and exit status 2."""
-    try:
-        main()
-    except ClipCapError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

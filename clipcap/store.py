@@ -13,7 +13,7 @@ every 10,000 captions. A store is a directory instead::
 Shards are written one at a time, so an extraction killed at any point loses at most the
 shard in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
 touched pages would count against the training process) and keeps captions in Arrow buffers,
-not Python strings: a 3M-caption store trains in well under 2 GB. Nothing is unpickled.
+not Python strings, so memory stays flat however large the store. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .data import FeatureSet, load_original_pickle, save_original_pickle
-from .files import ClipCapError, atomic_write, run_cli, write_json
+from .featureset import FeatureSet, load_original_pickle, save_original_pickle
+from .files import ClipCapError, atomic_write, write_json
 
 FORMAT = "clipcap-feature-store"
 VERSION = 1
@@ -317,4 +317,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    from .cli import run
+
+    run(main)

@@ -8,8 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerFast
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
+)
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -70,10 +83,9 @@ def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 
     the text tower (CLIPScore).
 
     The processor resizes the shortest side to ``image_size`` and centre-crops, as OpenAI's does.
-    At the default initialisation an untrained ViT's embedding hardly depends on the image
-    (nearly all of it is the same direction for every image) and hardly says where things are;
-    the demo's random CLIP needs both, so ``initializer_factor`` scales every initial weight
-    (a CLIPConfig field) and ``position_scale`` the position embeddings on top of that.
+    At the default initialisation an untrained ViT's embedding hardly depends on the image or on
+    where things are in it; ``initializer_factor`` (a CLIPConfig field) scales every initial weight
+    and ``position_scale`` the position embeddings, so that the embeddings can tell images apart.
     """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel

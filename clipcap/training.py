@@ -31,11 +31,25 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import (CLIP_BY_WIDTH, RunFiles, clip_for_width, find_resume_file, restore, save_config,
-                         save_resume, save_weights)
-from .data import Batch, CaptionDataset, FeatureSet, load_features, tokens_cache_path
+from .checkpoint import (
+    CLIP_BY_WIDTH,
+    RunFiles,
+    clip_for_width,
+    find_resume_file,
+    restore,
+    save_config,
+    save_resume,
+    save_weights,
+)
+from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import OPENAI_CHECKPOINTS
-from .files import ClipCapError, atomic_write, check_output_path, remove_stale_temp_files
+from .featureset import FeatureSet
+from .files import (
+    ClipCapError,
+    atomic_write,
+    check_output_path,
+    remove_stale_temp_files,
+)
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
 from .runtime import Processes, pick_device, start_processes
 

@@ -23,8 +23,8 @@ from skimage import data as photos
 
 from clipcap.app import create_app
 from clipcap.captioner import Captioner
-from clipcap.cli.app import main
 from clipcap.checkpoint import save_checkpoint
+from clipcap.cli.app import main
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 
@@ -181,6 +181,7 @@ def shown_captions(page) -> list[str]:
     return page.locator("#captions li").all_text_contents()
 
 
+@pytest.mark.browser
 def test_page_captions_uploads_and_samples_and_survives_bad_files(page, captioner, tmp_path):
     from playwright.sync_api import expect
 

@@ -1,7 +1,7 @@
 """Bad inputs to the scripts: each gives exit status 2 and one line ``error: ...`` naming the file or
 flag and the problem, before any expensive step; never a traceback, never silent damage.
 
-Most cases call a script's ``main`` in this process through ``run_cli``, exactly as
+Most cases call a script's ``main`` in this process through ``clipcap.cli.run``, exactly as
 ``python SCRIPT.py`` runs it; the ``subprocess`` cases run the real scripts to prove there is no
 traceback on the way out. The last tests check the guarded behaviours that do work: a resumed or
 ``--overwrite`` run, ``--skip_nonfinite``, and a non-numeric image id that scores.
@@ -19,19 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import caption_corpus
 
 from clipcap.checkpoint import load_checkpoint, save_checkpoint, save_config
-from clipcap.data import load_features
-from clipcap.files import ClipCapError
-from clipcap.model import ClipCapConfig, build_model
 from clipcap.cli import app as cli_app
 from clipcap.cli import evaluate as cli_evaluate
 from clipcap.cli import predict as cli_predict
 from clipcap.cli import run
 from clipcap.cli import train as cli_train
+from clipcap.data import load_features
+from clipcap.files import ClipCapError
+from clipcap.model import ClipCapConfig, build_model
 from clipcap.training import epoch_batches
-
-from conftest import caption_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 MAINS = {"train": cli_train.main, "predict": cli_predict.main, "evaluate": cli_evaluate.main, "app": cli_app.main}
@@ -344,6 +343,7 @@ def test_skip_nonfinite_skips_those_batches_and_counts_them(d, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.java
 def test_superscript_image_id_is_scored_as_text(d, tmp_path, capsys):
     """"²" passes str.isdigit but is no number: it stays an id of its own, matching itself."""
     references = tmp_path / "refs.json"
@@ -387,6 +387,7 @@ def test_feature_set_names_nonfinite_rows_of_a_store_in_chunks(d):
         assert embeddings.nonfinite_rows(chunk_bytes=chunk_bytes).tolist() == [2, 5]
 
 
+@pytest.mark.java
 def test_evaluate_prints_the_scores_before_writing_them(d, tmp_path, capsys, monkeypatch):
     """A failure writing --out (disk full, say) cannot take the scores: they are printed first."""
     def disk_full(*args, **kwargs):

@@ -5,8 +5,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from clipcap.checkpoint import (config_path_for, infer_config, load_checkpoint, load_weights, save_checkpoint,
-                                save_config)
+from clipcap.checkpoint import (
+    config_path_for,
+    infer_config,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_config,
+)
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 

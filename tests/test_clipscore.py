@@ -6,19 +6,18 @@ import json
 import math
 import pickle
 import re
-from clipcap.cli.evaluate import main as evaluate
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import caption_corpus
 from PIL import Image
 
+from clipcap.cli.evaluate import main as evaluate
 from clipcap.clipscore import PREFIX, CLIPScorer
 from clipcap.files import ClipCapError
 from clipcap.tiny import make_tiny_clip
-
-from conftest import caption_corpus
 
 # Image id -> (domain, references, caption); the last caption is longer than the text tower's 16 tokens.
 IMAGES = {
@@ -114,6 +113,7 @@ def test_clipscore_equals_clip_features_and_the_formulas(clip_with_tokenizer, no
         scorer({k: c for k, (_, _, c) in IMAGES.items()}, {k: r for k, (_, r, _) in IMAGES.items()}, embeds[:3])
 
 
+@pytest.mark.java
 def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokenizer, nocaps, tmp_path):
     folder, annotations, results = nocaps
     expected, images = by_hand(clip_with_tokenizer, folder)
@@ -150,6 +150,7 @@ def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokeni
             assert from_features[subset] == pytest.approx(metrics[subset], abs=1e-5)
 
 
+@pytest.mark.java
 def test_evaluate_captions_the_images_folder(clip_with_tokenizer, gpt2_dir, nocaps, tmp_path):
     from clipcap.captioner import Captioner
     from clipcap.checkpoint import save_checkpoint

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from skimage import data as photos
+from test_app import png, tiny_checkpoint
 
 from clipcap.captioner import Captioner
-from test_app import png, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # The part of Cog's SDK that cog_predict.py uses: a predictor base class, Input() giving its default.

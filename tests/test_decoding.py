@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from clipcap.decoding import (MAX_SEED, DecodingOptions, beam_tokens, caption_embeddings, greedy_tokens,
-                              nucleus_filter, sample_tokens, stop_token_id)
+from clipcap.decoding import (
+    MAX_SEED,
+    DecodingOptions,
+    beam_tokens,
+    caption_embeddings,
+    greedy_tokens,
+    nucleus_filter,
+    sample_tokens,
+    stop_token_id,
+)
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
 from clipcap.reference import original_beam, original_greedy

@@ -11,10 +11,21 @@ import numpy as np
 import pytest
 
 from clipcap.data import load_features
-from clipcap.demo import (BACKGROUND, BASELINE, COLOURS, MODEL, SHAPES, SIZES, DemoConfig, draw_scene,
-                          make_shapes_dataset, real_backbones_cached, run)
 from clipcap.evaluation import load_references
 from clipcap.sources import coco_images
+from demo.shapes import (
+    BACKGROUND,
+    BASELINE,
+    COLOURS,
+    MODEL,
+    SHAPES,
+    SIZES,
+    DemoConfig,
+    draw_scene,
+    make_shapes_dataset,
+    real_backbones_cached,
+    run,
+)
 
 CAPTION = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (left of|next to) "
                      rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\.")
@@ -75,6 +86,7 @@ def demo(tmp_path_factory):
                                gallery_size=6))
 
 
+@pytest.mark.java
 def test_held_out_captions_come_from_the_images(demo):
     """CIDEr of the captions of unseen images is far above a caption-only model's, which is trained
     the same way on the same captions with every image embedding zeroed."""
@@ -86,6 +98,7 @@ def test_held_out_captions_come_from_the_images(demo):
     assert scores[MODEL]["exact_match"] > scores[BASELINE]["exact_match"]
 
 
+@pytest.mark.java
 def test_features_go_through_the_extraction_path(demo):
     out, summary = demo
     train, test = load_features(out / "features" / "train"), load_features(out / "features" / "test")
@@ -94,6 +107,7 @@ def test_features_go_through_the_extraction_path(demo):
     assert summary["backbones"] == "tiny random" and "TINY RANDOM" in summary["about"]
 
 
+@pytest.mark.java
 def test_report_folder(demo):
     out, summary = demo
     report = out / "report"

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-from clipcap.cli.evaluate import main as evaluate
 import subprocess
 import sys
 from collections import Counter
@@ -20,8 +19,16 @@ from pathlib import Path
 import pytest
 
 from clipcap import evaluation
-from clipcap.evaluation import (Scorer, load_references, load_results, match_images, pair_up, score,
-                                spice_problem)
+from clipcap.cli.evaluate import main as evaluate
+from clipcap.evaluation import (
+    Scorer,
+    load_references,
+    load_results,
+    match_images,
+    pair_up,
+    score,
+    spice_problem,
+)
 from clipcap.files import ClipCapError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +86,10 @@ class NoSpice:
         return "SPICE"
 
 
+@pytest.mark.java
 def test_scores_equal_coco_eval_cap(all_metrics, tmp_path, monkeypatch):
-    from pycocotools.coco import COCO
-
     import pycocoevalcap.eval as coco_eval
+    from pycocotools.coco import COCO
 
     scorer, _ = all_metrics
     annotations = write_coco(tmp_path / "captions_test.json")
@@ -106,6 +113,7 @@ def test_scores_equal_coco_eval_cap(all_metrics, tmp_path, monkeypatch):
     assert 0 < ours.scores["Bleu_4"] < ours.scores["Bleu_1"] < 1 and ours.scores["CIDEr"] > 0
 
 
+@pytest.mark.java
 def test_spice_offline_is_skipped_with_instructions(all_metrics, monkeypatch):
     scorer, log = all_metrics
     assert "SPICE" not in scorer.scorers and "METEOR" in scorer.scorers
@@ -116,12 +124,14 @@ def test_spice_offline_is_skipped_with_instructions(all_metrics, monkeypatch):
         Scorer(["CIDEr", "SPICE"])  # asked for by name: an error, not a silent skip
 
 
+@pytest.mark.java
 def test_spice_found_when_its_jars_are_there(monkeypatch):
     lib = evaluation.installed_toolkit() / "spice" / "lib"
     monkeypatch.setattr(evaluation, "SPICE_JARS", tuple(p.name for p in sorted(lib.glob("*.jar"))[:2]))
     assert spice_problem() is None
 
 
+@pytest.mark.java
 def test_bleu_and_cider_match_a_hand_computation():
     """Corpus BLEU (closest reference length) and CIDEr-D (sigma 6, clipped, x10) from their definitions."""
     pairs = [("a dog running on the grass", ["a dog runs on the grass", "a brown dog is running on the grass"]),
@@ -210,6 +220,7 @@ print(json.dumps(score(results, {int(k): v for k, v in references.items()}, metr
 """
 
 
+@pytest.mark.java
 def test_works_with_read_only_site_packages():
     """pycocoevalcap's own tokenizer fails there (checked first); the evaluation does not."""
     results, references = results_for(IMAGES), IMAGES
@@ -223,6 +234,7 @@ def test_works_with_read_only_site_packages():
 # --------------------------------------------------------------------------- mismatches
 
 
+@pytest.mark.java
 def test_mismatched_images_are_errors_unless_asked_for(all_metrics):
     scorer, _ = all_metrics
     references = {k: IMAGES[k] for k in (42, 7, 1000)}
@@ -251,6 +263,7 @@ def test_duplicates_and_malformed_results_are_errors():
         match_images([42], {42: []})
 
 
+@pytest.mark.java
 def test_empty_captions_are_reported_and_score_zero(all_metrics, capsys):
     scorer, _ = all_metrics
     captions = {**CAPTIONS, 7: "  "}
@@ -326,6 +339,7 @@ def run_evaluate(*args, cwd):
                           text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.java
 def test_evaluate_script_writes_metrics_and_table(tmp_path):
     annotations = write_coco(tmp_path / "captions_test.json")
     results = tmp_path / "results.json"
@@ -349,14 +363,15 @@ def test_evaluate_script_writes_metrics_and_table(tmp_path):
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "--only_common_images" in run.stderr
 
 
+@pytest.mark.java
 def test_evaluate_captions_a_checkpoint_then_scores(tmp_path, gpt2_dir):
+    from conftest import caption_corpus, write_feature_pickle
+
     from clipcap.captioner import Captioner
     from clipcap.checkpoint import save_checkpoint
     from clipcap.data import load_features
     from clipcap.decoding import DecodingOptions
     from clipcap.model import ClipCapConfig, build_model
-
-    from conftest import caption_corpus, write_feature_pickle
 
     corpus = caption_corpus()
     per_image = [[corpus[5 * i], corpus[5 * i + 2]] for i in range(4)]
@@ -411,6 +426,7 @@ def write_nocaps(path: Path) -> Path:
     return path
 
 
+@pytest.mark.java
 def test_nocaps_domains_are_separate_runs(tmp_path):
     from clipcap.evaluation import load_annotations
 
@@ -433,6 +449,7 @@ def test_nocaps_domains_are_separate_runs(tmp_path):
     assert [(row["image_id"], row["domain"]) for row in evaluations["entire"].per_image] == list(DOMAIN_OF.items())
 
 
+@pytest.mark.java
 def test_evaluate_script_reports_nocaps_domains(tmp_path):
     annotations = write_nocaps(tmp_path / "nocaps_val_4500_captions.json")
     results = tmp_path / "results.json"
@@ -475,6 +492,7 @@ def corenlp_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.java
 def test_spice_jars_from_a_folder_and_from_the_zip(tmp_path, monkeypatch):
     import zipfile
 
@@ -512,6 +530,7 @@ def test_spice_jars_from_a_folder_and_from_the_zip(tmp_path, monkeypatch):
         find_spice_jars(tmp_path / "other.zip")
 
 
+@pytest.mark.java
 def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
     from clipcap.evaluation import java_version
 
@@ -530,6 +549,7 @@ def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
         Scorer(["SPICE"], spice_jars=folder)
 
 
+@pytest.mark.java
 def test_spice_gets_its_jars_in_the_working_copy_and_its_java_the_add_opens(tmp_path, capfd):
     """SPICE's real Java process starts with --add-opens (the jars here are empty, so it then fails)."""
     folder = corenlp_folder(tmp_path / "jars")

@@ -12,15 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_encoder import photo, save
+from test_files import dead_pid
 
 from clipcap import extraction, files, store
 from clipcap.encoder import load_image, load_image_encoder
 from clipcap.extraction import ImageItem, Shard, extract
 from clipcap.files import ClipCapError
 from clipcap.store import load_store
-
-from test_encoder import photo, save
-from test_files import dead_pid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +108,7 @@ def test_resuming_another_job_is_refused_naming_what_differs(clip_dir, tmp_path)
     extract(shards, tmp_path / "store", clip_dir, num_workers=0)  # the same job: resumes (nothing left to do)
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_give_the_features_of_one(clip_dir, tmp_path, monkeypatch):
     paths, _ = odd_images(tmp_path / "images")
     for i, path in enumerate(paths):  # img2dataset's files layout, one shard per folder

@@ -105,13 +105,13 @@ def test_commands_take_a_repo_id_or_a_saved_folder(tmp_path, gpt2_dir, clip_dir,
     """predict's and the web page's --checkpoint: a Hub id (from the cache, offline) or a save_pretrained folder."""
     import io
 
+    from conftest import write_feature_pickle
     from fastapi.testclient import TestClient
     from PIL import Image
 
     from clipcap.app import create_app
     from clipcap.cli.predict import main as predict
     from clipcap.data import load_features
-    from conftest import write_feature_pickle
 
     original = tiny_captioner(gpt2_dir, clip_model=clip_dir)
     folder = original.save_pretrained(tmp_path / "model")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from clipcap.cli.evaluate import main as evaluate
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,11 @@ from PIL import Image
 from skimage import data as photos
 
 from clipcap.checkpoint import save_checkpoint
+from clipcap.cli.evaluate import main as evaluate
 from clipcap.cli.parse_captions import main as parse_captions
 from clipcap.data import load_features
-from clipcap.evaluation import load_references
 from clipcap.encoder import load_image, load_image_encoder
+from clipcap.evaluation import load_references
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 
@@ -135,6 +135,7 @@ def test_karpathy_splits_and_default_output_name(tmp_path, clip_dir):
         load_references(args[0])
 
 
+@pytest.mark.java
 def test_evaluate_scores_features_of_your_own_data(tmp_path, clip_dir, gpt2_dir, capsys):
     """The whole path: parse_captions.py, a checkpoint, evaluate.py with the image folder as references
     (less the image that is missing, so only the common images are scored)."""

@@ -18,8 +18,9 @@ from skimage import data as photos
 
 from clipcap import store
 from clipcap.cli.parse_conceptual import parse_args
-from clipcap.data import load_features, load_original_pickle
+from clipcap.data import load_features
 from clipcap.encoder import load_image, load_image_encoder
+from clipcap.featureset import load_original_pickle
 from clipcap.sources import add_period, conceptual_shards
 
 REPO = Path(__file__).resolve().parents[1]

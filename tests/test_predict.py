@@ -3,25 +3,23 @@ from __future__ import annotations
 
 import json
 import re
-from clipcap.cli import run
-from clipcap.cli.predict import main as predict
 
 import pytest
 import torch
+from conftest import write_feature_pickle
 from PIL import Image
 from skimage import data as photos
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.captioner import Captioner, image_paths
 from clipcap.checkpoint import infer_config, save_checkpoint
+from clipcap.cli import run
+from clipcap.cli.predict import main as predict
 from clipcap.data import load_features
 from clipcap.encoder import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
-from conftest import write_feature_pickle
 from clipcap.reference import original_beam, original_greedy
-
-
 
 
 def tiny_clipcap(gpt2_dir, clip_model="ViT-B/32", prefix_size=16, **config) -> ClipCap:
@@ -64,7 +62,7 @@ def image_dir(tmp_path_factory):
 
 
 def run_predict(*args, expect_exit: int | None = None, capsys=None):
-    """predict.py in this process, as ``python predict.py ARGS`` runs it (run_cli included)."""
+    """predict.py in this process, as ``python predict.py ARGS`` runs it (clipcap.cli.run included)."""
     argv = [str(a) for a in args]
     if expect_exit is None:
         predict(argv)

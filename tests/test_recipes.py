@@ -19,6 +19,8 @@ from safetensors import safe_open
 
 from clipcap.tiny import make_tiny_resnet_clip
 
+pytestmark = pytest.mark.java  # every recipe scores with the Java metrics
+
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 214)}
 SHAPES = ("circle", "square")

@@ -7,9 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from clipcap import store
-from clipcap.data import CaptionDataset, load_features, load_original_pickle, save_original_pickle
-from clipcap.store import load_store
+from clipcap.data import CaptionDataset, load_features
+from clipcap.featureset import load_original_pickle, save_original_pickle
 from clipcap.files import ClipCapError
+from clipcap.store import load_store
 
 
 def test_pickle_store_pickle_round_trip(feature_pickle, tmp_path):

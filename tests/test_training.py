@@ -1,23 +1,22 @@
 """The training loop end to end: learning, resume, processes, accumulation, precision, the CLI."""
 import json
 import os
-from clipcap.cli.predict import main as predict
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import caption_corpus, write_feature_pickle
 from safetensors.torch import load_file
 
 from clipcap.checkpoint import load_checkpoint
+from clipcap.cli.predict import main as predict
 from clipcap.data import load_features
 from clipcap.decoding import DecodingOptions, caption_embeddings
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
 from clipcap.tiny import make_tiny_gpt2
 from clipcap.training import TrainConfig, train
-
-from conftest import caption_corpus, write_feature_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +99,7 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_
     assert_same_weights(big["checkpoint"], accumulated["checkpoint"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one(tmp_path, small_data, no_dropout_gpt2):
     """torchrun with 2 CPU processes (gloo) and bs 2 gives the weights of 1 process with bs 4."""
     one = run(tmp_path, small_data, no_dropout_gpt2, "one", batch_size=4)
@@ -161,6 +161,7 @@ def test_cli_reports_a_missing_data_file_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pkl'}: feature file not found"]
 
 
+@pytest.mark.java
 def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
     result = run(tmp_path, small_data, gpt2_dir, val_data=small_data, val_captions=5, epochs=1)
     record = [r for r in result["history"] if "val_CIDEr" in r][0]
@@ -218,7 +219,7 @@ def test_checkpoint_names_the_clip_of_its_features_and_captions_images_without_f
 
 
 def test_clip_contradictions_stop_before_training(tmp_path, clip_store, clip_dir, gpt2_dir):
-    from clipcap.data import save_original_pickle
+    from clipcap.featureset import save_original_pickle
     from clipcap.files import ClipCapError
 
     with pytest.raises(ClipCapError) as error:

@@ -22,11 +22,31 @@ import numpy as np
 import torch
 
 from ..data import load_features
-from ..evaluation import (ENTIRE, SCORERS, SPICE_JARS_ENV, Evaluation, Scorer, domain_table, image_files, image_key,
-                          load_annotations, load_results, match_images, write_scores)
+from ..evaluation import (
+    ENTIRE,
+    SCORERS,
+    SPICE_JARS_ENV,
+    Evaluation,
+    Scorer,
+    domain_table,
+    image_files,
+    image_key,
+    load_annotations,
+    load_results,
+    match_images,
+    write_scores,
+)
 from ..files import ClipCapError, check_output_path, write_json
 from ..runtime import resolve_device
-from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
+from . import (
+    CHECKPOINT_HELP,
+    add_batch_size,
+    add_decoding,
+    add_model_options,
+    add_out,
+    decoding_options,
+    model_options,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

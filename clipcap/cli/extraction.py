@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import add_batch_size, add_clip_model, add_device, add_out, positive
 from ..encoder import MAX_PIXELS, OPENAI_CHECKPOINTS, OPENAI_RESNETS
 from ..extraction import Shard, extract_to, model_tag
+from . import add_batch_size, add_clip_model, add_device, add_out, positive
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:

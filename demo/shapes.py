@@ -1,5 +1,8 @@
 """``make demo``: the whole ClipCap job, end to end, on a captioned dataset drawn on the spot.
 
+    python -m demo.shapes          # offline, a few minutes on a CPU: tiny random backbones
+    python -m demo.shapes --real   # OpenAI CLIP ViT-B/32 and GPT-2 (used anyway when both are cached)
+
 Read top to bottom, it is the job a user runs on COCO, step for step and through the same code:
 
 1. draw the dataset: scenes of two coloured shapes, captioned "a small red circle left of a
@@ -10,15 +13,16 @@ Read top to bottom, it is the job a user runs on COCO, step for step and through
    COCO caption metrics (evaluate.py's scorer);
 5. do 3-4 again with every image embedding replaced by zeros: a caption-only baseline, which can
    only learn which captions are likely. The gap between the two is what the images contribute;
-6. write a report folder: metrics.json, the loss curve, and a gallery of held-out images.
+6. write a report folder under --out: metrics.json, the loss curve, and a gallery of held-out images.
 
 Offline the backbones are tiny random models built on the spot (:mod:`clipcap.tiny`): the scores
 show that the pipeline learns captions from images, they are not the paper's numbers. With
-``real=True``, or when ``openai/clip-vit-base-patch32`` and ``gpt2`` are in the local Hugging
+``--real``, or when ``openai/clip-vit-base-patch32`` and ``gpt2`` are in the local Hugging
 Face cache, the demo uses those.
 """
 from __future__ import annotations
 
+import argparse
 import html
 import random
 import shutil
@@ -31,17 +35,25 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .captioner import Captioner
-from .data import FeatureSet, load_features, save_original_pickle
-from .evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
-from .encoder import OPENAI_CHECKPOINTS
-from .extraction import extract
-from .files import ClipCapError, atomic_write, write_json
-from .runtime import resolve_device
-from .sources import coco_images, coco_shards
-from .tiny import make_tiny_clip, make_tiny_gpt2
-from .model import ClipCapConfig
-from .training import TrainConfig, train
+from clipcap import cli
+from clipcap.captioner import Captioner
+from clipcap.data import load_features
+from clipcap.encoder import OPENAI_CHECKPOINTS
+from clipcap.evaluation import (
+    METRIC_KEYS,
+    Evaluation,
+    Scorer,
+    load_references,
+    markdown_table,
+)
+from clipcap.extraction import extract
+from clipcap.featureset import FeatureSet, save_original_pickle
+from clipcap.files import ClipCapError, atomic_write, write_json
+from clipcap.model import ClipCapConfig
+from clipcap.runtime import resolve_device
+from clipcap.sources import coco_images, coco_shards
+from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
+from clipcap.training import TrainConfig, train
 
 # --------------------------------------------------------------------------- 1. the dataset
 
@@ -220,11 +232,6 @@ def score_rows(scores: dict[str, dict[str, float]]) -> list[list[str]]:
     return [["captions from", *keys]] + [[name, *(f"{100 * s[k]:.1f}" for k in keys)] for name, s in scores.items()]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
-
-
 def write_gallery(path: Path, images: list[dict[str, Any]], captions: dict[str, dict[Any, str]],
                   per_image: dict[Any, dict[str, float]], notes: list[str], rows: list[list[str]]) -> None:
     """An HTML page: the scores, the loss curve, and held-out images (copied beside the page) with
@@ -355,3 +362,29 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print(note)
     print(f"report: {report}/ (metrics.json, loss.png, gallery.html); {summary['seconds']:.0f} s")
     return summary
+
+
+def main() -> None:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=d.out, help="work and report folder")
+    p.add_argument("--real", action="store_true", default=None,
+                   help="CLIP ViT-B/32 and GPT-2 from the Hugging Face hub or its cache, instead of tiny random models")
+    p.add_argument("--n_train", type=int, default=d.n_train, help="training images (2 captions each)")
+    p.add_argument("--n_test", type=int, default=d.n_test, help="held-out images")
+    p.add_argument("--epochs", type=int, default=None, help="default: 6 with tiny backbones, 2 with real ones")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto: cuda if available, else cpu")
+    p.add_argument("--no_baseline", dest="baseline", action="store_false",
+                   help="skip the caption-only baseline (the same training with the images blanked out)")
+    args = p.parse_args()
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bars of tiny models are noise
+    hf_logging.set_verbosity_error()
+    run(DemoConfig(**vars(args)))
+
+
+if __name__ == "__main__":
+    cli.run(main)
