@@ -26,11 +26,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 from skimage import io as skio
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from clipcap.encoder import load_image_encoder
 from clipcap.extraction import ImageItem, extract

@@ -15,13 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .encoder import (
-    OPENAI_CHECKPOINTS,
-    ImageEncoder,
-    default_dtype,
-    load_image,
-    load_image_encoder,
-)
+from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder
 from .files import ClipCapError
 
 PREFIX = "A photo depicts "

@@ -170,11 +170,7 @@ def load_image_encoder(name: str = "ViT-B/32", device: str | torch.device = "cpu
 
 
 def _load_hf_clip(name: str, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
-    from transformers import (
-        AutoConfig,
-        CLIPImageProcessorPil,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import AutoConfig, CLIPImageProcessorPil, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
     source = OPENAI_CHECKPOINTS.get(name, name)

@@ -102,9 +102,7 @@ def load_annotations(path: str | Path, split: str | None = None) -> tuple[Refere
     """The references (as :func:`load_references`) and what the file says about their images:
     the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
     path = Path(path)
-    from .sources import (
-        caption_references,  # imported here: it needs torch, scoring does not
-    )
+    from .sources import caption_references  # imported here: it needs torch, scoring does not
 
     if (references := caption_references(path, split)) is not None:
         return references, {}

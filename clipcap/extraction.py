@@ -23,14 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import store as feature_store
-from .encoder import (
-    MAX_PIXELS,
-    ImageEncoder,
-    Preprocess,
-    default_dtype,
-    load_image,
-    load_image_encoder,
-)
+from .encoder import MAX_PIXELS, ImageEncoder, Preprocess, default_dtype, load_image, load_image_encoder
 from .files import ClipCapError, open_regular, remove_stale_temp_files, write_json
 from .runtime import pick_device, start_processes
 

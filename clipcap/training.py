@@ -44,12 +44,7 @@ from .checkpoint import (
 from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import OPENAI_CHECKPOINTS
 from .featureset import FeatureSet
-from .files import (
-    ClipCapError,
-    atomic_write,
-    check_output_path,
-    remove_stale_temp_files,
-)
+from .files import ClipCapError, atomic_write, check_output_path, remove_stale_temp_files
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
 from .runtime import Processes, pick_device, start_processes
 

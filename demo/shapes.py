@@ -39,13 +39,7 @@ from clipcap import cli
 from clipcap.captioner import Captioner
 from clipcap.data import load_features
 from clipcap.encoder import OPENAI_CHECKPOINTS
-from clipcap.evaluation import (
-    METRIC_KEYS,
-    Evaluation,
-    Scorer,
-    load_references,
-    markdown_table,
-)
+from clipcap.evaluation import METRIC_KEYS, Evaluation, Scorer, load_references, markdown_table
 from clipcap.extraction import extract
 from clipcap.featureset import FeatureSet, save_original_pickle
 from clipcap.files import ClipCapError, atomic_write, write_json

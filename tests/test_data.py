@@ -10,13 +10,7 @@ import pytest
 import torch
 from conftest import caption_corpus, write_feature_pickle
 
-from clipcap.data import (
-    CaptionDataset,
-    load_features,
-    max_caption_length,
-    tokenize_captions,
-    tokens_cache_path,
-)
+from clipcap.data import CaptionDataset, load_features, max_caption_length, tokenize_captions, tokens_cache_path
 from clipcap.model import load_tokenizer
 from clipcap.tiny import train_tokenizer
 

@@ -20,15 +20,7 @@ import pytest
 
 from clipcap import evaluation
 from clipcap.cli.evaluate import main as evaluate
-from clipcap.evaluation import (
-    Scorer,
-    load_references,
-    load_results,
-    match_images,
-    pair_up,
-    score,
-    spice_problem,
-)
+from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score, spice_problem
 from clipcap.files import ClipCapError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,15 +38,7 @@ from ..evaluation import (
 )
 from ..files import ClipCapError, check_output_path, write_json
 from ..runtime import resolve_device
-from . import (
-    CHECKPOINT_HELP,
-    add_batch_size,
-    add_decoding,
-    add_model_options,
-    add_out,
-    decoding_options,
-    model_options,
-)
+from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,15 +18,7 @@ import sys
 from ..captioner import Captioner, image_paths
 from ..data import load_features
 from ..files import ClipCapError, check_output_path, write_json
-from . import (
-    CHECKPOINT_HELP,
-    add_batch_size,
-    add_decoding,
-    add_model_options,
-    add_out,
-    decoding_options,
-    model_options,
-)
+from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
 
 
 def main(argv: list[str] | None = None) -> None:
