@@ -10,11 +10,11 @@ setup(); a prediction is one caption, greedy or beam search (beam 5), as the ori
 """
 from pathlib import Path as FilePath
 
-import torch
 from cog import BasePredictor, Input, Path
 
 from clipcap.captioner import Captioner
 from clipcap.decoding import DecodingOptions
+from clipcap.runtime import resolve_device
 
 WEIGHTS = FilePath(__file__).with_name("weights")
 MODELS = {"coco": "coco_weights.pt", "conceptual-captions": "conceptual_weights.pt"}
@@ -22,7 +22,7 @@ MODELS = {"coco": "coco_weights.pt", "conceptual-captions": "conceptual_weights.
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device("auto")
         self.captioners = {name: Captioner.from_checkpoint(WEIGHTS / file, device=device)
                            for name, file in MODELS.items()}
 

@@ -35,10 +35,6 @@ class FeatureSet:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
-    def embedding(self, row: int) -> torch.Tensor:
-        """One embedding as float32 (fp16 features are upcast)."""
-        return self.embeddings_at(np.array([row]))[0]
-
     def embeddings_at(self, rows: np.ndarray) -> torch.Tensor:
         """Embedding rows [n, D] as float32, in one gather."""
         if isinstance(self.embeddings, torch.Tensor):

@@ -69,7 +69,7 @@ def test_a_batch_is_its_captions_padded_to_the_longest(gpt2_dir, tmp_path):
     assert tokens.shape == (3, max(map(len, expected))) and tokens.dtype == torch.long
     for row, e in zip(tokens, expected):
         assert row[:len(e)].tolist() == e and not row[len(e):].any()
-    assert torch.equal(embeds, torch.stack([features.embedding(int(features.image_index[i])) for i in order]))
+    assert torch.equal(embeds, features.embeddings_at(features.image_index[order]))
 
 
 def test_padding_is_ignored_and_exclamation_mark_is_learned(gpt2_dir):

@@ -58,7 +58,7 @@ def test_extraction_encodes_odd_images_and_reports_bad_ones(clip_dir, tmp_path):
     encoder = load_image_encoder(clip_dir)
     rows = [features.image_index[list(features.image_ids).index(paths.index(p))] for p in good]
     expected = encoder([load_image(p) for p in good]).half().float()
-    stored = torch.stack([features.embedding(int(r)) for r in rows])
+    stored = features.embeddings_at(np.asarray(rows, dtype=np.int64))
     assert torch.allclose(stored, expected, rtol=2e-3, atol=2e-3)
     assert (stored.abs().sum(dim=1) > 0).all()  # never the original's all-zero stand-in
     report = [line.split("\t") for line in (tmp_path / "store" / "skipped.tsv").read_text().splitlines()]

@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_feature_pickle
@@ -17,7 +18,7 @@ def test_reads_original_pickle_and_upcasts_fp16(tmp_path):
     assert len(features) == 3 and features.dim == 8
     for caption, row, image_id in zip(features.captions, features.image_index, features.image_ids):
         assert (row == 0) == (caption != "a cow.") and image_id == 1000 + row
-    emb = features.embedding(1)
+    emb = features.embeddings_at(np.array([1]))[0]
     assert emb.dtype == torch.float32
     torch.testing.assert_close(emb, features.embeddings[1].float())
 

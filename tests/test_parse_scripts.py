@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -45,7 +46,7 @@ def expected_embeddings(clip_dir, paths) -> torch.Tensor:
 
 
 def assert_rows_match(features, rows, expected):
-    stored = torch.stack([features.embedding(int(r)) for r in rows])
+    stored = features.embeddings_at(np.asarray(rows, dtype=np.int64))
     assert torch.allclose(stored, expected, rtol=2e-3, atol=2e-3)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_feature_pickle
@@ -107,7 +108,7 @@ def test_features_give_one_caption_per_image(checkpoint, model, gpt2_dir, tmp_pa
     assert sorted(first_row) == [1000, 1001, 1002]
     tokenizer = load_tokenizer(gpt2_dir)
     assert [r["caption"] for r in results] == [
-        tokenizer.decode(original_beam(model, features.embedding(row), max_length=20)[0][0]) for row in first_row.values()]
+        tokenizer.decode(original_beam(model, features.embeddings_at(np.array([row]))[0], max_length=20)[0][0]) for row in first_row.values()]
 
 
 def test_original_checkpoint_loads_without_flags(original_checkpoint, checkpoint, image_dir, gpt2_dir, clip_dir,

@@ -23,7 +23,7 @@ def test_pickle_store_pickle_round_trip(feature_pickle, tmp_path):
     assert np.array_equal(loaded.image_index, original.image_index)
     assert loaded.embeddings.shape == original.embeddings.shape and loaded.embeddings.dtype == np.float16
     expected = original.embeddings.half().float()
-    assert all(torch.equal(loaded.embedding(r), expected[r]) for r in range(len(expected)))
+    assert torch.equal(loaded.embeddings_at(np.arange(len(expected))), expected.float())
 
     store.to_pickle(tmp_path / "store", tmp_path / "back.pkl")
     back = load_original_pickle(tmp_path / "back.pkl")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import caption_corpus, write_feature_pickle
@@ -66,7 +67,7 @@ def test_learns_and_reproduces_training_captions(tmp_path):
     assert losses[-1] < losses[0] / 10, losses
     model = load_checkpoint(result["checkpoint"])
     features = load_features(data)
-    embeds = torch.stack([features.embedding(i) for i in range(len(captions))])
+    embeds = features.embeddings_at(np.arange(len(captions)))
     generated = [c[0] for c in caption_embeddings(model, load_tokenizer(gpt2), embeds, DecodingOptions("greedy"))]
     assert generated == captions
     assert Path(result["loss_plot"]).stat().st_size > 1000
@@ -174,7 +175,7 @@ def test_validation_cider_is_logged(tmp_path, small_data, gpt2_dir):
     references = {i: [c for c, j in zip(features.captions, features.image_ids) if j == i] for i in first}
     rows = [int(features.image_index[features.image_ids.index(i)]) for i in first]
     model = load_checkpoint(result["checkpoint"])
-    captions = caption_embeddings(model, load_tokenizer(gpt2_dir), torch.stack([features.embedding(r) for r in rows]),
+    captions = caption_embeddings(model, load_tokenizer(gpt2_dir), features.embeddings_at(np.asarray(rows)),
                                   DecodingOptions("greedy"))
     expected = score([{"image_id": i, "caption": c[0]} for i, c in zip(first, captions)], references, ("CIDEr",))
     assert record["val_CIDEr"] == pytest.approx(expected["CIDEr"])
