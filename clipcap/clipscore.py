@@ -23,16 +23,6 @@ WEIGHT = 2.5
 KEYS = ("CLIP-S", "RefCLIP-S")
 
 
-def same_clip(a: str | None, b: str | None) -> bool:
-    """Whether two CLIP names (the original's, a hub name, or a directory) name the same checkpoint."""
-    if a is None or b is None:
-        return False
-    a, b = OPENAI_CHECKPOINTS.get(a, a), OPENAI_CHECKPOINTS.get(b, b)
-    if Path(a).is_dir() and Path(b).is_dir():
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
 class CLIPScorer:
     """CLIP's text tower and tokenizer (the image tower is loaded on first use, only if images need it)."""
 

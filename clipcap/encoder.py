@@ -156,6 +156,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def same_clip(a: str | None, b: str | None) -> bool:
+    """Whether two CLIP names mean one model (``ViT-B/32`` is ``openai/clip-vit-base-patch32``;
+    a local folder is itself however its path is spelled); an unknown one (None) matches nothing."""
+    def identity(name: str) -> str:
+        name = OPENAI_CHECKPOINTS.get(name, name)
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
+    return a is not None and b is not None and identity(a) == identity(b)
+
+
 def load_image_encoder(name: str = "ViT-B/32", device: str | torch.device = "cpu",
                        dtype: torch.dtype | None = None) -> ImageEncoder:
     """A CLIP by the original's name (``ViT-B/32``, ``RN50x4``...), a Hugging Face name or directory, or

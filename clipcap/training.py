@@ -42,7 +42,7 @@ from .checkpoint import (
     save_weights,
 )
 from .data import Batch, CaptionDataset, load_features, tokens_cache_path
-from .encoder import OPENAI_CHECKPOINTS
+from .encoder import same_clip
 from .featureset import FeatureSet
 from .files import ClipCapError, atomic_write, check_output_path, remove_stale_temp_files
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
@@ -125,15 +125,6 @@ def make_optimizer(model: ClipCap, lr: float) -> torch.optim.AdamW:
 
 
 # --------------------------------------------------------------------------- the features' CLIP
-
-
-def same_clip(a: str, b: str) -> bool:
-    """Whether two CLIP names mean one model (``ViT-B/32`` is ``openai/clip-vit-base-patch32``;
-    a local folder is itself however its path is spelled)."""
-    def identity(name: str) -> str:
-        name = OPENAI_CHECKPOINTS.get(name, name)
-        return str(Path(name).resolve()) if Path(name).is_dir() else name
-    return identity(a) == identity(b)
 
 
 def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureSet | None) -> tuple[str, str | None]:

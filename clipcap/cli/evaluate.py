@@ -102,11 +102,8 @@ class Run:
 
 def feature_embeddings(features) -> dict:
     """Image id -> the embedding of a feature set (its first row per image)."""
-    first: dict = {}
-    for image_id, row in zip(features.image_ids, features.image_index):
-        first.setdefault(image_key(image_id), int(row))
-    rows = features.embeddings_at(np.fromiter(first.values(), dtype=np.int64, count=len(first)))
-    return dict(zip(first, rows))
+    image_ids, rows = features.first_rows()
+    return dict(zip(map(image_key, image_ids), features.embeddings_at(rows)))
 
 
 def captioner_for(args: argparse.Namespace):
@@ -140,12 +137,15 @@ def caption_images(args: argparse.Namespace, references: dict, images: dict) -> 
         results += [{"image_id": k, "caption": c[0]} for k, c in zip(batch, captions)]
         embeddings.update(zip(batch, embeds.float().cpu()))
     return Run(results, f"captions of {args.images}", captioner.clip_model, embeddings)
+
+
 def add_clipscore(args: argparse.Namespace, run: Run, evaluations: dict[str, Evaluation], references: dict,
                   images: dict) -> None:
     """CLIP-S and RefCLIP-S of every scored image into ``evaluations`` (means) and their per-image rows.
 
     Image embeddings come from the run when its CLIP is the CLIPScore model, else from --images."""
-    from ..clipscore import KEYS, CLIPScorer, same_clip
+    from ..clipscore import KEYS, CLIPScorer
+    from ..encoder import same_clip
 
     ids = [row["image_id"] for row in evaluations[ENTIRE].per_image]
     scorer = CLIPScorer(args.clipscore_model, resolve_device(args.device))
