@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .decoding import DecodingOptions, caption_embeddings
-from .encoder import IMAGE_EXTENSIONS
+from .encoder import IMAGE_EXTENSIONS, load_image, load_image_encoder
 from .featureset import FeatureSet
 from .files import ClipCapError
 from .hub import push_to_hub, resolve_checkpoint, save_pretrained
@@ -92,8 +92,6 @@ class Captioner:
     def encoder(self):
         """The CLIP image encoder, loaded once; it must produce the width the checkpoint takes."""
         if self._encoder is None:
-            from .encoder import load_image_encoder
-
             encoder = load_image_encoder(self.clip_model, self.device)
             if encoder.dim != self.model.config.prefix_size:
                 raise ClipCapError(f"{self.clip_model}: gives {encoder.dim}-d embeddings, but the checkpoint takes "
@@ -103,8 +101,6 @@ class Captioner:
 
     def embed(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """CLIP embeddings [N, D] of image files or PIL images (a bad file raises ClipCapError)."""
-        from .encoder import load_image
-
         pictures = [image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in images]
         return self.encoder(pictures)
 
@@ -128,8 +124,6 @@ class Captioner:
                       batch_size: int = 16, **fields: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """COCO results ``[{"image_id": path, "caption"}]`` (``num_captions`` per image, best first),
         and one line per file that could not be read; the other files are captioned regardless."""
-        from .encoder import load_image
-
         results: list[dict[str, Any]] = []
         problems: list[str] = []
         with tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2 * batch_size) as bar:

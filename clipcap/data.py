@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .featureset import FeatureSet, load_original_pickle
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, user_cache
 from .store import load_store
 
 
@@ -33,9 +33,8 @@ def tokens_cache_path(data_path: str | Path) -> Path:
     stem = data_path.name if data_path.is_dir() else data_path.stem
     if os.access(data_path.parent, os.W_OK):
         return data_path.with_name(f"{stem}_tokens.npz")
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / "tokens"
     digest = hashlib.sha256(str(data_path.resolve()).encode()).hexdigest()[:16]
-    path = user_cache / f"{stem}_{digest}_tokens.npz"
+    path = user_cache("tokens") / f"{stem}_{digest}_tokens.npz"
     print(f"{data_path.parent} is not writable: caption tokens cached in {path}")
     return path
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Sequence
 
-from .files import ClipCapError, atomic_write, process_alive, read_json
+from .files import ClipCapError, atomic_write, examples, process_alive, read_json, user_cache
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
@@ -81,11 +81,6 @@ def image_key(image_id: Any) -> ImageId:
     if isinstance(image_id, str):
         return int(image_id) if image_id.isascii() and image_id.isdigit() else image_id
     raise ClipCapError(f"image id {image_id!r} is neither an integer nor a string")
-
-
-def _examples(ids: Iterable[Any], n: int = 3) -> str:
-    ids = list(ids)
-    return ", ".join(map(repr, ids[:n])) + (", ..." if len(ids) > n else "")
 
 
 # --------------------------------------------------------------------------- references and results
@@ -176,7 +171,7 @@ def image_files(references: References, images: Images, folder: str | Path, only
         raise ClipCapError(f"{folder} (--images): folder not found")
     unnamed = [k for k in references if not images.get(k, {}).get("file")]
     if unnamed:
-        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {_examples(unnamed)}); "
+        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {examples(unnamed, 3)}); "
                            "--images needs COCO-format images[].file_name or Karpathy's filepath/filename")
     found, missing = {}, []
     for k in references:
@@ -188,10 +183,10 @@ def image_files(references: References, images: Images, folder: str | Path, only
             found[k] = path
     if missing and not only_common_images:
         raise ClipCapError(f"{folder} (--images): {len(missing)} of the {len(references)} images of {ref_source} "
-                           f"are missing (e.g. {_examples(missing)}); score the others with --only_common_images")
+                           f"are missing (e.g. {examples(missing, 3)}); score the others with --only_common_images")
     if not found:
         raise ClipCapError(f"{folder} (--images): none of the images of {ref_source} is there "
-                           f"(e.g. {_examples(missing)})")
+                           f"(e.g. {examples(missing, 3)})")
     return found
 
 
@@ -239,25 +234,25 @@ def match_images(image_ids: Sequence[Any], references: References, only_common_i
     duplicates = [k for k, n in Counter(keys).items() if n > 1]
     if duplicates:
         raise ClipCapError(f"{source}: {len(duplicates)} image ids occur more than once "
-                           f"(e.g. {_examples(duplicates)}); give one caption per image")
+                           f"(e.g. {examples(duplicates, 3)}); give one caption per image")
     empty = [k for k, refs in references.items() if not refs]
     if empty:
-        raise ClipCapError(f"{ref_source}: images without reference captions (e.g. {_examples(empty)})")
+        raise ClipCapError(f"{ref_source}: images without reference captions (e.g. {examples(empty, 3)})")
     seen = set(keys)
     common = [k for k in references if k in seen]
     if not common:
-        raise ClipCapError(f"{source}: no image matches {ref_source} (results e.g. {_examples(keys)}; "
-                           f"references e.g. {_examples(references)}); wrong annotations or --split?")
+        raise ClipCapError(f"{source}: no image matches {ref_source} (results e.g. {examples(keys, 3)}; "
+                           f"references e.g. {examples(references, 3)}); wrong annotations or --split?")
     if not only_common_images:
         extra = [k for k in keys if k not in references]
         if extra:
             raise ClipCapError(f"{source}: {len(extra)} of {len(keys)} captions are for images not in {ref_source} "
-                               f"(e.g. {_examples(extra)}); check --annotations/--split, or score only the "
+                               f"(e.g. {examples(extra, 3)}); check --annotations/--split, or score only the "
                                f"{len(common)} common images with --only_common_images")
         if len(common) < len(references):
             missing = [k for k in references if k not in seen]
             raise ClipCapError(f"{source}: no caption for {len(missing)} of the {len(references)} images in "
-                               f"{ref_source} (e.g. {_examples(missing)}); score only the {len(common)} "
+                               f"{ref_source} (e.g. {examples(missing, 3)}); score only the {len(common)} "
                                f"captioned images with --only_common_images")
     return common
 
@@ -273,7 +268,7 @@ def pair_up(results: Sequence[dict[str, Any]], references: References, only_comm
     captions = {image_key(r["image_id"]): r["caption"] for r in results}
     empty = [k for k in ids if not captions[k].strip()]
     if empty:
-        print(f"warning: {source}: {len(empty)} empty caption(s) (e.g. image {_examples(empty)}) score zero",
+        print(f"warning: {source}: {len(empty)} empty caption(s) (e.g. image {examples(empty, 3)}) score zero",
               file=sys.stderr)
     return {k: captions[k] for k in ids}, {k: references[k] for k in ids}
 
@@ -379,7 +374,7 @@ def spice_java_options() -> Iterator[None]:
 def _spice_cache() -> Path | None:
     """A lasting home for SPICE's parse cache (parsing a test set's references is slow), if one can be made."""
     try:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / "spice"
+        cache = user_cache("spice")
         cache.mkdir(parents=True, exist_ok=True)
         return cache if os.access(cache, os.W_OK) else None
     except (OSError, RuntimeError):
@@ -562,7 +557,7 @@ class Scorer:
         domains = {image_key(k): v for k, v in domains.items()}
         unknown = [k for k in references if k not in domains]
         if unknown:
-            raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {_examples(unknown)})")
+            raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {examples(unknown, 3)})")
         evaluations = {ENTIRE: self._score(captions, references)}
         present = set(domains[k] for k in references)
         for domain in [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS)):

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .files import ClipCapError, atomic_write
+from .files import ClipCapError, atomic_write, examples
 
 
 @dataclass
@@ -65,8 +65,8 @@ class FeatureSet:
         bad = _nonfinite_rows(self.embeddings)
         if bad.size:
             captions = np.flatnonzero(np.isin(self.image_index, bad))
-            raise ClipCapError(f"{source}: {bad.size} embedding rows hold NaN or inf: rows {_examples(bad.tolist())}"
-                               f" (captions {_examples(captions.tolist())}); re-extract those images or drop them")
+            raise ClipCapError(f"{source}: {bad.size} embedding rows hold NaN or inf: rows {examples(bad.tolist())}"
+                               f" (captions {examples(captions.tolist())}); re-extract those images or drop them")
 
 
 def _nonfinite_rows(embeddings: Any) -> np.ndarray:
@@ -75,10 +75,6 @@ def _nonfinite_rows(embeddings: Any) -> np.ndarray:
         return embeddings.nonfinite_rows()
     finite = torch.isfinite(torch.as_tensor(embeddings)).all(dim=1)
     return torch.nonzero(~finite).flatten().numpy()
-
-
-def _examples(values: list[Any], n: int = 5) -> str:
-    return ", ".join(map(repr, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
 
 
 def _load_storage_safely(data: bytes) -> Any:

@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 
 class ClipCapError(Exception):
@@ -66,6 +66,17 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def examples(values: Iterable[Any], n: int = 5) -> str:
+    """The first ``n`` of ``values`` for a message: ``1, 2, 3, ... (40 in all)``."""
+    values = list(values)
+    return ", ".join(map(repr, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
+
+
+def user_cache(name: str) -> Path:
+    """``$XDG_CACHE_HOME/clipcap/NAME`` (default ``~/.cache/clipcap/NAME``): files kept between runs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / name
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:

@@ -103,7 +103,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     """
     from huggingface_hub import ModelCardData
 
-    from .evaluation import METRIC_KEYS
+    from .evaluation import METRIC_KEYS, markdown_table
 
     local_gpt2 = Path(config.gpt2).exists()
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
@@ -139,8 +139,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     if metrics:
         keys = [k for k in METRIC_KEYS if k in metrics] + [k for k in metrics if k not in METRIC_KEYS]
         lines += ["", "## Scores", "", "pycocoevalcap, x100 (the paper's units):", "",
-                  "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
-                  "| " + " | ".join(f"{100 * metrics[k]:.2f}" for k in keys) + " |"]
+                  markdown_table([keys, [f"{100 * metrics[k]:.2f}" for k in keys]])]
     lines += [
         "",
         "## Use",

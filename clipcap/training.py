@@ -16,6 +16,7 @@ Where this differs from the original's loop (on purpose):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -44,7 +45,7 @@ from .checkpoint import (
 from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import same_clip
 from .featureset import FeatureSet
-from .files import ClipCapError, atomic_write, check_output_path, remove_stale_temp_files
+from .files import ClipCapError, atomic_write, check_output_path, examples, remove_stale_temp_files
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
 from .runtime import Processes, pick_device, start_processes
 
@@ -281,8 +282,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.text(note)
     tokenizer = load_tokenizer(cfg.model.gpt2)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    config = ClipCapConfig(**{**cfg.model.to_dict(), "prefix_size": features.dim, "clip_model": clip_model,
-                              "gpt2_config": {}})
+    config = dataclasses.replace(cfg.model, prefix_size=features.dim, clip_model=clip_model, gpt2_config={})
     model = build_model(config).to(device)
     max_positions = model.gpt.config.n_positions - config.prefix_length
     if max_positions < 1:
@@ -444,12 +444,8 @@ class LossGuard:
         indices = captions.tolist()
         ids = [self.features.image_ids[i] for i in indices[:5]]
         raise NonFiniteLoss(f"{self.source}: non-finite loss at step {step}, in the batch of captions "
-                            f"{_examples(indices)} (image ids {_examples(ids)}); nothing was saved from this step "
+                            f"{examples(indices)} (image ids {examples(ids)}); nothing was saved from this step "
                             "on. Lower --lr, use --clip_grad, or pass --skip_nonfinite to skip such batches")
-
-
-def _examples(values: list[Any], n: int = 5) -> str:
-    return ", ".join(map(repr, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
 
 
 class Throughput:
