@@ -130,10 +130,18 @@ def read_json(path: Path, what: str = "annotations") -> Any:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
 
 
+# Kernel interfaces, never a place for a command's output (writing there as root can change the system).
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
 def check_output_path(path: str | Path, flag: str) -> None:
-    """Fail now, not after hours of work, if ``path`` cannot be written: a folder there, or a
-    parent that is a file or cannot be created or written."""
+    """Fail now, not after hours of work, if ``path`` cannot be written: a folder there, a parent
+    that is a file or cannot be created or written, or a place under /proc, /sys or /dev."""
     path = Path(path)
+    resolved = path.resolve()
+    system = next((f for f in SYSTEM_FOLDERS if resolved == f or f in resolved.parents), None)
+    if system is not None:
+        raise ClipCapError(f"{flag} {path}: under {system}, not a place for output files")
     if path.is_dir():
         raise ClipCapError(f"{flag} {path}: is a folder, expected a file name")
     parent = next((p for p in path.absolute().parents if p.exists()), None)
@@ -141,6 +149,35 @@ def check_output_path(path: str | Path, flag: str) -> None:
         raise ClipCapError(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ClipCapError(f"{flag} {path}: cannot write in {parent}")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file once links are resolved (hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, Any] | None = None) -> None:
+    """Check every output of a command before its work: each writable (:func:`check_output_path`), no two
+    the same file, and none of them one of its ``inputs`` (a flag -> a path, or a list of paths), which
+    writing the output would destroy."""
+    named = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    for flag, path in named.items():
+        check_output_path(path, flag)
+    flags = list(named)
+    for i, flag in enumerate(flags):
+        for other in flags[i + 1:]:
+            if same_file(named[flag], named[other]):
+                raise ClipCapError(f"{flag} and {other} name the same file {named[flag]}; give them different names")
+    for in_flag, value in (inputs or {}).items():
+        paths = [value] if isinstance(value, (str, Path)) else list(value or [])
+        for source in paths:
+            for flag, path in named.items():
+                if same_file(path, source):
+                    raise ClipCapError(f"{flag} {path}: is the input {in_flag} {source}; writing it would destroy "
+                                       "the input, so choose another output name")
 
 
 def _umask() -> int:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from clipcap import evaluation
+from clipcap import toolkit
 from clipcap.cli.evaluate import main as evaluate
-from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score, spice_problem
+from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score
+from clipcap.toolkit import spice_problem
 from clipcap.files import ClipCapError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def all_metrics():
     """
     log = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(log):
-        mp.setattr(evaluation, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
+        mp.setattr(toolkit, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
         scorer = Scorer()
     yield scorer, log.getvalue()
     scorer.close()
@@ -111,15 +112,15 @@ def test_spice_offline_is_skipped_with_instructions(all_metrics, monkeypatch):
     assert "SPICE" not in scorer.scorers and "METEOR" in scorer.scorers
     assert log.count("\n") == 1 and log.startswith("SPICE skipped: Stanford CoreNLP 3.6.0 jars missing")
     assert "python -m pycocoevalcap.spice.get_stanford_models" in log and "--spice_jars" in log
-    monkeypatch.setattr(evaluation, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
+    monkeypatch.setattr(toolkit, "SPICE_JARS", ("stanford-corenlp-missing.jar",))
     with pytest.raises(ClipCapError, match="SPICE unavailable: .*get_stanford_models"):
         Scorer(["CIDEr", "SPICE"])  # asked for by name: an error, not a silent skip
 
 
 @pytest.mark.java
 def test_spice_found_when_its_jars_are_there(monkeypatch):
-    lib = evaluation.installed_toolkit() / "spice" / "lib"
-    monkeypatch.setattr(evaluation, "SPICE_JARS", tuple(p.name for p in sorted(lib.glob("*.jar"))[:2]))
+    lib = toolkit.installed_toolkit() / "spice" / "lib"
+    monkeypatch.setattr(toolkit, "SPICE_JARS", tuple(p.name for p in sorted(lib.glob("*.jar"))[:2]))
     assert spice_problem() is None
 
 
@@ -479,7 +480,7 @@ def make_jar(path: Path, name: str) -> Path:
 
 def corenlp_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for jar in evaluation.SPICE_JARS:
+    for jar in toolkit.SPICE_JARS:
         make_jar(folder / jar, jar)
     return folder
 
@@ -488,28 +489,28 @@ def corenlp_folder(folder: Path) -> Path:
 def test_spice_jars_from_a_folder_and_from_the_zip(tmp_path, monkeypatch):
     import zipfile
 
-    from clipcap.evaluation import find_spice_jars
+    from clipcap.toolkit import find_spice_jars
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(evaluation.SPICE_JARS_ENV, raising=False)
+    monkeypatch.delenv(toolkit.SPICE_JARS_ENV, raising=False)
     folder = corenlp_folder(tmp_path / "jars")
-    assert find_spice_jars(folder) == {jar: folder / jar for jar in evaluation.SPICE_JARS}
+    assert find_spice_jars(folder) == {jar: folder / jar for jar in toolkit.SPICE_JARS}
 
     # The zip pycocoevalcap downloads: its jars sit in a top folder, beside many others.
-    zipped = tmp_path / "download" / evaluation.CORENLP_ZIP
+    zipped = tmp_path / "download" / toolkit.CORENLP_ZIP
     zipped.parent.mkdir()
     with zipfile.ZipFile(zipped, "w") as archive:
-        for name in (*evaluation.SPICE_JARS, "stanford-corenlp-3.6.0-javadoc.jar", "README.txt"):
+        for name in (*toolkit.SPICE_JARS, "stanford-corenlp-3.6.0-javadoc.jar", "README.txt"):
             archive.write(make_jar(tmp_path / name, name), f"stanford-corenlp-full-2015-12-09/{name}")
     for source in (zipped, zipped.parent):  # the zip, or a folder holding it
         jars = find_spice_jars(source)
-        assert list(jars) == list(evaluation.SPICE_JARS)
+        assert list(jars) == list(toolkit.SPICE_JARS)
         for name, path in jars.items():
             assert path.read_bytes() == (tmp_path / name).read_bytes() and str(path).startswith(str(tmp_path / "cache"))
-    monkeypatch.setenv(evaluation.SPICE_JARS_ENV, str(zipped))  # the environment variable, when no flag
+    monkeypatch.setenv(toolkit.SPICE_JARS_ENV, str(zipped))  # the environment variable, when no flag
     assert find_spice_jars() == jars and spice_problem() is None
 
-    monkeypatch.setenv(evaluation.SPICE_JARS_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(toolkit.SPICE_JARS_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(ClipCapError, match=r"nowhere \(CLIPCAP_SPICE_JARS\): not found"):
         find_spice_jars()
     with pytest.raises(ClipCapError, match=r"empty \(--spice_jars\): holds neither stanford-corenlp-3.6.0.jar"):
@@ -524,7 +525,7 @@ def test_spice_jars_from_a_folder_and_from_the_zip(tmp_path, monkeypatch):
 
 @pytest.mark.java
 def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
-    from clipcap.evaluation import java_version
+    from clipcap.toolkit import java_version
 
     printed = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
     version = java_version()
@@ -545,10 +546,10 @@ def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
 def test_spice_gets_its_jars_in_the_working_copy_and_its_java_the_add_opens(tmp_path, capfd):
     """SPICE's real Java process starts with --add-opens (the jars here are empty, so it then fails)."""
     folder = corenlp_folder(tmp_path / "jars")
-    installed = evaluation.installed_toolkit() / "spice" / "lib"
+    installed = toolkit.installed_toolkit() / "spice" / "lib"
     scorer = Scorer(["SPICE"], spice_jars=folder)  # offline: pycocoevalcap would download, were the jars not found
-    lib = Path(list(evaluation.toolkit().__path__)[0]) / "spice" / "lib"
-    for jar in evaluation.SPICE_JARS:
+    lib = Path(list(toolkit.toolkit().__path__)[0]) / "spice" / "lib"
+    for jar in toolkit.SPICE_JARS:
         assert (lib / jar).resolve() == (folder / jar).resolve() and not (installed / jar).exists()
     capfd.readouterr()
     with pytest.raises(ClipCapError, match=r"^SPICE \(Java\) failed with exit status \d+ \(see its output above\)"):

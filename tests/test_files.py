@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clipcap import evaluation, files
+from clipcap import files, toolkit
 from clipcap.files import atomic_write, remove_stale_temp_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +64,13 @@ def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
 
 def test_evaluation_mirrors_of_dead_processes_are_removed():
     root = Path(tempfile.gettempdir())
-    dead = Path(tempfile.mkdtemp(prefix=f"{evaluation.MIRROR_PREFIX}{dead_pid()}-"))
-    live = Path(tempfile.mkdtemp(prefix=f"{evaluation.MIRROR_PREFIX}{os.getpid()}-"))
+    dead = Path(tempfile.mkdtemp(prefix=f"{toolkit.MIRROR_PREFIX}{dead_pid()}-"))
+    live = Path(tempfile.mkdtemp(prefix=f"{toolkit.MIRROR_PREFIX}{os.getpid()}-"))
     (dead / "bleu").mkdir()
     try:
-        evaluation.remove_stale_mirrors()  # what toolkit() does first
+        toolkit.remove_stale_mirrors()  # what toolkit() does first
         assert not dead.exists() and live.is_dir()
-        mirror = Path(evaluation.toolkit().__path__[0])
-        assert mirror.parent == root and mirror.name.startswith(f"{evaluation.MIRROR_PREFIX}{os.getpid()}-")
+        mirror = Path(toolkit.toolkit().__path__[0])
+        assert mirror.parent == root and mirror.name.startswith(f"{toolkit.MIRROR_PREFIX}{os.getpid()}-")
     finally:
         live.rmdir()

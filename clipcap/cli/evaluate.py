@@ -25,7 +25,6 @@ from ..data import load_features
 from ..evaluation import (
     ENTIRE,
     SCORERS,
-    SPICE_JARS_ENV,
     Evaluation,
     Scorer,
     domain_table,
@@ -37,6 +36,7 @@ from ..evaluation import (
     write_scores,
 )
 from ..files import ClipCapError, check_output_path, write_json
+from ..toolkit import SPICE_JARS_ENV
 from ..runtime import resolve_device
 from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
 
