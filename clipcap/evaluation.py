@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .files import ClipCapError, atomic_write, examples, read_json
+from .files import ClipCapError, atomic_write, examples, markdown_table, read_json
 from .toolkit import find_spice_jars, link_spice_jars, require_java, spice_java_options, spice_problem, toolkit
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
@@ -279,12 +279,6 @@ class Evaluation:
 
     def _cells(self, keys: Iterable[str]) -> list[str]:
         return [str(len(self.per_image)), *(f"{100 * self.scores[k]:.2f}" for k in keys)]
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    """Rows of cells as a markdown table, the first row its header."""
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
 
 
 class Scorer:

@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 
 class ClipCapError(Exception):
@@ -77,6 +77,12 @@ def examples(values: Iterable[Any], n: int = 5) -> str:
 def user_cache(name: str) -> Path:
     """``$XDG_CACHE_HOME/clipcap/NAME`` (default ``~/.cache/clipcap/NAME``): files kept between runs."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipcap" / name
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as a markdown table, the first row its header."""
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
 
 
 def write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import save_checkpoint, save_config
-from .files import ClipCapError, atomic_write, read_json
+from .files import ClipCapError, atomic_write, markdown_table, read_json
 from .model import ClipCap, ClipCapConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -103,8 +103,6 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     """
     from huggingface_hub import ModelCardData
 
-    from .evaluation import METRIC_KEYS, markdown_table
-
     local_gpt2 = Path(config.gpt2).exists()
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
                          tags=["image-captioning", "clipcap", "clip", "gpt2"],
@@ -137,7 +135,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     if source:
         lines.append(f"| weights | converted from `{source}` |")
     if metrics:
-        keys = [k for k in METRIC_KEYS if k in metrics] + [k for k in metrics if k not in METRIC_KEYS]
+        keys = list(metrics)  # in evaluate.py's order, which is pycocoevalcap's
         lines += ["", "## Scores", "", "pycocoevalcap, x100 (the paper's units):", "",
                   markdown_table([keys, [f"{100 * metrics[k]:.2f}" for k in keys]])]
     lines += [

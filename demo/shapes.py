@@ -39,10 +39,10 @@ from clipcap import cli
 from clipcap.captioner import Captioner
 from clipcap.data import load_features
 from clipcap.encoder import OPENAI_CHECKPOINTS
-from clipcap.evaluation import METRIC_KEYS, Evaluation, Scorer, load_references, markdown_table
+from clipcap.evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
 from clipcap.extraction import extract
 from clipcap.featureset import FeatureSet, save_original_pickle
-from clipcap.files import ClipCapError, atomic_write, write_json
+from clipcap.files import ClipCapError, atomic_write, markdown_table, write_json
 from clipcap.model import ClipCapConfig
 from clipcap.runtime import resolve_device
 from clipcap.sources import coco_images, coco_shards

@@ -21,8 +21,8 @@ import pytest
 from clipcap import toolkit
 from clipcap.cli.evaluate import main as evaluate
 from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score
-from clipcap.toolkit import spice_problem
 from clipcap.files import ClipCapError
+from clipcap.toolkit import spice_problem
 
 REPO = Path(__file__).resolve().parents[1]
 CHEAP = ("Bleu", "ROUGE_L", "CIDEr")
