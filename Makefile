@@ -1,14 +1,15 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Both build .venv if missing.
+# Table 1: `make data` and `make reproduce` (ROWS=coco_mlp,nocaps and the recipes' variables); `make weights`.
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: demo test clean reproduce data weights
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt $(TORCH)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,app]"  # exact versions: constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,app,data]"  # exact versions: constraints.txt
 	$(PY) -m pip install --quiet --no-deps openai-clip==1.0.1  # tests' oracle: its clip/model.py, never imported as clip
 	touch $@
 
@@ -17,6 +18,15 @@ demo: .venv/.installed
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+
+reproduce: .venv/.installed
+	.venv/bin/clipcap-reproduce
+
+data: .venv/.installed
+	.venv/bin/clipcap-reproduce --fetch_only
+
+weights: .venv/.installed
+	.venv/bin/clipcap-fetch weights
 
 clean:
 	rm -rf .venv demo_out

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_environment_yml_lists_the_pyproject_dependencies():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"]) \
-        | set(project["optional-dependencies"]["app"])
+        | set(project["optional-dependencies"]["app"]) | set(project["optional-dependencies"]["data"])
     wanted = {d for d in wanted if not d.startswith("torch")} | {"-c constraints.txt", "torch==2.13.0", "-e ."}
     conda = yaml.safe_load((REPO / "environment.yml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
@@ -21,8 +21,8 @@ def test_environment_yml_lists_the_pyproject_dependencies():
 def test_makefile_installs_the_same_torch_first():
     makefile = (REPO / "Makefile").read_text()
     assert "TORCH := torch==2.13.0" in makefile
-    assert makefile.index("$(TORCH)") < makefile.index('-e ".[dev,app]"')
-    assert "-c constraints.txt $(TORCH)" in makefile and '-c constraints.txt -e ".[dev,app]"' in makefile
+    assert makefile.index("$(TORCH)") < makefile.index('-e ".[dev,app,data]"')
+    assert "-c constraints.txt $(TORCH)" in makefile and '-c constraints.txt -e ".[dev,app,data]"' in makefile
 
 
 def test_constraints_pin_every_dependency_within_its_pyproject_range():
