@@ -203,7 +203,9 @@ def _row(row: paper.Row, entry: dict[str, Any], plan: Plan | None, makers: dict[
     result["commands"] = {stage: [s.text() for s in plan.stage_steps(stage)] for stage in plan.stages
                           if stage != "gallery"}  # the gallery is made in the reproduction's own process
     result["run_dir"] = plan.run_dir
-    scores = [s for s in plan.stage_steps("score")]
+    if status != "done":  # whatever its folder holds is not this row's result
+        return result
+    scores = plan.stage_steps("score")
     if row.dataset == "nocaps":
         for step in scores:
             name = makers.get(resolve(step.flag("--checkpoint") or ""), step.flag("--checkpoint") or "")

@@ -448,16 +448,28 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
     assert {k: v for k, v in again.items() if k != "generated"} == {k: v for k, v in report.items() if k != "generated"}
     print(f"--report_only: {seconds:.1f} s")
 
-    # A row whose data is missing: skipped with the command that fetches it, and shown as not run.
-    monkeypatch.setenv("RUNS", str(root / "runs_without_cc"))
+    # Into another folder: a row whose data is missing is skipped with the command that fetches it; rows whose
+    # training fails are reported, the others run on, and a row that needs a failed row's model is skipped.
+    other = root / "runs_failing"
+    monkeypatch.setenv("RUNS", str(other))
     monkeypatch.setenv("CC", str(root / "nowhere"))
-    main(["--rows", "conceptual_mlp", "--budget_steps", "0"])
-    line = f"conceptual_mlp: skipped: {root / 'nowhere'}/Validation_GCC-1.1.0-Validation.tsv is missing (and 2 " \
-           f"more); fetch it with: CC={root / 'nowhere'} make data ROWS=conceptual_mlp"  # the folder it was given
-    assert line in capsys.readouterr().out.splitlines()
-    skipped = json.loads((root / "runs_without_cc" / "report" / "report.json").read_text())["rows"]
-    assert [(r["status"], r["reason"]) for r in skipped if r["row"] == "conceptual_mlp"] == [
-        ("skipped", line.split("skipped: ", 1)[1])]
+    monkeypatch.setenv("GPT2", str(root / "nowhere" / "gpt2"))
+    with pytest.raises(ClipCapError, match=r"^2 row\(s\) failed: coco_transformer \(train: error: GPT-2 .*; coco_mlp "
+                                           r"\(train: error: GPT-2 .*; the report shows the rest: .*index.html$"):
+        main(["--rows", "conceptual_mlp,coco_mlp,nocaps", "--budget_steps", "0"])
+    out = capsys.readouterr().out.splitlines()
+    skipped = f"conceptual_mlp: skipped: {root / 'nowhere'}/Validation_GCC-1.1.0-Validation.tsv is missing (and 2 " \
+              f"more); fetch it with: CC={root / 'nowhere'} make data ROWS=conceptual_mlp"  # into the folder given
+    assert skipped in out
+    assert f"nocaps needs {other}/coco_transformer_k3/coco_transformer_k3_best.safetensors, which coco_transformer " \
+           "makes: running coco_transformer too" in out
+    assert "nocaps: skipped: it needs the model of coco_mlp, which failed" in out
+    rows = {row["row"]: row for row in json.loads((other / "report" / "report.json").read_text())["rows"]}
+    assert [(rows[r]["status"], rows[r]["reason"].split(" (")[0]) for r in ("conceptual_mlp", "coco_mlp", "nocaps")] \
+        == [("skipped", skipped.split("skipped: ", 1)[1].split(" (")[0]),
+            ("failed", f"train: error: GPT-2 {root / 'nowhere' / 'gpt2'}: no such folder, and not loadable from the "
+                       "Hugging Face Hub"), ("skipped", "coco_mlp failed")]
+    assert rows["coco_mlp_frozen"]["status"] == "skipped" and rows["coco_mlp_frozen"]["reason"] == "not run"
 
     # The report in Chromium, opened from disk.
     from playwright.sync_api import sync_playwright
