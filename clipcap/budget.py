@@ -106,7 +106,7 @@ def embedding_width(plan: Plan) -> int:
     """The width of the row's CLIP embeddings: its features' when they exist, else its CLIP's (512 if unknown)."""
     from .data import load_features
 
-    for step in plan.stage_steps("features"):
+    for step in reversed(plan.stage_steps("features")):  # the smallest split first: loading it is quick
         for path in step.paths():
             if path.is_file() and path.suffix == ".pkl":
                 return load_features(path).dim

@@ -188,8 +188,9 @@ class Fingerprints:
             source = self.producer.get(resolve(arg))
             if source is not None and resolve(arg) not in own:
                 upstream.append(self(*source))
-        return _hash({"command": step.command, "inputs": input_digests(step, set(self.producer)),
-                      "upstream": upstream})
+        # From the script on: the interpreter (PY) and torchrun's launcher change no result.
+        return _hash({"command": [step.script(), *step.script_args()], "upstream": upstream,
+                      "inputs": input_digests(step, set(self.producer))})
 
 
 # --------------------------------------------------------------------------- stamps

@@ -243,10 +243,26 @@ def test_a_changed_setting_changes_the_fingerprints_of_what_depends_on_it():
 
     before, epochs, clip = prints(), prints(EPOCHS="3"), prints(CLIP="ViT-L/14")
     changed = lambda other: {key[:2] for key in before if before[key] != other[key]}  # noqa: E731
+    assert changed(prints(PY="/elsewhere/python")) == set()  # the interpreter changes no result
     assert changed(epochs) == {("coco_mlp", "train"), ("coco_mlp", "score"), ("coco_transformer", "train"),
                                ("coco_transformer", "score"), ("nocaps", "score")}  # nocaps scores their models
     assert changed(clip) == {(row, stage) for row in ("coco_mlp", "coco_transformer")
                              for stage in ("features", "train", "score")} | {("nocaps", "score")}
+
+
+def test_a_row_brings_along_the_rows_whose_models_it_needs(tmp_path, capsys):
+    from clipcap.reproduce import ROWS, with_dependencies
+
+    env = {**os.environ, "GPUS": "1", "PY": "python", "RUNS": str(tmp_path)}
+    plans = {row: read_plan(row, env) for row in ROWS}
+    assert with_dependencies(["nocaps"], plans) == ["coco_transformer", "coco_mlp", "nocaps"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"nocaps needs {tmp_path}/coco_mlp/coco_mlp_best.safetensors, which coco_mlp makes: running coco_mlp too",
+        f"nocaps needs {tmp_path}/coco_transformer_k10/coco_transformer_k10_best.safetensors, which coco_transformer "
+        "makes: running coco_transformer too"]
+    (tmp_path / "coco_mlp").mkdir()
+    (tmp_path / "coco_mlp" / "coco_mlp_best.safetensors").touch()  # a model that is there is used as it is
+    assert with_dependencies(["nocaps"], plans) == ["coco_transformer", "nocaps"]
 
 
 # --------------------------------------------------------------------------- the paper's numbers
@@ -329,6 +345,10 @@ def workspace(tmp_path_factory, gpt2_dir):
                                                   fetch.NOCAPS[0].leaves),))
         mp.setattr(fetch, "CONCEPTUAL", tuple(fetch.Remote(r.name, f"{base}/cc/{r.name}", r.leaves)
                                               for r in fetch.CONCEPTUAL))
+        # img2dataset fetches the validation images; the training images are in the original's layout
+        # ({row:08d}.jpg beside the TSV, which the recipes read too), copied here: one img2dataset run is enough.
+        mp.setattr(fetch, "CONCEPTUAL_SPLITS", {"val": fetch.CONCEPTUAL_SPLITS["val"]})
+        shutil.copytree(site / "cc" / "train", root / "data" / "conceptual" / "train")
         for name, value in env.items():
             mp.setenv(name, value)
         hidden = site / "nocaps" / "val" / "0000000000000005.jpg"
@@ -350,10 +370,10 @@ def test_fetch_lays_the_data_out_as_the_recipes_read_it(workspace):
         "dataset_coco.json", "train2014", "val2014"]  # archives unpacked, then deleted; only the chosen member
     assert len(list((coco / "train2014").iterdir())) == 12 and len(list((coco / "val2014").iterdir())) == 8
     assert len(list((nocaps / "val").iterdir())) == 6
-    for split, n in (("train", 12), ("val", 5)):
-        stats = fetch.shard_counts(cc / split)
-        assert (stats["images"], stats["downloaded"], stats["failed"]) == (n, n - 1, 1)  # a vanished URL, counted
-        assert json.loads((cc / ".fetched" / f"{split}.json").read_text())["failed"] == 1
+    stats = fetch.shard_counts(cc / "val")
+    assert (stats["images"], stats["downloaded"], stats["failed"]) == (5, 4, 1)  # a vanished URL, counted
+    assert json.loads((cc / ".fetched" / "val.json").read_text())["failed"] == 1
+    assert (cc / "Train_GCC-training.tsv").is_file() and len(list((cc / "train").iterdir())) == 11
 
 
 @pytest.mark.java
@@ -374,7 +394,7 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
     out = capsys.readouterr().out
     assert "coco_mlp: features to run; train to run; score to run; gallery to run" in out
     assert re.search(r"coco_mlp +[\d.]+ s/step +6 steps/epoch x 2 epochs on 1 process", out)  # 24 captions, batch 4
-    assert re.search(r"conceptual_mlp +[\d.]+ s/step +2 steps/epoch", out)  # the 11 images img2dataset fetched
+    assert re.search(r"conceptual_mlp +[\d.]+ s/step +3 steps/epoch", out)  # the TSV's 12 rows, batch 4
     assert not (root / "runs").exists()
 
     # The installed command, killed once the first row's training has saved an epoch.
@@ -454,15 +474,16 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
     monkeypatch.setenv("RUNS", str(other))
     monkeypatch.setenv("CC", str(root / "nowhere"))
     monkeypatch.setenv("GPT2", str(root / "nowhere" / "gpt2"))
-    with pytest.raises(ClipCapError, match=r"^2 row\(s\) failed: coco_transformer \(train: error: GPT-2 .*; coco_mlp "
-                                           r"\(train: error: GPT-2 .*; the report shows the rest: .*index.html$"):
+    (other / "coco_transformer_k3").mkdir(parents=True)  # nocaps' other model, there already
+    shutil.copy(root / "runs" / "coco_transformer_k3" / "coco_transformer_k3_best.safetensors",
+                other / "coco_transformer_k3")
+    with pytest.raises(ClipCapError, match=r"^1 row\(s\) failed: coco_mlp \(train: error: GPT-2 .*; the report "
+                                           r"shows the rest: .*index.html$"):
         main(["--rows", "conceptual_mlp,coco_mlp,nocaps", "--budget_steps", "0"])
     out = capsys.readouterr().out.splitlines()
     skipped = f"conceptual_mlp: skipped: {root / 'nowhere'}/Validation_GCC-1.1.0-Validation.tsv is missing (and 2 " \
               f"more); fetch it with: CC={root / 'nowhere'} make data ROWS=conceptual_mlp"  # into the folder given
     assert skipped in out
-    assert f"nocaps needs {other}/coco_transformer_k3/coco_transformer_k3_best.safetensors, which coco_transformer " \
-           "makes: running coco_transformer too" in out
     assert "nocaps: skipped: it needs the model of coco_mlp, which failed" in out
     rows = {row["row"]: row for row in json.loads((other / "report" / "report.json").read_text())["rows"]}
     assert [(rows[r]["status"], rows[r]["reason"].split(" (")[0]) for r in ("conceptual_mlp", "coco_mlp", "nocaps")] \
