@@ -2,7 +2,8 @@
 
 The numbers are the toolkit's own, computed the way its ``COCOEvalCap`` computes them: PTB
 tokenisation (Java) of references and results, then BLEU-1..4, METEOR 1.5 (Java), ROUGE-L,
-CIDEr-D and SPICE (Java), over the images in the references' order. What this module adds:
+CIDEr-D and SPICE (Java), over the images in the references' order; they are reported in the
+paper's units, the toolkit's fractions x100 (CIDEr 108.35, not 1.0835). What this module adds:
 
 - reference loaders: Karpathy's ``dataset_coco.json`` by split, COCO-format annotations (or a
   plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV; and what the
@@ -15,22 +16,19 @@ CIDEr-D and SPICE (Java), over the images in the references' order. What this mo
   Java process starts once per :class:`Scorer`; SPICE is skipped, with a message saying how to
   enable it, when its Stanford CoreNLP jars are missing.
 
-Making the toolkit run (Java, SPICE's jars, a writable working copy) is :mod:`clipcap.toolkit`'s job.
+Making the toolkit run (Java, SPICE's jars, its Java tools' working files) is :mod:`clipcap.toolkit`'s job.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import numbers
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .files import ClipCapError, atomic_write, examples, markdown_table, read_json
-from .toolkit import find_spice_jars, link_spice_jars, require_java, spice_java_options, spice_problem, toolkit
+from .files import ClipCapError, examples, markdown_table, read_json, write_json
+from .toolkit import find_spice_jars, ptb_tokenize, require_java, spice_problem, toolkit_scorer
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
@@ -39,6 +37,8 @@ METRIC_KEYS = tuple(key for keys in SCORERS.values() for key in keys)
 # nocaps' domains, in the order its evaluation reports them; "entire" is every image.
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 ENTIRE = "entire"
+# Every score this project reports, prints or writes is in the paper's units: the toolkit's fractions x100.
+PERCENT = 100.0
 
 ImageId = int | str  # see image_key
 References = dict  # image id -> its reference captions, in the order the source lists the images
@@ -251,6 +251,16 @@ def pair_up(results: Sequence[dict[str, Any]], references: References, only_comm
 # --------------------------------------------------------------------------- the toolkit
 
 
+def parse_metrics(text: str | None, flag: str = "--metrics") -> list[str] | None:
+    """A comma-separated choice of metrics (None: all); one that names none is an error, not "all"."""
+    if text is None:
+        return None
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    if not metrics:
+        raise ClipCapError(f"{flag} {text!r}: names no metric; choose from {', '.join(SCORERS)}, or leave it out for all")
+    return metrics
+
+
 def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
     if metrics is None:
         return list(SCORERS)
@@ -260,6 +270,8 @@ def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
         if name is None:
             raise ClipCapError(f"unknown metric {metric!r}; choose from {', '.join(SCORERS)}")
         wanted.add(name)
+    if not wanted:
+        raise ClipCapError(f"no metric chosen; choose from {', '.join(SCORERS)}, or pass None for all")
     return [s for s in SCORERS if s in wanted]
 
 
@@ -268,17 +280,11 @@ def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
 
 @dataclass
 class Evaluation:
-    """Corpus scores under pycocoevalcap's keys and units (CIDEr 1.08 is the paper's 108), per-image scores."""
+    """Corpus scores under pycocoevalcap's keys in the paper's units (the toolkit's x100: CIDEr 108.35),
+    and the per-image scores in the same units."""
 
     scores: dict[str, float]
     per_image: list[dict[str, Any]] = field(default_factory=list)  # [{"image_id", key: score, ...}]
-
-    def table(self) -> str:
-        """A one-row markdown table in the paper's units (x100)."""
-        return markdown_table([["images", *self.scores], self._cells(self.scores)])
-
-    def _cells(self, keys: Iterable[str]) -> list[str]:
-        return [str(len(self.per_image)), *(f"{100 * self.scores[k]:.2f}" for k in keys)]
 
 
 class Scorer:
@@ -296,13 +302,8 @@ class Scorer:
                 raise ClipCapError(f"SPICE unavailable: {problem}")
             print(f"SPICE skipped: {problem}", file=sys.stderr)
             names.remove("SPICE")
-        kit = toolkit()
-        if "SPICE" in names:
-            link_spice_jars(find_spice_jars(spice_jars))
-        factories = {"Bleu": lambda: kit.bleu.bleu.Bleu(4), "METEOR": kit.meteor.meteor.Meteor,
-                     "ROUGE_L": kit.rouge.rouge.Rouge, "CIDEr": kit.cider.cider.Cider, "SPICE": kit.spice.spice.Spice}
-        self.tokenizer = kit.tokenizer.ptbtokenizer.PTBTokenizer()
-        self.scorers = {name: factories[name]() for name in names}  # METEOR's Java starts loading now
+        jars = find_spice_jars(spice_jars) if "SPICE" in names else None
+        self.scorers = {name: toolkit_scorer(name, jars) for name in names}  # METEOR's Java starts loading now
 
     def __enter__(self) -> "Scorer":
         return self
@@ -314,29 +315,15 @@ class Scorer:
         """Stop METEOR's Java process (the toolkit stops it when its object is collected)."""
         self.scorers.clear()
 
-    def _tokenize(self, captions: dict[ImageId, list[str]]) -> dict[ImageId, list[str]]:
-        # The tokenizer reads one caption per line: other line breaks would shift every later caption.
-        tokenized = self.tokenizer.tokenize({k: [{"caption": " ".join(c.splitlines())} for c in v]
-                                             for k, v in captions.items()})
-        if [len(v) for v in tokenized.values()] != [len(v) for v in captions.values()]:
-            raise ClipCapError("the PTB tokenizer (Java) returned fewer lines than captions; see its error above")
-        return tokenized
-
     @staticmethod
     def _compute(name: str, scorer: Any, gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
         """One toolkit scorer's corpus scores and per-image scores, one of each per key it reports."""
         try:
             if name == "Bleu":
                 return scorer.compute_score(gts, res, verbose=0)
-            with spice_java_options() if name == "SPICE" else contextlib.nullcontext():
-                total, each = scorer.compute_score(gts, res)
+            total, each = scorer.compute_score(gts, res)
         except ValueError as e:  # METEOR's process died and answered nothing
             raise ClipCapError(f"METEOR (Java) failed ({e}); it needs about 2 GB of memory") from None
-        except subprocess.CalledProcessError as e:
-            raise ClipCapError(f"SPICE (Java) failed with exit status {e.returncode} (see its output above); "
-                               "it runs with an 8 GB Java heap (-Xmx8G)") from None
-        if name == "SPICE":
-            each = [s["All"]["f"] for s in each]
         return [total], [list(each)]
 
     def __call__(self, results: Sequence[dict[str, Any]], references: References, only_common_images: bool = False,
@@ -345,31 +332,32 @@ class Scorer:
 
     def _score(self, captions: dict[ImageId, str], references: References) -> Evaluation:
         """Scores of captions and references already paired up (keyed alike, in reference order)."""
-        gts = self._tokenize(references)
-        res = self._tokenize({k: [c] for k, c in captions.items()})
+        gts = ptb_tokenize(references)
+        res = ptb_tokenize({k: [c] for k, c in captions.items()})
         scores: dict[str, float] = {}
         per_image = {k: {"image_id": k} for k in gts}
         for name, scorer in self.scorers.items():
             totals, columns = self._compute(name, scorer, gts, res)
-            order = sorted(gts) if name == "SPICE" else list(gts)  # SPICE answers in image id order
             for key, total, column in zip(SCORERS[name], totals, columns):
-                scores[key] = float(total)
-                for image, value in zip(order, column):
-                    per_image[image][key] = float(value)
+                scores[key] = PERCENT * float(total)
+                for image, value in zip(gts, column):
+                    per_image[image][key] = PERCENT * float(value)
         return Evaluation(scores, list(per_image.values()))
-
 
     def by_domain(self, results: Sequence[dict[str, Any]], references: References, domains: dict[ImageId, str],
                   only_common_images: bool = False, source: str = "results",
                   ref_source: str = "references") -> dict[str, Evaluation]:
         """Scores of the entire set and of each domain (nocaps' in-/near-/out-domain), each a run of its own
-        over its images, as nocaps' evaluation does. The per-image rows are the entire run's, with the domain."""
+        over its images, as nocaps' evaluation does. The per-image rows are the entire run's, with the domain.
+        Without ``domains``, the entire set's alone."""
         captions, references = pair_up(results, references, only_common_images, source, ref_source)
         domains = {image_key(k): v for k, v in domains.items()}
+        evaluations = {ENTIRE: self._score(captions, references)}
+        if not domains:
+            return evaluations
         unknown = [k for k in references if k not in domains]
         if unknown:
             raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {examples(unknown, 3)})")
-        evaluations = {ENTIRE: self._score(captions, references)}
         present = set(domains[k] for k in references)
         for domain in [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS)):
             subset = [k for k in references if domains[k] == domain]
@@ -379,27 +367,31 @@ class Scorer:
         return evaluations
 
 
-def write_scores(evaluations: dict[str, Evaluation], path: str | Path, per_image: str | Path | None = None) -> None:
-    """The scores as a JSON object: the entire set's alone, or with domains ``{"entire": {...}, "in-domain":
-    {...}, ...}``; and the entire run's per-image rows as a JSON list. Written atomically."""
-    scores = evaluations[ENTIRE].scores if list(evaluations) == [ENTIRE] else \
-        {name: evaluation.scores for name, evaluation in evaluations.items()}
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(scores, indent=2) + "\n")
+def write_scores(evaluations: dict[str, Evaluation], path: str | Path | None,
+                 per_image: str | Path | None = None) -> None:
+    """The scores as a JSON object (the paper's units): the entire set's alone, or with domains ``{"entire":
+    {...}, "in-domain": {...}, ...}``; and the entire run's per-image rows as a JSON list. Written atomically."""
+    if path is not None:
+        scores = evaluations[ENTIRE].scores if list(evaluations) == [ENTIRE] else \
+            {name: evaluation.scores for name, evaluation in evaluations.items()}
+        write_json(path, scores, indent=2)
     if per_image is not None:
-        with atomic_write(per_image) as tmp:
-            tmp.write_text(json.dumps(evaluations[ENTIRE].per_image, indent=1) + "\n")
+        write_json(per_image, evaluations[ENTIRE].per_image)
 
 
-def domain_table(evaluations: dict[str, Evaluation]) -> str:
-    """A markdown table with a row per subset (entire, in-domain, ...) in the paper's units (x100)."""
-    keys = list(next(iter(evaluations.values())).scores)
-    return markdown_table([["subset", "images", *keys],
-                           *([name, *evaluation._cells(keys)] for name, evaluation in evaluations.items())])
+def scores_table(evaluations: dict[str, Evaluation]) -> str:
+    """A markdown table of the scores (the paper's units): one row, or a row per subset (entire, in-domain, ...)."""
+    keys = list(evaluations[ENTIRE].scores)
+    rows = [[name, str(len(evaluation.per_image)), *(f"{evaluation.scores[k]:.2f}" for k in keys)]
+            for name, evaluation in evaluations.items()]
+    if list(evaluations) == [ENTIRE]:
+        return markdown_table([["images", *keys], rows[0][1:]])
+    return markdown_table([["subset", "images", *keys], *rows])
 
 
 def score(results: Sequence[dict[str, Any]], references: References, metrics: Iterable[str] | None = None,
           only_common_images: bool = False) -> dict[str, float]:
-    """One-off scores of ``results`` against ``references``; ``metrics=("CIDEr",)`` needs no METEOR or SPICE."""
+    """One-off scores (the paper's units) of ``results`` against ``references``; ``metrics=("CIDEr",)`` needs
+    no METEOR or SPICE."""
     with Scorer(metrics) as scorer:
         return scorer(results, references, only_common_images).scores

@@ -85,7 +85,7 @@ def infer_dataset(path: str | Path) -> str | None:
 
 
 def read_metrics(path: str | Path) -> dict[str, float]:
-    """evaluate.py's metrics JSON (pycocoevalcap's keys and units)."""
+    """evaluate.py's metrics JSON (pycocoevalcap's keys, the paper's units: the toolkit's x100)."""
     path = Path(path)
     metrics = read_json(path, "metrics")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
@@ -97,8 +97,8 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
                metrics: dict[str, float] | None = None, source: str | None = None, repo_id: str | None = None) -> str:
     """The Hub model card (README.md with YAML metadata) of a model with ``config``.
 
-    ``metrics`` are pycocoevalcap scores as evaluate.py writes them; the card shows them x100,
-    the paper's units. ``source`` says where the weights came from (the original's file, say);
+    ``metrics`` are pycocoevalcap scores as evaluate.py writes them, in the paper's units (the
+    toolkit's x100). ``source`` says where the weights came from (the original's file, say);
     ``repo_id`` goes into the usage example.
     """
     from huggingface_hub import ModelCardData
@@ -137,7 +137,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     if metrics:
         keys = list(metrics)  # in evaluate.py's order, which is pycocoevalcap's
         lines += ["", "## Scores", "", "pycocoevalcap, x100 (the paper's units):", "",
-                  markdown_table([keys, [f"{100 * metrics[k]:.2f}" for k in keys]])]
+                  markdown_table([keys, [f"{metrics[k]:.2f}" for k in keys]])]
     lines += [
         "",
         "## Use",

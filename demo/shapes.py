@@ -39,7 +39,7 @@ from clipcap import cli
 from clipcap.captioner import Captioner
 from clipcap.data import load_features
 from clipcap.encoder import OPENAI_CHECKPOINTS
-from clipcap.evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
+from clipcap.evaluation import METRIC_KEYS, PERCENT, Evaluation, Scorer, load_references
 from clipcap.extraction import extract
 from clipcap.featureset import FeatureSet, save_original_pickle
 from clipcap.files import ClipCapError, atomic_write, markdown_table, write_json
@@ -209,8 +209,8 @@ def caption_and_score(checkpoint: str, features: FeatureSet, references: dict, s
 
 
 def exact_match(results: list[dict[str, Any]], references: dict) -> float:
-    """Share of images whose caption is word for word one of their references."""
-    return sum(r["caption"] in references[r["image_id"]] for r in results) / len(results)
+    """Share of images whose caption is word for word one of their references, in percent like the scores."""
+    return PERCENT * sum(r["caption"] in references[r["image_id"]] for r in results) / len(results)
 
 
 # --------------------------------------------------------------------------- 6. the report
@@ -223,7 +223,7 @@ BASELINE_NOTE = ("caption-only baseline: trained and decoded the same way, with 
 def score_rows(scores: dict[str, dict[str, float]]) -> list[list[str]]:
     """Header and one row per system, corpus scores in the paper's units (x100)."""
     keys = [k for k in (*METRIC_KEYS, "exact_match") if k in next(iter(scores.values()))]
-    return [["captions from", *keys]] + [[name, *(f"{100 * s[k]:.1f}" for k in keys)] for name, s in scores.items()]
+    return [["captions from", *keys]] + [[name, *(f"{s[k]:.1f}" for k in keys)] for name, s in scores.items()]
 
 
 def write_gallery(path: Path, images: list[dict[str, Any]], captions: dict[str, dict[Any, str]],
@@ -240,7 +240,7 @@ def write_gallery(path: Path, images: list[dict[str, Any]], captions: dict[str, 
                  f'</b> {html.escape(by_id[image["id"]])}</p>' for system, by_id in captions.items()]
         lines.append("<p class='refs'><b>references:</b> " + "<br>".join(map(html.escape, references)) + "</p>")
         if "CIDEr" in per_image[image["id"]]:
-            lines.append(f"<p class='refs'>CIDEr {100 * per_image[image['id']]['CIDEr']:.0f}</p>")
+            lines.append(f"<p class='refs'>CIDEr {per_image[image['id']]['CIDEr']:.0f}</p>")
         cards.append(f'<div class="card"><img src="images/{name}" alt="held-out image {image["id"]}">'
                      + "".join(lines) + "</div>")
     table = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)

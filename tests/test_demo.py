@@ -93,8 +93,8 @@ def test_held_out_captions_come_from_the_images(demo):
     _, summary = demo
     scores = summary["held_out_scores"]
     from_images, caption_only = scores[MODEL]["CIDEr"], scores[BASELINE]["CIDEr"]
-    assert caption_only < 2.5  # one caption for every image: some of its words are in most references
-    assert from_images > 3.0 and from_images > caption_only + 2.0, scores
+    assert caption_only < 250  # one caption for every image: some of its words are in most references
+    assert from_images > 300 and from_images > caption_only + 200, scores  # the paper's units, x100
     assert scores[MODEL]["exact_match"] > scores[BASELINE]["exact_match"]
 
 

@@ -190,7 +190,7 @@ def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
 def test_model_card_fields(tmp_path, gpt2_dir):
     captioner = tiny_captioner(gpt2_dir, only_prefix=True)
     captioner.model.config.gpt2 = "gpt2"  # as a real model records it: a Hub name
-    metrics = {"Bleu_4": 0.3215, "METEOR": 0.271, "CIDEr": 1.0835, "SPICE": 0.2012}
+    metrics = {"Bleu_4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12}  # evaluate.py's units
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     card = model_card(captioner.model.config, dataset="Flickr30k", recipe="recipes/coco_mlp.sh",
                       metrics=json.loads((tmp_path / "metrics.json").read_text()), repo_id="me/clipcap")
