@@ -38,7 +38,7 @@ from ..evaluation import (
 )
 from ..evaluation import image_files, load_annotations  # the readers of references and their images
 from ..files import ClipCapError, check_outputs, write_json
-from ..runtime import resolve_device
+from ..runtime import Processes, pick_device
 from ..toolkit import SPICE_JARS_ENV
 from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
 
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     references, domains, paths = read_references(args)
     total = len(references)
     check_files(args, paths)
-    clip_scorer = CLIPScorer(args.clipscore_model, resolve_device(args.device)) if args.clipscore else None
+    device = pick_device(args.device, Processes())  # as training's validation picks it, TF32 included: one score
+    clip_scorer = CLIPScorer(args.clipscore_model, device) if args.clipscore else None
     features = load_features(args.features) if args.features else None
     if args.images:  # with --only_common_images, the images not found are not scored
         references = {k: v for k, v in references.items() if k in paths}
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         from ..captioner import Captioner  # imported here: it loads transformers, which scoring needs not
 
-        captioner = Captioner.from_checkpoint(args.checkpoint, **model_options(args))
+        captioner = Captioner.from_checkpoint(args.checkpoint, **{**model_options(args), "device": device})
     own_clip = features.clip_model if features is not None else captioner.clip_model if captioner else None
     read_images = clip_scorer is not None and clip_scorer.needs_images(
         own_clip, has_embeddings=features is not None or captioner is not None, has_images=bool(paths))
