@@ -17,7 +17,6 @@ not Python strings, so memory stays flat however large the store. Nothing is unp
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -300,23 +299,3 @@ def to_pickle(store: str | Path, path: str | Path) -> None:
 def from_pickle(path: str | Path, store: str | Path) -> Path:
     """The original's pickle (loaded without running code) as a store."""
     return write(load_original_pickle(path), store, source=str(path))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert between the original's feature pickle and a feature store.")
-    parser.add_argument("src", help="a .pkl file or a store directory")
-    parser.add_argument("dst", help="a store directory (from a .pkl) or a .pkl file (from a store)")
-    args = parser.parse_args()
-    if args.src.endswith(".pkl"):
-        from_pickle(args.src, args.dst)
-    elif args.dst.endswith(".pkl"):
-        to_pickle(args.src, args.dst)
-    else:
-        raise ClipCapError(f"{args.src} -> {args.dst}: one side must be a .pkl file")
-    print(f"wrote {args.dst}")
-
-
-if __name__ == "__main__":
-    from .cli import run
-
-    run(main)

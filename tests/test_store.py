@@ -1,6 +1,9 @@
 """The feature store: round trips with the original's pickle, on-demand reads, clear errors."""
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +108,18 @@ def test_the_features_clip_survives_pickle_and_store(feature_pickle, tmp_path):
     assert load_store(tmp_path / "store").clip_model == "RN50x4"
     store.to_pickle(tmp_path / "store", tmp_path / "b.pkl")
     assert load_original_pickle(tmp_path / "b.pkl").clip_model == "RN50x4"
+
+
+def test_the_store_command_lives_with_the_commands(feature_pickle, tmp_path, capsys):
+    """store.py is a library: its conversion command is clipcap-store (clipcap/cli/store.py), so no import climbs up."""
+    from clipcap.cli.store import main
+
+    tree = ast.parse(Path(store.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in imported if m == "cli" or m.startswith(("cli.", "clipcap.cli"))], imported
+    main([str(feature_pickle), str(tmp_path / "store")])
+    main([str(tmp_path / "store"), str(tmp_path / "back.pkl")])
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'store'}", f"wrote {tmp_path / 'back.pkl'}"]
+    assert load_original_pickle(tmp_path / "back.pkl").captions == load_original_pickle(feature_pickle).captions
+    with pytest.raises(ClipCapError, match="one side must be a .pkl file"):
+        main([str(tmp_path / "store"), str(tmp_path / "other")])
