@@ -6,7 +6,7 @@ holding fp16 weights named ``visual.*`` (plus the text tower and three scalars,
 tower those names describe, OpenAI's "modified ResNet" (three-convolution stem, anti-aliased
 average-pool strides, attention pooling), and also their ViT, so that any OpenAI CLIP file
 loads strictly. The architecture is inferred from the weights, as OpenAI's ``build_model``
-does. Files are fetched from OpenAI's URLs into the ``clip`` package's cache
+does; the archives are read by :mod:`clipcap.torchscript`, which runs none of their code. Files are fetched from OpenAI's URLs into the ``clip`` package's cache
 (``~/.cache/clip``), so earlier downloads are reused, and checked against their SHA256.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pickle
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import torchscript
 from .files import ClipCapError, atomic_write
 
 # OpenAI's files; the second-to-last part of each URL is the file's SHA256.
@@ -194,19 +194,12 @@ def build(visual: dict[str, torch.Tensor]) -> ModifiedResNet | VisionTransformer
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships them) or a plain state dict."""
+    """The tensors of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships them; read, never run) or a
+    plain state dict."""
+    if torchscript.is_archive(path):
+        return torchscript.read_state_dict(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(n.endswith("/constants.pkl") for n in archive.namelist())
-    except zipfile.BadZipFile:
-        scripted = False
-    try:
-        if scripted:
-            with warnings.catch_warnings():  # deprecated, yet the one reader of TorchScript that runs no pickle code
-                warnings.simplefilter("ignore", DeprecationWarning)
-                state = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: not a TorchScript archive or state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
