@@ -209,7 +209,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          ) -> ModifiedResNet | VisionTransformer:
-    """OpenAI's image tower by name (``RN50x4``: fetched and cached) or from a file, frozen, in ``dtype``."""
+    """OpenAI's image tower by name (``RN50x4``: fetched and cached) or from a file, frozen, its weights in
+    ``dtype`` as OpenAI casts them (:func:`convert_weights`); it takes pixels in ``dtype``."""
     path = fetch(URLS[name]) if name in URLS else Path(name)
     state = read_state_dict(path)
     visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
@@ -225,7 +226,25 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if "input_resolution" in state and int(state["input_resolution"]) != model.input_resolution:
         raise ClipCapError(f"{path}: input_resolution is {int(state['input_resolution'])}, but the weights "
                            f"are for {model.input_resolution}-pixel images")
-    return model.eval().requires_grad_(False).to(device, dtype)
+    return convert_weights(model.eval().requires_grad_(False).to(device, torch.float32), dtype)
+
+
+def convert_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast what OpenAI's ``convert_weights`` casts to half (convolution, linear and attention weights, the
+    ViT's ``proj``) to ``dtype``; BatchNorm, LayerNorm and the embeddings stay float32, as OpenAI runs them
+    (a running variance over 65504 is inf in float16)."""
+    for module in model.modules():
+        names = ["proj"]
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names += ["weight", "bias"]
+        elif isinstance(module, nn.MultiheadAttention):
+            names += ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                      "bias_k", "bias_v"]
+        for name in names:
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.data = tensor.data.to(dtype)
+    return model
 
 
 # --------------------------------------------------------------------------- fetching

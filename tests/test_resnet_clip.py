@@ -7,6 +7,7 @@ a traced TorchScript archive, with ``input_resolution``, ``context_length`` and 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import http.server
@@ -179,6 +180,44 @@ def test_an_archive_that_would_run_code_is_refused_unrun(openai_model, tmp_path)
     with pytest.raises(ClipCapError, match=f"^{path}: refused as a TorchScript archive: its pickle calls io.open$"):
         load_image_encoder(str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", [RESNETS[0], VIT], ids=["rn-64px", "vit-32px"])
+def test_half_precision_casts_what_openai_casts(openai_model, tmp_path, arch):
+    """fp16 as OpenAI runs it: its convert_weights' cast set (BatchNorm, LayerNorm, embeddings stay float32),
+    and the fp16 tower's embeddings against OpenAI's fp16 model on this CPU."""
+    path = tmp_path / "clip.pt"
+    openai_half = copy.deepcopy(openai_clip(openai_model, path, *arch))
+    openai_model.convert_weights(openai_half)
+    ours = resnet_clip.load(str(path), dtype=torch.float16)
+    expected = {k.removeprefix("visual."): v.dtype for k, v in openai_half.state_dict().items() if k.startswith("visual.")}
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == expected
+    assert {torch.float16, torch.float32} <= set(expected.values())
+    images = random_images(arch[2])
+    with torch.no_grad():
+        try:
+            reference = openai_half.encode_image(images)
+        except RuntimeError as e:  # an fp16 kernel this CPU build lacks
+            pytest.skip(f"OpenAI's fp16 tower does not run on this CPU ({e})")
+        got = ours(images.half())
+        full = resnet_clip.load(str(path))(images)
+    assert got.dtype == reference.dtype == torch.float16
+    torch.testing.assert_close(got.float(), reference.float(), rtol=0, atol=3e-3 * full.abs().max().item())
+
+
+def test_half_precision_keeps_batchnorm_statistics_beyond_its_range(openai_model, tmp_path):
+    """A running mean and variance over float16's 65504 stay float32: finite embeddings, those of float32."""
+    path = tmp_path / "clip.pt"
+    openai_clip(openai_model, path, *RESNETS[0], traced=False)
+    state = torch.load(path, weights_only=True)
+    state["visual.bn1.running_mean"][0], state["visual.bn1.running_var"][0] = 7e4, 1e10
+    torch.save(state, path)
+    images = random_images(RESNETS[0][2])
+    with torch.no_grad():
+        full = resnet_clip.load(str(path))(images)
+        half = resnet_clip.load(str(path), dtype=torch.float16)(images.half()).float()
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=0, atol=3e-3 * full.abs().max().item())
 
 
 def test_plain_state_dicts_load_too(openai_model, tmp_path):
