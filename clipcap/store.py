@@ -45,11 +45,14 @@ SHARD_DIR = "shards"
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of an ``.npy`` file, from its header alone."""
     with open(path, "rb") as f:
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-        if read_header is None:
-            raise ClipCapError(f"{path}: unknown .npy version")
-        shape, fortran, dtype = read_header(f)
+        try:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ClipCapError(f"{path}: unknown .npy version")
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, EOFError) as e:
+            raise ClipCapError(f"{path}: not a .npy file ({e})") from None
         if fortran or len(shape) != 2 or dtype.kind != "f":
             raise ClipCapError(f"{path}: expected a C-ordered [rows, D] float array, got {dtype} {shape}")
         offset = f.tell()
@@ -175,16 +178,34 @@ def read_meta(store: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ClipCapError(f"{path}: not a version-{VERSION} {FORMAT} file")
+    listing = "'shards' must be a list of {\"name\": ..., \"rows\": ...}"
+    if not isinstance(meta.get("shards"), list):
+        raise ClipCapError(f"{path}: {listing}, not {type(meta.get('shards')).__name__}")
+    for i, entry in enumerate(meta["shards"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("rows")) is int
+                and entry["rows"] >= 0):
+            raise ClipCapError(f"{path}: {listing}; entry {i} is {entry!r:.80}")
+        if not _is_shard_name(entry["name"]):
+            raise ClipCapError(f"{path}: shard name {entry['name']!r} is not a file name")
     return meta
+
+
+def _is_shard_name(name: str) -> bool:
+    """Whether ``name`` names a file in the shard folder, and nothing outside it."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def load_store(store: str | Path) -> FeatureSet:
     """The store as a FeatureSet whose embeddings are read from disk as rows are asked for."""
     store = Path(store)
     meta = read_meta(store)
-    embeddings = ShardedEmbeddings([store / SHARD_DIR / f"{s['name']}.npy" for s in meta["shards"]])
+    paths = [store / SHARD_DIR / f"{s['name']}.npy" for s in meta["shards"]]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing is not None:
+        raise ClipCapError(f"{missing}: missing ({STORE_FILE} lists shard {missing.stem})")
+    embeddings = ShardedEmbeddings(paths)
     if [int(n) for n in np.diff(embeddings.starts)] != [s["rows"] for s in meta["shards"]]:
         raise ClipCapError(f"{store}: shard sizes differ from {STORE_FILE}; the store was changed after writing")
     try:
@@ -207,6 +228,33 @@ def load_store(store: str | Path) -> FeatureSet:
 # --------------------------------------------------------------------------- writing
 
 
+def image_id_column(image_ids: Sequence[Any], where: str | Path) -> pa.Array:
+    """Image ids as one Parquet column: all integers (int64) or all text. Ids of any other kind, of both
+    kinds, or beyond 64 bits are refused, naming the first caption with one: a column holds one type."""
+    ids, first = list(image_ids), {}
+    for i, value in enumerate(ids):
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        kind = "int" if integer else "str" if isinstance(value, str) else None
+        if kind is None:
+            raise ClipCapError(f"{where}: caption {i} has {type(value).__name__} {value!r:.40} as image id; a store's "
+                               "image ids are all integers or all text")
+        first.setdefault(kind, i)
+        if len(first) == 2:
+            j = first["int" if kind == "str" else "str"]
+            raise ClipCapError(f"{where}: image ids must be all integers or all text: caption {j} has "
+                               f"{type(ids[j]).__name__} {ids[j]!r:.40}, caption {i} {type(value).__name__} {value!r:.40}")
+    if not ids:
+        return pa.array([], pa.null())
+    if "str" in first:
+        return pa.array(ids, pa.string())
+    ints = [int(value) for value in ids]
+    huge = next((i for i, value in enumerate(ints) if not -2**63 <= value < 2**63), None)
+    if huge is not None:
+        raise ClipCapError(f"{where}: caption {huge} has image id {ints[huge]}, beyond 64-bit integers")
+    return pa.array(ints, pa.int64())
+
+
+
 def shard_done(store: str | Path, name: str) -> bool:
     return (Path(store) / SHARD_DIR / f"{name}.parquet").is_file()
 
@@ -220,8 +268,8 @@ def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: 
     shard_dir = Path(store) / SHARD_DIR
     with atomic_write(shard_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float16))
-    table = pa.table({"caption": pa.array(list(captions), pa.string()), "image_id": pa.array(list(image_ids)),
-                      "row": pa.array(list(rows), pa.int64())})
+    table = pa.table({"caption": pa.array(list(captions), pa.string()),
+                      "image_id": image_id_column(image_ids, shard_dir / name), "row": pa.array(list(rows), pa.int64())})
     table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped]),
                                            "clipcap.written_by": written_by})
     with atomic_write(shard_dir / f"{name}.parquet") as tmp:
@@ -242,6 +290,14 @@ def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None =
                                 "image_index": pc.add(table.column("row"), start)}))
         skipped += json.loads(table.schema.metadata[b"clipcap.skipped"])
         start += _npy_layout(store / SHARD_DIR / f"{name}.npy")[0][0]
+    kinds = {}
+    for name, table in zip(names, tables):
+        if not pa.types.is_null(table.schema.field("image_id").type):
+            kinds.setdefault(str(table.schema.field("image_id").type), name)
+    if len(kinds) > 1:
+        (kind_a, a), (kind_b, b) = list(kinds.items())[:2]
+        raise ClipCapError(f"{store}: shard {a} has {kind_a} image ids, shard {b} {kind_b}; a store's image ids are "
+                           "all integers or all text")
     index = pa.concat_tables(tables, promote_options="default") if tables else None
     _finish(store, names, index, skipped, meta)
     return len(skipped)
@@ -273,6 +329,7 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
     n = int(features.embeddings.shape[0])
     if n == 0:
         raise ClipCapError(f"{store}: no embeddings to write")
+    image_ids = image_id_column(features.image_ids, store)
     image_index = np.asarray(features.image_index, dtype=np.int64)
     shard_of = image_index // shard_rows
     names = []
@@ -283,8 +340,8 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
         names.append(f"{k:05d}")
         write_shard(store, names[-1], embeddings, [features.captions[i] for i in chosen],
                     [features.image_ids[i] for i in chosen], image_index[chosen] - start)
-    index = pa.table({"caption": pa.array(list(features.captions), pa.string()),
-                      "image_id": pa.array(list(features.image_ids)), "image_index": pa.array(image_index)})
+    index = pa.table({"caption": pa.array(list(features.captions), pa.string()), "image_id": image_ids,
+                      "image_index": pa.array(image_index)})
     if features.clip_model is not None:
         meta.setdefault("clip_model", features.clip_model)
     _finish(store, names, index, [], meta)
