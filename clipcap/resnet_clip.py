@@ -6,8 +6,9 @@ holding fp16 weights named ``visual.*`` (plus the text tower and three scalars,
 tower those names describe, OpenAI's "modified ResNet" (three-convolution stem, anti-aliased
 average-pool strides, attention pooling), and also their ViT, so that any OpenAI CLIP file
 loads strictly. The architecture is inferred from the weights, as OpenAI's ``build_model``
-does; the archives are read by :mod:`clipcap.torchscript`, which runs none of their code. Files are fetched from OpenAI's URLs into the ``clip`` package's cache
-(``~/.cache/clip``), so earlier downloads are reused, and checked against their SHA256.
+does; the archives are read by :mod:`clipcap.torchscript`, which runs none of their code.
+Files are fetched from OpenAI's URLs into the ``clip`` package's cache (``~/.cache/clip``), so
+earlier downloads are reused, and checked against their SHA256.
 """
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ every 10,000 captions. A store is a directory instead::
     skipped.tsv             images that could not be decoded: path TAB reason
     shards/NAME.npy         float16 [rows, D]: one row per image
     shards/NAME.parquet     that shard's captions (``row`` local to the shard); written after the
-                            ``.npy``, so its presence marks a finished shard
+                            ``.npy``: the two together mark a finished shard
+    pieces/NAME/PIECE.*     while a shard is written in pieces (by several processes), the same two
+                            files for each piece; joined into the shard, then deleted
 
-Shards are written one at a time, so an extraction killed at any point loses at most the
-shard in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
+Pieces and shards are written one at a time, so an extraction killed at any point loses at most
+the pieces in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
 touched pages would count against the training process) and keeps captions in Arrow buffers,
 not Python strings, so memory stays flat however large the store. Nothing is unpickled.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,6 +40,7 @@ STORE_FILE = "store.json"
 INDEX_FILE = "captions.parquet"
 SKIPPED_FILE = "skipped.tsv"
 SHARD_DIR = "shards"
+PIECE_DIR = "pieces"
 
 
 # --------------------------------------------------------------------------- reading
@@ -228,21 +232,22 @@ def load_store(store: str | Path) -> FeatureSet:
 # --------------------------------------------------------------------------- writing
 
 
-def image_id_column(image_ids: Sequence[Any], where: str | Path) -> pa.Array:
-    """Image ids as one Parquet column: all integers (int64) or all text. Ids of any other kind, of both
-    kinds, or beyond 64 bits are refused, naming the first caption with one: a column holds one type."""
+def image_id_column(image_ids: Sequence[Any], where: str | Path, what: str = "caption") -> pa.Array:
+    """Image ids (one per ``what``) as one Parquet column: all integers (int64) or all text. Ids of any other
+    kind, of both kinds, or beyond 64 bits are refused, naming the first with one: a column holds one type."""
     ids, first = list(image_ids), {}
     for i, value in enumerate(ids):
         integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
         kind = "int" if integer else "str" if isinstance(value, str) else None
         if kind is None:
-            raise ClipCapError(f"{where}: caption {i} has {type(value).__name__} {value!r:.40} as image id; a store's "
+            raise ClipCapError(f"{where}: {what} {i} has {type(value).__name__} {value!r:.40} as image id; a store's "
                                "image ids are all integers or all text")
         first.setdefault(kind, i)
         if len(first) == 2:
             j = first["int" if kind == "str" else "str"]
-            raise ClipCapError(f"{where}: image ids must be all integers or all text: caption {j} has "
-                               f"{type(ids[j]).__name__} {ids[j]!r:.40}, caption {i} {type(value).__name__} {value!r:.40}")
+            raise ClipCapError(f"{where}: image ids must be all integers or all text: {what} {j} has "
+                               f"{type(ids[j]).__name__} {ids[j]!r:.40}, "
+                               f"{what} {i} {type(value).__name__} {value!r:.40}")
     if not ids:
         return pa.array([], pa.null())
     if "str" in first:
@@ -250,13 +255,21 @@ def image_id_column(image_ids: Sequence[Any], where: str | Path) -> pa.Array:
     ints = [int(value) for value in ids]
     huge = next((i for i, value in enumerate(ints) if not -2**63 <= value < 2**63), None)
     if huge is not None:
-        raise ClipCapError(f"{where}: caption {huge} has image id {ints[huge]}, beyond 64-bit integers")
+        raise ClipCapError(f"{where}: {what} {huge} has image id {ints[huge]}, beyond 64-bit integers")
     return pa.array(ints, pa.int64())
 
 
 
+def _done(base: Path) -> bool:
+    return base.with_name(base.name + ".npy").is_file() and base.with_name(base.name + ".parquet").is_file()
+
+
 def shard_done(store: str | Path, name: str) -> bool:
-    return (Path(store) / SHARD_DIR / f"{name}.parquet").is_file()
+    return _done(Path(store) / SHARD_DIR / name)
+
+
+def piece_done(store: str | Path, shard: str, piece: str) -> bool:
+    return _done(Path(store) / PIECE_DIR / shard / piece)
 
 
 def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: Sequence[str],
@@ -265,15 +278,48 @@ def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: 
     """One finished shard: embeddings [n, D] (stored float16), captions pointing at local rows, the
     (path, reason) of each image skipped, and who wrote it (``rank 1/4``). The index is written
     last: it marks the shard done."""
-    shard_dir = Path(store) / SHARD_DIR
-    with atomic_write(shard_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+    _write(Path(store) / SHARD_DIR / name, embeddings, captions, image_ids, rows, skipped, written_by)
+
+
+def write_piece(store: str | Path, shard: str, piece: str, embeddings: np.ndarray, captions: Sequence[str],
+                image_ids: Sequence[Any], rows: Sequence[int], skipped: Sequence[tuple[str, str]] = (),
+                written_by: str = "") -> None:
+    """One finished piece of a shard (a relative name, ``piece``), as :func:`write_shard` writes a shard."""
+    _write(Path(store) / PIECE_DIR / shard / piece, embeddings, captions, image_ids, rows, skipped, written_by)
+
+
+def _write(base: Path, embeddings: np.ndarray, captions: Sequence[str], image_ids: Sequence[Any],
+           rows: Sequence[int], skipped: Sequence[tuple[str, str]], written_by: str) -> None:
+    with atomic_write(base.with_name(base.name + ".npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float16))
     table = pa.table({"caption": pa.array(list(captions), pa.string()),
-                      "image_id": image_id_column(image_ids, shard_dir / name), "row": pa.array(list(rows), pa.int64())})
+                      "image_id": image_id_column(image_ids, base), "row": pa.array(list(rows), pa.int64())})
     table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped]),
                                            "clipcap.written_by": written_by})
-    with atomic_write(shard_dir / f"{name}.parquet") as tmp:
+    with atomic_write(base.with_name(base.name + ".parquet")) as tmp:
         pq.write_table(table, tmp)
+
+
+def join_pieces(store: str | Path, shard: str, pieces: Sequence[str]) -> None:
+    """Write shard ``shard`` from its finished ``pieces``, in that order, then delete its pieces."""
+    store = Path(store)
+    folder = store / PIECE_DIR / shard
+    missing = [piece for piece in pieces if not piece_done(store, shard, piece)]
+    if missing:
+        raise ClipCapError(f"{store}: shard {shard} has {len(missing)} unfinished pieces ({', '.join(missing[:3])}); "
+                           "run the extraction again to finish them")
+    embeddings, captions, image_ids, rows, skipped, writers = [], [], [], [], [], []
+    for piece in pieces:
+        table = pq.read_table(folder / f"{piece}.parquet")
+        rows += (table.column("row").to_numpy() + sum(len(e) for e in embeddings)).tolist()
+        embeddings.append(np.load(folder / f"{piece}.npy", allow_pickle=False))
+        captions += table.column("caption").to_pylist()
+        image_ids += table.column("image_id").to_pylist()
+        skipped += json.loads(table.schema.metadata[b"clipcap.skipped"])
+        writers.append(table.schema.metadata[b"clipcap.written_by"].decode())
+    write_shard(store, shard, np.concatenate(embeddings), captions, image_ids, rows, skipped,
+                ", ".join(dict.fromkeys(w for w in writers if w)))
+    shutil.rmtree(folder)
 
 
 def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None = None) -> int:
@@ -300,6 +346,7 @@ def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None =
                            "all integers or all text")
     index = pa.concat_tables(tables, promote_options="default") if tables else None
     _finish(store, names, index, skipped, meta)
+    shutil.rmtree(store / PIECE_DIR, ignore_errors=True)  # what a run killed between joining and deleting left
     return len(skipped)
 
 

@@ -32,7 +32,8 @@ from clipcap.tiny import make_tiny_resnet_clip
 # (vision_layers, vision_width, image_resolution, vision_patch_size): OpenAI's CLIP arguments
 # OpenAI's code traced and saved the TorchScript way, whose warnings are not this test's concern.
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.(save|trace_method|script)` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.(save|trace_method|script)` is deprecated"
+                                         ":DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
 RESNETS = [((1, 2, 1, 1), 8, 64, None), ((2, 1, 1, 1), 16, 96, None)]
 VIT = (2, 64, 32, 16)
@@ -190,7 +191,8 @@ def test_half_precision_casts_what_openai_casts(openai_model, tmp_path, arch):
     openai_half = copy.deepcopy(openai_clip(openai_model, path, *arch))
     openai_model.convert_weights(openai_half)
     ours = resnet_clip.load(str(path), dtype=torch.float16)
-    expected = {k.removeprefix("visual."): v.dtype for k, v in openai_half.state_dict().items() if k.startswith("visual.")}
+    expected = {k.removeprefix("visual."): v.dtype for k, v in openai_half.state_dict().items()
+                if k.startswith("visual.")}
     assert {k: v.dtype for k, v in ours.state_dict().items()} == expected
     assert {torch.float16, torch.float32} <= set(expected.values())
     images = random_images(arch[2])

@@ -169,6 +169,11 @@ def test_image_ids_go_into_a_store_as_integers_or_as_text(feature_pickle, tmp_pa
         with pytest.raises(ClipCapError, match=re.escape(f"{tmp_path / name}: ") + match):
             store.write(features, tmp_path / name)
         assert not (tmp_path / name).exists()  # refused before writing anything
+    store.write_shard(tmp_path / "two_kinds", "a", np.zeros((1, 4)), ["a cat."], [7], [0])
+    store.write_shard(tmp_path / "two_kinds", "b", np.zeros((1, 4)), ["a dog."], ["x"], [0])
+    with pytest.raises(ClipCapError, match="two_kinds: shard a has int64 image ids, shard b string; a store's "
+                                           "image ids are all integers or all text"):
+        store.merge(tmp_path / "two_kinds", ["a", "b"])
     for name, image_ids in [("text", [f"image {i}" for i in ids]), ("numpy", list(np.array(ids, dtype=np.int32))),
                             ("big", [i + 2**62 for i in ids])]:
         features.image_ids = image_ids
