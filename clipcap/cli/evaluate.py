@@ -21,20 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..annotations import image_files, image_key, load_annotations
 from ..data import load_features
-from ..evaluation import (
-    ENTIRE,
-    SCORERS,
-    Evaluation,
-    Scorer,
-    domain_table,
-    image_files,
-    image_key,
-    load_annotations,
-    load_results,
-    match_images,
-    write_scores,
-)
+from ..evaluation import ENTIRE, SCORERS, Evaluation, Scorer, domain_table, load_results, match_images, write_scores
 from ..files import ClipCapError, check_output_path, write_json
 from ..toolkit import SPICE_JARS_ENV
 from ..runtime import resolve_device

@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..sources import KARPATHY_SPLITS, caption_shards
+from ..annotations import KARPATHY_SPLITS
+from ..sources import caption_shards
 from .extraction import add_extraction_arguments, output, run_extraction
 
 
