@@ -102,7 +102,9 @@ class Annotations:
                                    "--split val to evaluate, --split train to train")
             if split not in KARPATHY_SPLITS:
                 raise ClipCapError(f"{self.path}: unknown split {split!r} (choose from {', '.join(KARPATHY_SPLITS)})")
-            wanted = set(KARPATHY_SPLITS[split]) - ({"restval"} if split != "restval" and not include_restval else set())
+            wanted = set(KARPATHY_SPLITS[split])
+            if split != "restval" and not include_restval:
+                wanted.discard("restval")
             chosen = [image for image in self.images if image.split in wanted]
             if not chosen:
                 splits = sorted({str(image.split) for image in self.images})
@@ -199,7 +201,7 @@ def _karpathy_images(path: Path, entries: list[Any], id_key: str) -> list[Annota
         _listed_once(path, seen, image_id, i, id_key)
         filename = _optional_text(path, where, "'filename'", entry.get("filename"))
         filepath = _optional_text(path, where, "'filepath'", entry.get("filepath"))
-        image = AnnotatedImage(image_id, where, split=entry.get("split"),
+        image = AnnotatedImage(image_id, where, split=entry["split"],
                                file="/".join(filter(None, (filepath, filename))) if filename else None)
         for j, sentence in enumerate(entry["sentences"]):
             if not isinstance(sentence, dict) or "raw" not in sentence:
@@ -429,8 +431,9 @@ def image_files(references: References, images: Images, folder: str | Path, only
         raise ClipCapError(f"{folder} (--images): folder not found")
     unnamed = [k for k in references if not images.get(k, {}).get("file")]
     if unnamed:
-        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {examples(unnamed, 3)}); "
-                           "--images needs COCO-format images[].file_name or Karpathy's filepath/filename")
+        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images "
+                           f"(e.g. {examples(unnamed, 3)}); --images needs COCO-format images[].file_name or "
+                           "Karpathy's filepath/filename")
     found, missing = {}, []
     for k in references:
         relative = Path(images[k]["file"])

@@ -141,8 +141,8 @@ def coco_shards(images: list[AnnotatedImage], images_root: str | Path, shard_siz
 def write_coco_references(images: list[AnnotatedImage], path: str | Path) -> None:
     """COCO-format references (``{"images", "annotations"}``), what evaluation reads."""
     references = {"images": [{"id": image.image_id} for image in images],
-                  "annotations": [{"image_id": image.image_id, "caption": caption, "id": caption_id}
-                                  for image in images for caption, caption_id in zip(image.captions, image.caption_ids)]}
+                  "annotations": [{"image_id": image.image_id, "caption": caption, "id": caption_id} for image in images
+                                  for caption, caption_id in zip(image.captions, image.caption_ids)]}
     write_json(path, references, indent=None)
 
 

@@ -178,7 +178,8 @@ def check_hub() -> None:
 
 def extract_split(annotations: Path, split: str, clip_model: str, store: Path, device: str) -> FeatureSet:
     """One split's CLIP features, as ``parse_coco.py --annotations ... --split ... --feature_store`` makes them."""
-    skipped = extract(coco_shards(coco_images(annotations, split), annotations.parent), store, clip_model, device=device)
+    shards = coco_shards(coco_images(annotations, split), annotations.parent)
+    skipped = extract(shards, store, clip_model, device=device)
     if skipped:
         raise ClipCapError(f"{store}: {skipped} drawn images could not be encoded; see {store / 'skipped.tsv'}")
     return load_features(store)
@@ -339,8 +340,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     shutil.copyfile(runs[MODEL]["loss_plot"], report / "loss.png")
     rows = score_rows(scores)
     notes = [about, BASELINE_NOTE] if cfg.baseline else [about]
-    write_gallery(report / "gallery.html", coco_items(coco_images(annotations, "test"), annotations.parent)[:cfg.gallery_size],
-                  captions, per_image, notes, rows)
+    held_out = coco_items(coco_images(annotations, "test"), annotations.parent)[:cfg.gallery_size]
+    write_gallery(report / "gallery.html", held_out, captions, per_image, notes, rows)
     write_json(report / "captions.json", captions)
     summary = {"backbones": "real" if not recipe.tiny else "tiny random", "about": about,
                "recipe": {**asdict(recipe), "epochs": epochs},
