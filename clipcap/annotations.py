@@ -143,7 +143,7 @@ def read_annotations(path: str | Path) -> Annotations:
     if isinstance(data, dict) and "annotations" in data:
         return Annotations(path, "coco_format", _coco_format_images(path, data), path.parent)
     if isinstance(data, list):
-        return Annotations(path, "caption_list", _caption_list_images(path, data), path.parent)
+        return Annotations(path, "caption_list", _with_captions(path, data, {}), path.parent)
     raise ClipCapError(f"{path}: not a known annotations format (Karpathy's dataset_coco.json, COCO-format "
                        "annotations with 'annotations', or a list of {image_id, caption})")
 
@@ -237,20 +237,15 @@ def _coco_format_images(path: Path, data: dict[str, Any]) -> list[AnnotatedImage
         by_id[image_id] = AnnotatedImage(image_id, where,
                                          file=_optional_text(path, where, "'file_name'", entry.get("file_name")),
                                          domain=_optional_text(path, where, "'domain'", entry.get("domain")))
+    return _with_captions(path, annotations, by_id)
+
+
+def _with_captions(path: Path, annotations: list[Any], by_id: dict[ImageId, AnnotatedImage]) -> list[AnnotatedImage]:
+    """``by_id`` with the caption of each annotation added to its image; an image only the annotations name
+    comes after, in order of first appearance (the original's ``train_caption.json`` names every image so)."""
     for i, annotation in enumerate(annotations):
         image_id, caption = _caption_of(path, i, annotation)
         by_id.setdefault(image_id, AnnotatedImage(image_id, f"annotation {i}")).add(caption, annotation.get("id", i))
-    if not by_id:
-        raise ClipCapError(f"{path}: no images")
-    return list(by_id.values())
-
-
-def _caption_list_images(path: Path, entries: list[Any]) -> list[AnnotatedImage]:
-    """The original's ``train_caption.json``: one entry per caption, an image's entries joined."""
-    by_id: dict[ImageId, AnnotatedImage] = {}
-    for i, entry in enumerate(entries):
-        image_id, caption = _caption_of(path, i, entry)
-        by_id.setdefault(image_id, AnnotatedImage(image_id, f"annotation {i}")).add(caption, entry.get("id", i))
     if not by_id:
         raise ClipCapError(f"{path}: no captions")
     return list(by_id.values())

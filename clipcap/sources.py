@@ -27,7 +27,7 @@ from typing import IO, Any, Callable, Iterable
 
 from .annotations import OWN_DATA_LAYOUTS, AnnotatedImage, conceptual_captions, read_annotations
 from .encoder import IMAGE_EXTENSIONS
-from .files import ClipCapError, open_regular, write_json
+from .files import ClipCapError, open_regular, read_json, write_json
 
 CONCEPTUAL_TSV = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
 
@@ -236,10 +236,10 @@ def _read_folder(folder: Path) -> tuple[list[ImageItem], list[tuple[str, str]]]:
 
 
 def _expected_images(stats: Path) -> int | None:
-    """img2dataset's ``{shard}_stats.json`` says how many images a shard holds."""
+    """img2dataset's ``{shard}_stats.json`` says how many images a shard holds (for the progress bar only)."""
     try:
-        return int(json.loads(stats.read_text())["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_json(stats, "stats")["successes"])
+    except (ClipCapError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -357,6 +357,8 @@ def test_parse_conceptual_skips_fifos_instead_of_waiting_on_them(clip_dir, tmp_p
     (files / "00000" / "000000002.txt").unlink()
     os.mkfifo(files / "00000" / "000000002.txt")  # a caption nobody will ever write
     os.mkfifo(webdataset / "00002.tar")
+    for stats in (webdataset / "00000_stats.json", files / "00001_stats.json"):  # img2dataset's, read for a count
+        os.mkfifo(stats)
     for layout, images in (("files", files), ("webdataset", webdataset)):
         out = tmp_path / f"{layout}.pkl"
         run = subprocess.run([sys.executable, "parse_conceptual.py", "--split", "val", "--images", str(images),

@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = output(args, "./data/coco/oscar_split_", f"_{args.split}")
-    references = args.references_path or f"./data/coco/karpathy_{args.split}_references.json"
+    references = None
     if args.split in ("val", "test"):
+        references = args.references_path or f"./data/coco/karpathy_{args.split}_references.json"
         check_outputs({"--references_path": references}, {"--annotations": args.annotations, "--out": out})
     images = coco_images(args.annotations, args.split, include_restval=not args.no_restval)
-    if args.split in ("val", "test") and int(os.environ.get("RANK", "0")) == 0:
+    if references is not None and int(os.environ.get("RANK", "0")) == 0:
         write_coco_references(images, references)  # first: they need no features, and a failed run keeps them
         print(f"wrote {references}")
     run_extraction(args, coco_shards(images, args.images_root, args.shard_size), out, split=args.split,
