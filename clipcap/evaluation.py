@@ -5,9 +5,6 @@ tokenisation (Java) of references and results, then BLEU-1..4, METEOR 1.5 (Java)
 CIDEr-D and SPICE (Java), over the images in the references' order; they are reported in the
 paper's units, the toolkit's fractions x100 (CIDEr 108.35, not 1.0835). What this module adds:
 
-- reference loaders: Karpathy's ``dataset_coco.json`` by split, COCO-format annotations (or a
-  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV; and what the
-  annotations say about each image (its file, its nocaps domain);
 - checks that results and references describe the same images, one caption each, with a
   one-line error otherwise (scoring only the common images must be asked for);
 - nocaps-style per-domain scores: each domain is its own toolkit run over its images, as the
@@ -16,17 +13,18 @@ paper's units, the toolkit's fractions x100 (CIDEr 108.35, not 1.0835). What thi
   Java process starts once per :class:`Scorer`; SPICE is skipped, with a message saying how to
   enable it, when its Stanford CoreNLP jars are missing.
 
-Making the toolkit run (Java, SPICE's jars, its Java tools' working files) is :mod:`clipcap.toolkit`'s job.
+Reading references is :mod:`clipcap.annotations`' job; making the toolkit run (Java, SPICE's jars,
+its Java tools' working files) is :mod:`clipcap.toolkit`'s.
 """
 from __future__ import annotations
 
-import numbers
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .annotations import ImageId, References, image_key
 from .files import ClipCapError, examples, markdown_table, read_json, write_json
 from .toolkit import find_spice_jars, ptb_tokenize, require_java, spice_problem, toolkit_scorer
 
@@ -40,150 +38,7 @@ ENTIRE = "entire"
 # Every score this project reports, prints or writes is in the paper's units: the toolkit's fractions x100.
 PERCENT = 100.0
 
-ImageId = int | str  # see image_key
-References = dict  # image id -> its reference captions, in the order the source lists the images
-Images = dict  # image id -> what the annotations say about the image: "file" (relative path), "domain"
-
-
-# --------------------------------------------------------------------------- image ids
-
-
-def image_key(image_id: Any) -> ImageId:
-    """Ids compare as integers when they are integers or ASCII digit strings ("000012" is image 12;
-    "²" is a digit to ``str.isdigit`` but not a number, so it stays a string)."""
-    if isinstance(image_id, numbers.Integral) and not isinstance(image_id, bool):
-        return int(image_id)
-    if isinstance(image_id, str):
-        return int(image_id) if image_id.isascii() and image_id.isdigit() else image_id
-    raise ClipCapError(f"image id {image_id!r} is neither an integer nor a string")
-
-
-# --------------------------------------------------------------------------- references and results
-
-
-def load_references(path: str | Path, split: str | None = None) -> References:
-    """References from Karpathy's ``dataset_coco.json`` (``split`` required), COCO-format annotations,
-    a JSON list of ``{"image_id", "caption"}``, the Conceptual Captions validation TSV, or any source
-    of parse_captions.py (image folder, CSV/TSV/JSONL, Karpathy's Flickr file)."""
-    return load_annotations(path, split)[0]
-
-
-def load_annotations(path: str | Path, split: str | None = None) -> tuple[References, Images]:
-    """The references (as :func:`load_references`) and what the file says about their images:
-    the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
-    path = Path(path)
-    from .sources import caption_references  # imported here: it needs torch, scoring does not
-
-    if (references := caption_references(path, split)) is not None:
-        return references, {}
-    if path.suffix.lower() == ".tsv":
-        if split is not None:
-            raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only")
-        return load_conceptual_tsv(path), {}
-    data = read_json(path, "annotations")
-    if isinstance(data, dict) and data.get("images") and isinstance(data["images"][0], dict) \
-            and "sentences" in data["images"][0]:
-        if split is None:
-            raise ClipCapError(f"{path}: Karpathy's split file holds every split; pass --split test or --split val")
-        references = load_karpathy(data, split, path)
-        images = {image_key(image["cocoid"]): {"file": "/".join(filter(None, (image.get("filepath"),
-                                                                              image.get("filename"))))}
-                  for image in data["images"] if image.get("split") == split and image.get("filename")}
-        return references, images
-    if split is not None:
-        raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only; "
-                           "this file is taken whole")
-    if isinstance(data, dict) and "annotations" in data:
-        listed = [image for image in data.get("images", []) if isinstance(image, dict) and "id" in image]
-        references = _group(data["annotations"], [image["id"] for image in listed], path)
-        images = {image_key(image["id"]): {k: str(image[v]) for k, v in (("file", "file_name"), ("domain", "domain"))
-                                           if image.get(v) is not None} for image in listed}
-        return references, {k: v for k, v in images.items() if k in references and v}
-    if isinstance(data, list):
-        return _group(data, [], path), {}
-    raise ClipCapError(f"{path}: not a known reference format (Karpathy's dataset_coco.json, COCO-format "
-                       "annotations with 'annotations', or a list of {image_id, caption})")
-
-
-def load_karpathy(data: dict, split: str, path: str | Path = "dataset_coco.json") -> References:
-    """The reference sentences (``raw``) of one Karpathy split, keyed by COCO id (``cocoid``)."""
-    references: References = {}
-    for i, image in enumerate(data["images"]):
-        if image.get("split") != split:
-            continue
-        try:
-            references[image_key(image["cocoid"])] = [str(s["raw"]) for s in image["sentences"]]
-        except (KeyError, TypeError):
-            raise ClipCapError(f"{path}: image entry {i} lacks 'cocoid' or 'sentences' with 'raw'") from None
-    if not references:
-        splits = sorted({str(image.get("split")) for image in data["images"]})
-        raise ClipCapError(f"{path}: no image in split {split!r} (the file has {', '.join(splits)})")
-    return references
-
-
-def _group(annotations: Any, order: Sequence[Any], path: Path) -> References:
-    """Captions grouped by image: images in ``order`` first (COCO's image list), then as they appear."""
-    references: References = {image_key(i): [] for i in order}
-    if not isinstance(annotations, list):
-        raise ClipCapError(f"{path}: 'annotations' must be a list")
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ClipCapError(f"{path}: annotation {i} needs 'image_id' and a 'caption' string")
-        references.setdefault(image_key(ann["image_id"]), []).append(ann["caption"])
-    references = {k: v for k, v in references.items() if v}  # listed images without captions are not references
-    if not references:
-        raise ClipCapError(f"{path}: no captions")
-    return references
-
-
-def image_files(references: References, images: Images, folder: str | Path, only_common_images: bool = False,
-                ref_source: str = "references") -> dict[ImageId, Path]:
-    """The image file of each reference image under ``folder``, by the annotations' relative path (or,
-    failing that, its file name alone: COCO's images may lie in one folder). Missing files are an error,
-    unless ``only_common_images``, which leaves those images out."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ClipCapError(f"{folder} (--images): folder not found")
-    unnamed = [k for k in references if not images.get(k, {}).get("file")]
-    if unnamed:
-        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {examples(unnamed, 3)}); "
-                           "--images needs COCO-format images[].file_name or Karpathy's filepath/filename")
-    found, missing = {}, []
-    for k in references:
-        relative = Path(images[k]["file"])
-        path = next((p for p in (folder / relative, folder / relative.name) if p.is_file()), None)
-        if path is None:
-            missing.append(str(relative))
-        else:
-            found[k] = path
-    if missing and not only_common_images:
-        raise ClipCapError(f"{folder} (--images): {len(missing)} of the {len(references)} images of {ref_source} "
-                           f"are missing (e.g. {examples(missing, 3)}); score the others with --only_common_images")
-    if not found:
-        raise ClipCapError(f"{folder} (--images): none of the images of {ref_source} is there "
-                           f"(e.g. {examples(missing, 3)})")
-    return found
-
-
-def load_conceptual_tsv(path: str | Path) -> References:
-    """``Validation_GCC-1.1.0-Validation.tsv`` (caption TAB url, no header): one reference per image.
-
-    The image id is the 0-based row number, as in the original's parse_conceptual.py, which saves
-    row ``i`` as ``{i:08d}.jpg``; ids such as "00000012" therefore match row 12.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ClipCapError(f"{path}: annotations file not found")
-    references: References = {}
-    with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f):
-            caption, tab, _ = line.rstrip("\n").partition("\t")
-            if not tab or not caption.strip():
-                raise ClipCapError(f"{path}: line {row + 1} is not 'caption<TAB>url'")
-            references[row] = [caption]
-    if not references:
-        raise ClipCapError(f"{path}: empty file")
-    return references
+# --------------------------------------------------------------------------- results and references
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:

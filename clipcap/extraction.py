@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,42 +29,12 @@ from tqdm import tqdm
 from . import locking
 from . import store as feature_store
 from .encoder import MAX_PIXELS, ImageEncoder, Preprocess, default_dtype, load_image, load_image_encoder
-from .files import ClipCapError, open_regular, remove_stale_temp_files, write_json
+from .files import ClipCapError, remove_stale_temp_files, write_json
 from .runtime import Processes, pick_device, start_processes
+from .sources import ImageItem, Shard
 
 # A shard is cut into at most this many pieces, the units that torchrun ranks share out.
 PIECES_PER_SHARD = 32
-
-
-@dataclass
-class ImageItem:
-    """One image to encode once, and every caption that describes it."""
-
-    image_id: Any
-    captions: list[str]
-    path: str  # the image file, or the tar archive that holds it
-    span: tuple[int, int] | None = None  # (offset, size) of the image inside the archive
-    name: str = ""  # for the skip report; defaults to ``path``
-
-    def __post_init__(self) -> None:
-        self.name = self.name or self.path
-
-    def open(self) -> IO[bytes]:
-        if self.span is None:
-            return open_regular(self.path)
-        with open_regular(self.path) as f:
-            f.seek(self.span[0])
-            return io.BytesIO(f.read(self.span[1]))
-
-
-@dataclass
-class Shard:
-    """A unit of work and of output: its images are listed only when the shard is processed."""
-
-    name: str
-    list_items: Callable[[], tuple[list[ImageItem], list[tuple[str, str]]]]  # items, and (path, reason) skipped
-    size: int | None = None  # images expected, for the progress bar
-    fingerprint: str = ""  # what defines its images, known before they are listed (see extract's resume check)
 
 
 class _Images(Dataset):

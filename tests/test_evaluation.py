@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from clipcap import toolkit
+from clipcap.annotations import load_references
 from clipcap.cli.evaluate import main as evaluate
-from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score
+from clipcap.evaluation import Scorer, load_results, match_images, pair_up, score
 from clipcap.files import ClipCapError
 from clipcap.toolkit import spice_problem
 
@@ -289,7 +290,7 @@ def test_karpathy_split_file(tmp_path):
 def test_coco_format_and_plain_lists(tmp_path):
     coco = write_coco(tmp_path / "captions.json")
     assert load_references(coco) == IMAGES and list(load_references(coco)) == [42, 7, 1000, 3]
-    with pytest.raises(ClipCapError, match="--split applies to Karpathy's dataset_coco.json only"):
+    with pytest.raises(ClipCapError, match="--split applies to Karpathy's split files only"):
         load_references(coco, "test")
     flat = tmp_path / "test_caption.json"
     flat.write_text(json.dumps([{"image_id": "12", "caption": "a"}, {"image_id": 3, "caption": "b"},
@@ -463,7 +464,7 @@ def write_nocaps(path: Path) -> Path:
 
 @pytest.mark.java
 def test_nocaps_domains_are_separate_runs(tmp_path):
-    from clipcap.evaluation import load_annotations
+    from clipcap.annotations import load_annotations
 
     references, images = load_annotations(write_nocaps(tmp_path / "nocaps_val_4500_captions.json"))
     assert references == NOCAPS and {k: v["domain"] for k, v in images.items()} == DOMAIN_OF
@@ -656,7 +657,7 @@ def test_javas_own_error_line():
 
 
 def test_image_files_of_karpathy_and_coco_references(tmp_path):
-    from clipcap.evaluation import image_files, load_annotations
+    from clipcap.annotations import image_files, load_annotations
 
     karpathy = tmp_path / "dataset_coco.json"
     karpathy.write_text(json.dumps({"images": [

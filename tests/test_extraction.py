@@ -251,7 +251,8 @@ def test_pointless_options_are_refused_before_any_work(clip_dir, tmp_path):
 
 
 def test_a_rerun_of_parse_coco_writes_the_references_a_crash_lost(clip_dir, tmp_path, monkeypatch, capsys):
-    """Killed after its pickle, before its references: the rerun keeps the pickle and writes the references."""
+    """Killed while writing its references (written first, before any encoding): the rerun writes both; a rerun of a
+    finished run keeps its pickle."""
     root = tmp_path / "coco"
     (root / "val2014").mkdir(parents=True)
     images = []
@@ -271,10 +272,11 @@ def test_a_rerun_of_parse_coco_writes_the_references_a_crash_lost(clip_dir, tmp_
     with pytest.raises(KeyboardInterrupt):
         parse_coco.main(args)
     monkeypatch.undo()
-    assert out.is_file() and not references.exists()
-    written = out.stat().st_mtime_ns
+    assert not out.exists() and not references.exists()
     parse_coco.main(args)
     assert json.loads(references.read_text())["images"] == [{"id": 1}, {"id": 2}]
+    written = out.stat().st_mtime_ns
+    parse_coco.main(args)
     assert out.stat().st_mtime_ns == written
     assert f"{out}: kept as a finished run wrote it (delete it to encode the images again)" in capsys.readouterr().out
 

@@ -23,20 +23,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..annotations import image_files, image_key, load_annotations
 from ..clipscore import CLIPScorer, add_clip_scores
 from ..data import load_features
 from ..evaluation import (
     ENTIRE,
     SCORERS,
     Scorer,
-    image_key,
     load_results,
     match_images,
     parse_metrics,
     scores_table,
     write_scores,
 )
-from ..evaluation import image_files, load_annotations  # the readers of references and their images
 from ..files import ClipCapError, check_outputs, write_json
 from ..runtime import Processes, pick_device
 from ..toolkit import SPICE_JARS_ENV
