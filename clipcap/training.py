@@ -59,7 +59,7 @@ from .runtime import DEVICE_HELP, Processes, pick_device, start_processes
 from .toolkit import require_java
 
 FROM_THE_DATA = ("prefix_size", "clip_model", "gpt2_config")  # model fields the features decide, not flags
-WARMUP_FRACTION = 10  # the warm-up is at most 1/10 of the run's steps
+MAX_WARMUP_SHARE = 0.1  # of the run's steps: COCO's 10 epochs (~141k steps) keep the paper's 5,000
 # Under torchrun the other processes wait while rank 0 alone validates, scores CIDEr with Java and
 # writes checkpoints (GBs for GPT-2 fine-tuning): far longer than NCCL's default timeout allows.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
@@ -136,7 +136,7 @@ class TrainConfig:
             raise ClipCapError(f"--val_captions {self.val_captions}: needs --val_data, the features to caption")
 
     def flat(self) -> dict[str, Any]:
-        """The settings as train.py's flags name them: the run's fields and the model's (but those of the data)."""
+        """The settings as train.py's flags name them: the run's fields and the model's (not those of the data)."""
         model = {k: v for k, v in self.model.to_dict().items() if k not in FROM_THE_DATA}
         return model | {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
 
@@ -238,7 +238,7 @@ def check_unchanged(cfg: TrainConfig, resumed: ResumeState) -> None:
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> tuple[int, str | None]:
     """The warm-up of a new run, capped at a tenth of its steps, and a note when the cap applies."""
-    cap = max(1, total_steps // WARMUP_FRACTION)
+    cap = max(1, int(total_steps * MAX_WARMUP_SHARE))
     if cfg.warmup <= cap:
         return cfg.warmup, None
     steps = f"{cap} step{'s' * (cap != 1)}"
