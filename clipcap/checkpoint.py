@@ -2,8 +2,6 @@
 
 - Ours: ``NAME.safetensors`` holding the weights and, in its metadata, the model config as JSON.
   In prefix-only mode it holds only the mapper (``clip_project.*``); GPT-2 comes from ``config.gpt2``.
-- A training run's resume state: ``{prefix}_resume.pt`` (weights, optimizer, scheduler, scaler,
-  RNGs, progress), and the names of everything else a run writes (:class:`RunFiles`).
 - The original's: ``NAME.pt``, ``torch.save(model.state_dict())`` of the whole model, no config.
   Its own ``NAME.json`` (written with it by ``save_checkpoint``) gives the config; without one the
   config is inferred from tensor shapes, which is how the original's released weights load. A
@@ -16,12 +14,10 @@ Both are read with ``weights_only=True`` / safetensors: loading never unpickles 
 """
 from __future__ import annotations
 
-import glob
 import json
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,111 +285,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: 
     if full:
         model.gpt.tie_weights()
     return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------- a training run's files
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The names of what a training run writes into its folder, in one place."""
-
-    folder: Path
-    prefix: str
-
-    def named(self, name: str) -> Path:
-        """``{prefix}_{name}``: ``latest`` and ``best`` weights (stems), ``config.json``, ``resume.pt`` ..."""
-        return self.folder / f"{self.prefix}_{name}"
-
-    def epoch(self, epoch: int) -> Path:
-        """The stem of an epoch's weights, ``{prefix}-{epoch:03d}`` (0-based, as the original)."""
-        return self.folder / f"{self.prefix}-{epoch:03d}"
-
-    @property
-    def config(self) -> Path:
-        return self.named("config.json")
-
-    @property
-    def resume(self) -> Path:
-        return self.named("resume.pt")
-
-    @property
-    def log(self) -> Path:
-        return self.named("log.jsonl")
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.named("loss.png")
-
-    def existing(self) -> list[Path]:
-        """The files of a run with this prefix that are already there."""
-        stem = glob.escape(str(self.folder / self.prefix))
-        patterns = ("_resume.pt", "_config.json", "_log.jsonl", "-[0-9][0-9][0-9].*", "_latest.*", "_best.*")
-        return sorted({Path(f) for pattern in patterns for f in glob.glob(stem + pattern)})
-
-
-def save_weights(model: ClipCap, stem: Path, original_format: bool) -> None:
-    """``stem.safetensors`` (ours), and ``stem.pt`` (the original's layout) when asked."""
-    save_checkpoint(model, stem.with_name(stem.name + ".safetensors"))
-    if original_format:
-        save_checkpoint(model, stem.with_name(stem.name + ".pt"))
-
-
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "state")
-
-
-def save_resume(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where this step ended (loadable with weights_only=True)."""
-    trainable = model_state_dict(model, full=False)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with atomic_write(path) as tmp:
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng, "config": json.dumps(model.config.to_dict()),
-                    "state": json.dumps(state)}, tmp)
-
-
-def find_resume_file(path: str | Path, prefix: str) -> Path:
-    """``--resume``'s file: the given one, or ``{prefix}_resume.pt`` in the given folder."""
-    p = Path(path)
-    if p.is_dir():
-        p = RunFiles(p, prefix).resume
-    if not p.is_file():
-        raise ClipCapError(f"{p}: no resume state to continue from")
-    return p
-
-
-def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Load a resume state into the run's model, optimizer, scheduler, scaler and RNGs; returns the progress."""
-    try:
-        saved = load_pt(path)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ClipCapError(f"{path}: unreadable resume state ({first_line(e)})") from None
-    if not isinstance(saved, dict) or any(k not in saved for k in RESUME_KEYS) or not isinstance(saved["model"], dict):
-        prefix = path.name.removesuffix("_resume.pt") if path.name.endswith("_resume.pt") else "{prefix}"
-        raise ClipCapError(f"{path}: not a resume state of train.py (expected the {prefix}_resume.pt "
-                           "that training writes, holding model, optimizer and progress)")
-    try:
-        theirs = parse_config(json.loads(saved["config"]), path)
-        progress = json.loads(saved["state"])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ClipCapError(f"{path}: resume state has an unreadable config or progress ({e})") from None
-    check_finite(saved["model"], path)
-    if theirs.only_prefix != model.config.only_prefix:
-        raise ClipCapError(f"{path}: checkpoint has only_prefix {theirs.only_prefix}, "
-                           f"model built with {model.config.only_prefix}")
-    check_compatible(saved["model"], model, path, theirs)
-    load_state(model, saved["model"], path)
-    try:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ClipCapError(f"{path}: resume state's optimizer does not fit this run ({first_line(e)})") from None
-    torch.set_rng_state(saved["rng"]["cpu"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return progress
