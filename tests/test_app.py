@@ -161,8 +161,12 @@ def test_concurrent_uploads_are_bounded_in_decoding_and_pixels(checkpoint, monke
     client = TestClient(app)
     photo = png(photos.chelsea()[:100, :150])  # 150 x 100 pixels
     answers = []
-    threads = [threading.Thread(target=lambda: answers.append(
-        post(client, checkpoint, files={"image": ("cat.png", photo, "image/png")}, strategy="greedy"))) for _ in range(6)]
+    upload = {"image": ("cat.png", photo, "image/png")}
+
+    def request() -> None:
+        answers.append(post(client, checkpoint, files=upload, strategy="greedy"))
+
+    threads = [threading.Thread(target=request) for _ in range(6)]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 60

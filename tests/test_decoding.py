@@ -191,7 +191,8 @@ def test_embedding_width_must_match(model, gpt2_dir):
         caption_embeddings(model, load_tokenizer(gpt2_dir), torch.randn(2, 512))
 
 
-@pytest.mark.parametrize("fields, name, count", [({}, "beam_size", 1), (dict(strategy="sample"), "num_captions", 100_000)])
+@pytest.mark.parametrize("fields, name, count", [({}, "beam_size", 1),
+                                                 (dict(strategy="sample"), "num_captions", 100_000)])
 def test_options_beyond_the_vocabulary_are_one_line(model, embeds, gpt2_dir, fields, name, count):
     from clipcap.decoding import check_options
 
