@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import UNKNOWN_CLIP, load_checkpoint
 from .decoding import DecodingOptions, caption_embeddings
 from .encoder import IMAGE_EXTENSIONS, load_image, load_image_encoder
 from .featureset import FeatureSet
@@ -92,6 +92,9 @@ class Captioner:
     def encoder(self):
         """The CLIP image encoder, loaded once; it must produce the width the checkpoint takes."""
         if self._encoder is None:
+            if self.clip_model == UNKNOWN_CLIP:
+                raise ClipCapError(f"the checkpoint does not name the CLIP of its {self.model.config.prefix_size}-d "
+                                   "embeddings: name it with --clip_model (clip_model= in Python)")
             encoder = load_image_encoder(self.clip_model, self.device)
             if encoder.dim != self.model.config.prefix_size:
                 raise ClipCapError(f"{self.clip_model}: gives {encoder.dim}-d embeddings, but the checkpoint takes "

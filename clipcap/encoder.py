@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import resnet_clip
+from . import hub_access, resnet_clip
 from .files import ClipCapError, open_regular
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
@@ -200,10 +200,11 @@ def _load_hf_clip(name: str, device: torch.device, dtype: torch.dtype) -> ImageE
     from transformers.utils import logging as hf_logging
 
     source = OPENAI_CHECKPOINTS.get(name, name)
+    hub_access.prepare(source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the text tower's weights are skipped on purpose, not worth a report
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)  # a folder's code never runs
         if config.model_type == "clip":  # a full CLIP: its projection width lives at the top level
             config.vision_config.projection_dim = config.projection_dim
             config = config.vision_config

@@ -16,6 +16,11 @@ class ClipCapError(Exception):
     """A user-facing problem (bad file, bad flag); scripts print it as one line, no traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line, for a one-line error."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 

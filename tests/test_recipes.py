@@ -134,3 +134,28 @@ def test_nocaps_recipe_scores_both_coco_models_per_domain(workspace):
         scores = json.loads((root / "runs" / run / "metrics_nocaps.json").read_text())
         assert set(scores) == {"entire", "in-domain", "near-domain", "out-domain"}
         assert all("CIDEr" in s for s in scores.values())
+
+
+def test_nocaps_scores_the_transformer_run_that_coco_transformer_made(tmp_path):
+    """nocaps.sh needs no K of its own: it scores the run coco_transformer.sh wrote, whatever K that had.
+    The scripts run with a stand-in Python that records each command (and makes train.py's run folder)."""
+    calls = tmp_path / "calls.txt"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!{sys.executable}\nimport os, sys\nwith open({str(calls)!r}, 'a') as f:\n"
+                        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
+                        "if sys.argv[1] == 'train.py':\n    os.makedirs(sys.argv[sys.argv.index('--out_dir') + 1])\n")
+    stand_in.chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "K"}, "PY": str(stand_in), "RUNS": str(tmp_path / "runs"),
+           "COCO": str(tmp_path / "coco"), "NOCAPS": str(tmp_path / "nocaps")}
+    run_recipe("coco_mlp.sh", env)
+    run_recipe("coco_transformer.sh", {**env, "K": "40"})
+    calls.write_text("")
+    run_recipe("nocaps.sh", env)
+    scored = [line.split("--checkpoint ")[1].split()[0] for line in calls.read_text().splitlines()
+              if line.startswith("evaluate.py")]
+    assert scored == [str(tmp_path / "runs" / run / f"{run}_best.safetensors")
+                      for run in ("coco_mlp", "coco_transformer_k40")]
+    (tmp_path / "runs" / "coco_transformer_k40").rmdir()
+    done = subprocess.run(["bash", str(REPO / "recipes" / "nocaps.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == (f"error: no run {tmp_path / 'runs'}/coco_transformer_k*: "
+                                                    "run recipes/coco_transformer.sh first\n")
