@@ -91,6 +91,7 @@ def measure(cfg: TrainConfig) -> Measured:
     """Train ``cfg`` (log_every at most half its max_steps) and measure it; the memory peak is this run's own."""
     cuda = torch.device(cfg.device).type == "cuda"
     if cuda:
+        torch.cuda.init()  # the allocator's statistics exist once CUDA is initialised
         gc.collect()  # the previous mode's model and optimizer state, if still referenced by a cycle
         torch.cuda.reset_peak_memory_stats(cfg.device)
     start = time.perf_counter()
