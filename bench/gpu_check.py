@@ -49,11 +49,14 @@ GROUPS: dict[str, Callable[[Context], list[Check]]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check_out", help="folder of gpu_check.json, gpu_check.md and the logs")
-    p.add_argument("--checks", default=",".join(GROUPS), help=f"which, comma-separated (default: all of {', '.join(GROUPS)})")
-    p.add_argument("--real", action="store_true", help="GPT-2 and CLIP ViT-B/32 from the local Hugging Face cache "
-                                                       "(and OpenAI's RN50 from ~/.cache/clip if there)")
-    p.add_argument("--device", default=None, help="cuda (the default when a GPU is visible), or cpu: a rehearsal of the "
-                                                  "same checks, without GPU figures")
+    p.add_argument("--checks", default=",".join(GROUPS),
+                   help=f"which, comma-separated (default: all of {', '.join(GROUPS)})")
+    p.add_argument("--real", action="store_true",
+                   help="GPT-2 and CLIP ViT-B/32 from the local Hugging Face cache (and OpenAI's RN50 from "
+                        "~/.cache/clip if there)")
+    p.add_argument("--device", default=None,
+                   help="cuda (the default when a GPU is visible), or cpu: a rehearsal of the same checks, "
+                        "without GPU figures")
     p.add_argument("--processes", type=positive, default=None,
                    help="processes of the multi-GPU checks, one GPU each (default: 2 when there are 2 GPUs; the kill "
                         "and resume check always runs on 2)")
@@ -61,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=("small", "tiny"), default=None,
                    help="GPT-2 shapes of the Table 1 projections (default: small on a GPU, tiny on the CPU)")
     p.add_argument("--compile_backend", default=None, help=argparse.SUPPRESS)  # the CPU rehearsal's "eager"
-    p.add_argument("--training_modes", default=None, help=argparse.SUPPRESS)  # a shorter rehearsal: "fp32 fine-tune,..."
+    p.add_argument("--training_modes", default=None, help=argparse.SUPPRESS)  # a short rehearsal: "fp32 fine-tune,..."
     return p.parse_args(argv)
 
 

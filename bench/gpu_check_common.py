@@ -86,7 +86,8 @@ def check_real_cache() -> None:
     """--real needs GPT-2 and CLIP ViT-B/32 in the local Hugging Face cache (this machine may be offline)."""
     from huggingface_hub import try_to_load_from_cache
 
-    missing = [name for name in (REAL_GPT2, REAL_VIT) if not isinstance(try_to_load_from_cache(name, "config.json"), str)]
+    missing = [name for name in (REAL_GPT2, REAL_VIT)
+               if not isinstance(try_to_load_from_cache(name, "config.json"), str)]
     if missing:
         fetch = "; ".join(FETCH[name] for name in missing)
         raise ClipCapError(f"--real: {' and '.join(missing)} not in the local Hugging Face cache; fetch with "

@@ -3,12 +3,14 @@
 Extraction runs clipcap.extraction.extract on COCO-sized photos with a ViT CLIP (Hugging Face) and an
 OpenAI ResNet CLIP, once in each dtype; float16 must stay close to float32 (the ResNet's BatchNorm
 variances lie beyond float16's range, as trained ones do). Decoding runs clipcap.decoding's greedy and
-beam search on a batch and one image at a time: the captions must be the same, token for token.
+beam search on a batch and one image at a time: the captions must be the same, token for token (in
+float32 matmuls: TF32's coarser rounding could flip a near-tie between the two, which is not a bug).
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from bench_decoding import end_captions
@@ -19,13 +21,14 @@ from clipcap.data import load_features
 from clipcap.decoding import beam_tokens, greedy_tokens, stop_token_id
 from clipcap.extraction import ImageItem, extract
 from clipcap.featureset import FeatureSet
-from clipcap.model import ClipCapConfig, build_model, load_tokenizer
+from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
 from clipcap.sources import chunked
 
 IMAGES, SHARD_SIZE = 12, 4  # three shards, so that two ranks share them
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MAX_RELATIVE_ERROR = 0.02  # float16 against float32, per embedding: |a - b| / |a|
 STOP_SLOPE = 0.01  # a tiny random GPT-2 then ends its captions after 9-20 tokens (bench_decoding.end_captions)
+DECODING = "batched = one image at a time"
 
 
 def clips(ctx: Context) -> dict[str, str]:
@@ -87,38 +90,47 @@ def extraction_checks(ctx: Context) -> list[Check]:
     return checks
 
 
+def decoding_model(ctx: Context) -> tuple[ClipCap, int]:
+    """A ClipCap (random mapper) on the device, and its stop token ("."), whose captions end at different steps."""
+    torch.manual_seed(0)
+    model = build_model(ClipCapConfig(gpt2=ctx.backbones.gpt2, prefix_size=ctx.backbones.dim, prefix_length=10))
+    model = model.to(ctx.device).eval()
+    stop = stop_token_id(load_tokenizer(ctx.backbones.gpt2), "period")
+    if not ctx.backbones.real:  # a real GPT-2 says "." by itself
+        end_captions(model, STOP_SLOPE, stop)
+    return model, stop
+
+
+def batched_and_alone(decoder: str, decode: Callable[[torch.Tensor], list], embeds: torch.Tensor) -> Check:
+    """One decoder on the whole batch and on one image at a time: the same tokens; captions/s of each."""
+    decode(embeds[:2])  # warm-up
+    start = time.perf_counter()
+    batched = decode(embeds)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = [decode(embeds[i:i + 1])[0] for i in range(len(embeds))]
+    seconds_alone = time.perf_counter() - start
+    differ = [i for i, (a, b) in enumerate(zip(batched, alone)) if a != b]
+    lengths = [len(c if decoder == "greedy" else c[0]) for c in batched]
+    figures = {"captions/s batched": round(len(embeds) / seconds, 1),
+               "captions/s one at a time": round(len(embeds) / seconds_alone, 1),
+               "tokens per caption": f"{min(lengths)}-{max(lengths)}"}
+    problems = [f"images {differ[:5]} decode differently in a batch"] if differ else []
+    return verdict("decoding", f"{decoder}: {DECODING}", problems, f"{len(embeds)} images, the same tokens", figures)
+
+
 def decoding_checks(ctx: Context) -> list[Check]:
-    """Batched greedy and beam search against one image at a time, and captions/s."""
-    name = "batched = one image at a time"
+    """Batched greedy and beam search (beam 5) against one image at a time, and captions/s."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        torch.manual_seed(0)
-        model = build_model(ClipCapConfig(gpt2=ctx.backbones.gpt2, prefix_size=ctx.backbones.dim, prefix_length=10))
-        model = model.to(ctx.device).eval()
-        stop = stop_token_id(load_tokenizer(ctx.backbones.gpt2), "period")
-        if not ctx.backbones.real:
-            end_captions(model, STOP_SLOPE, stop)
+        model, stop = decoding_model(ctx)
         embeds = torch.randn(16, ctx.backbones.dim, generator=torch.Generator().manual_seed(1)).to(ctx.device)
         decoders = {"greedy": lambda e: greedy_tokens(model, e, max_length=40, stop_token=stop),
                     "beam 5": lambda e: [[t for t, _ in beams] for beams in
                                          beam_tokens(model, e, beam_size=5, max_length=40, stop_token=stop)]}
-        checks = []
-        for decoder, decode in decoders.items():
-            decode(embeds[:2])  # warm-up
-            start = time.perf_counter()
-            batched = decode(embeds)
-            seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            alone = [decode(embeds[i:i + 1])[0] for i in range(len(embeds))]
-            seconds_alone = time.perf_counter() - start
-            differ = [i for i, (a, b) in enumerate(zip(batched, alone)) if a != b]
-            lengths = [len(c if decoder == "greedy" else c[0]) for c in batched]
-            figures = {"captions/s batched": round(len(embeds) / seconds, 1),
-                       "captions/s one at a time": round(len(embeds) / seconds_alone, 1),
-                       "tokens per caption": f"{min(lengths)}-{max(lengths)}"}
-            problems = [f"images {differ[:5]} decode differently in a batch"] if differ else []
-            checks.append(verdict("decoding", f"{decoder}: {name}", problems,
-                                  f"{len(embeds)} images, the same tokens", figures))
-        return checks
+        return [batched_and_alone(decoder, decode, embeds) for decoder, decode in decoders.items()]
     except Exception as e:
-        return [Check("decoding", name, FAIL, failure(e))]
-
+        return [Check("decoding", DECODING, FAIL, failure(e))]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

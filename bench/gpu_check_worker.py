@@ -2,11 +2,12 @@
 
     torchrun --standalone --nproc_per_node 2 bench/gpu_check_worker.py SPEC.json
 
-SPEC.json is ``{"job": "train", "model": {ClipCapConfig fields}, "run": {TrainConfig fields}, "results": DIR}``
-with optionally ``"deterministic": true`` (torch's deterministic algorithms), ``"kill_at": S`` (every rank kills itself with SIGKILL as training step S begins, once all
-ranks got there: a crash after step S - 1) or ``"nonfinite": {"rank": R, "step": S}`` (rank R's loss of
-step S becomes NaN, and so its gradients); or ``{"job": "extract", "items": [[image_id, caption, path]...],
-"shard_size": N, "store": DIR, "clip": NAME, "dtype": "float16", "device": "cuda"}``.
+SPEC.json is ``{"job": "train", "model": {ClipCapConfig fields}, "run": {TrainConfig fields}, "results": DIR}``,
+optionally with ``"deterministic": true`` (torch's deterministic algorithms), ``"kill_at": S`` (every rank
+kills itself with SIGKILL as training step S begins, once all ranks got there: a crash after step S - 1)
+or ``"nonfinite": {"rank": R, "step": S}`` (rank R's loss of step S becomes NaN, and so its gradients);
+or ``{"job": "extract", "items": [[image_id, caption, path], ...], "shard_size": N, "store": DIR,
+"clip": NAME, "dtype": "float16", "device": "cuda"}``.
 A training job ends with each rank's weights in ``DIR/rank{R}.safetensors`` and its summary in
 ``DIR/rank{R}.json``, so that the checks can compare the ranks' replicas.
 """

@@ -60,7 +60,8 @@ def test_rehearsal_trains_every_precision_and_mode_and_writes_the_table(rehearsa
         assert check["status"] == "skipped" and "needs GPT-2 small's shapes" in check["detail"], check
         assert check["figures"]["samples/s"] > 0
     markdown = (out / "gpu_check.md").read_text()
-    assert markdown.startswith("GPU check: CPU rehearsal") and "| training: fp16 fine-tune compiled | pass |" in markdown
+    assert markdown.startswith("GPU check: CPU rehearsal")
+    assert "| training: fp16 fine-tune compiled | pass |" in markdown
     assert len([line for line in markdown.splitlines() if line.startswith("| ")]) == 1 + len(checks)
     assert (out / "gpu_check_logs" / "train_fp16_fine-tune_compiled.log").stat().st_size > 0
 
