@@ -33,6 +33,7 @@ from .files import ClipCapError, remove_stale_temp_files, write_json
 from .runtime import Processes, pick_device, start_processes
 from .sources import ImageItem, Shard
 
+JOB_FILE = "job.json"  # in a store: what made it (see _check_job)
 # A shard is cut into at most this many pieces, the units that torchrun ranks share out.
 PIECES_PER_SHARD = 32
 
@@ -155,13 +156,22 @@ def _difference(key: str, before: Any, now: Any) -> str:
     return f"{key} {before!r}, not {now!r}"
 
 
-def _check_job(store: Path, job: dict[str, Any]) -> None:
-    """A rerun resumes only the job that the finished shards were made by: same images, shards, CLIP, dtype.
+def _job(shards: Sequence[Shard], clip_model: str, dtype: torch.dtype, max_pixels: int,
+         settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What defines an extraction's output: the shards' images, the CLIP, dtype, pixel limit and ``settings``."""
+    return {"clip_model": clip_model, "clip_files": _clip_fingerprint(clip_model),
+            "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels, **(settings or {}),
+            "shards": {s.name: s.fingerprint for s in shards}}
 
-    ``job`` records what defines each shard's contents; any difference is refused, naming it,
-    since the finished shards would otherwise be kept for images they do not hold.
+
+def _check_job(path: Path, job: dict[str, Any], output: Path, finished: bool = False) -> None:
+    """A rerun continues (or keeps) only what the same job made: same images, shards, CLIP, dtype.
+
+    ``path`` records the job of ``output`` (written on the first run); any difference is refused,
+    naming it, since the finished shards (or a finished pickle) would otherwise be kept for images
+    they do not hold.
     """
-    path, job = store / "job.json", json.loads(json.dumps(job))  # as it reads back
+    job = json.loads(json.dumps(job))  # as it reads back
     if path.is_file():
         before = json.loads(path.read_text())
         keys = [key for key in dict.fromkeys([*job, *before]) if before.get(key) != job.get(key)]
@@ -169,10 +179,12 @@ def _check_job(store: Path, job: dict[str, Any]) -> None:
             keys.remove("clip_files")
         differences = [_difference(key, before.get(key), job.get(key)) for key in keys]
         if differences:
-            raise ClipCapError(f"{store}: was started with {'; '.join(differences)}; rerun with the same "
-                               f"arguments, or delete {store} to start over")
+            raise ClipCapError(f"{output}: was {'made' if finished else 'started'} with {'; '.join(differences)}; "
+                               f"rerun with the same arguments, or delete {output} to "
+                               + ("encode the images again" if finished else "start over"))
         return
-    write_json(path, job, indent=None)
+    if not finished:
+        write_json(path, job, indent=None)
 
 
 def _check_options(batch_size: int, num_workers: int | None, max_pixels: int) -> None:
@@ -222,9 +234,7 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
     if num_workers is None:
         num_workers = max(1, min(8, (os.cpu_count() or 1) // procs.local_world - 1))
     dtype = dtype or default_dtype(device)
-    _check_job(store, {"clip_model": clip_model, "clip_files": _clip_fingerprint(clip_model),
-                       "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels, **(settings or {}),
-                       "shards": {s.name: s.fingerprint for s in shards}})
+    _check_job(store / JOB_FILE, _job(shards, clip_model, dtype, max_pixels, settings), store)
     remove_stale_temp_files(store)  # what killed runs left
     remove_stale_temp_files(store / feature_store.SHARD_DIR)
     todo = [s for s in shards if not feature_store.shard_done(store, s.name)]
@@ -277,13 +287,18 @@ def extract_to(shards: Sequence[Shard], out: str | Path, clip_model: str = "ViT-
     """Run :func:`extract` (``options`` are its keywords) into the original's pickle, or a store (``as_store``).
 
     The pickle is made from a store kept beside it (``NAME.pkl.parts``) until the pickle is written,
-    so that a pickle run resumes too; a finished pickle is kept, so that a rerun of a command only
-    completes what it had not written. Returns the output on the rank that wrote it, else None.
+    so that a pickle run resumes too; a finished pickle is kept when the same job made it (its job is
+    kept beside it, ``NAME_job.json``), so that a rerun of a command only completes what it had not
+    written. Returns the output on the rank that wrote it, else None.
     """
     out = Path(out)
     work = out if as_store else out.with_name(out.name + ".parts")
+    job_file = out.with_name(out.stem + "_job.json")
     with writing(out) as procs:
         if not as_store and out.exists() and not work.exists():
+            dtype = options.get("dtype") or default_dtype(pick_device(options.get("device", "auto"), procs))
+            _check_job(job_file, _job(shards, clip_model, dtype, options.get("max_pixels", MAX_PIXELS),
+                                      options.get("settings")), out, finished=True)
             if procs.main:
                 print(f"{out}: kept as a finished run wrote it (delete it to encode the images again)")
             return out if procs.main else None
@@ -295,6 +310,7 @@ def extract_to(shards: Sequence[Shard], out: str | Path, clip_model: str = "ViT-
         report = work / feature_store.SKIPPED_FILE
         if not as_store:
             feature_store.to_pickle(work, out)
+            shutil.copyfile(work / JOB_FILE, job_file)
             report = shutil.copyfile(report, out.with_name(out.stem + "_skipped.tsv")) if skipped else None
             shutil.rmtree(work)
     print(f"wrote {out}: {written['num_images']} images, {written['num_captions']} captions; {skipped} images skipped"

@@ -21,7 +21,7 @@ from test_files import dead_pid
 from clipcap import extraction, files, locking, store
 from clipcap.cli import parse_coco
 from clipcap.cli.parse_captions import main as parse_captions
-from clipcap.encoder import load_image, load_image_encoder
+from clipcap.encoder import MAX_PIXELS, load_image, load_image_encoder
 from clipcap.extraction import ImageItem, Shard, extract
 from clipcap.files import ClipCapError
 from clipcap.runtime import Processes
@@ -279,6 +279,10 @@ def test_a_rerun_of_parse_coco_writes_the_references_a_crash_lost(clip_dir, tmp_
     parse_coco.main(args)
     assert out.stat().st_mtime_ns == written
     assert f"{out}: kept as a finished run wrote it (delete it to encode the images again)" in capsys.readouterr().out
+    with pytest.raises(ClipCapError, match=re.escape(f"{out}: was made with max_pixels {MAX_PIXELS}, not 1000000; "
+                                                     f"rerun with the same arguments, or delete {out} to encode")):
+        parse_coco.main([*args, "--max_pixels", "1000000"])  # another job: the finished pickle is not kept for it
+    assert out.stat().st_mtime_ns == written
 
 
 def test_image_ids_a_store_cannot_hold_are_refused_before_their_shard_is_encoded(clip_dir, tmp_path):
