@@ -1,9 +1,10 @@
-# Two commands for a fresh clone: `make demo` and `make test`. Both build .venv if missing.
-# Table 1: `make data` and `make reproduce` (ROWS=coco_mlp,nocaps and the recipes' variables); `make weights`.
+# Two commands for a fresh clone: `make demo` and `make test`; on a GPU machine, `make gpu-check`.
+# Each builds .venv if missing. Table 1: `make data` and `make reproduce` (ROWS=coco_mlp,nocaps and the
+# recipes' variables); `make weights` fetches the original's released weights.
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test clean reproduce data weights
+.PHONY: demo test gpu-check reproduce data weights clean
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -27,6 +28,9 @@ data: .venv/.installed
 
 weights: .venv/.installed
 	.venv/bin/clipcap-fetch weights
+
+gpu-check: .venv/.installed  # every GPU path on tiny data, in minutes: a table in gpu_check_out/
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
 
 clean:
 	rm -rf .venv demo_out

@@ -2,15 +2,16 @@
 
     from clipcap import Captioner
     captioner = Captioner.from_pretrained("owner/name")   # a Hub repo id, a saved folder or a checkpoint file
-    captioner.caption(["photo.jpg"])
+    captioner.caption(["photo.jpg"], DecodingOptions("sample", top_p=0.9, num_captions=5, seed=0))
 
-The public API is these four names, imported on first use, so ``import clipcap.evaluation``
+The public API is these five names, imported on first use, so ``import clipcap.evaluation``
 (say) loads no torch.
 """
 import importlib
 from typing import Any
 
-_HOMES = {"Captioner": "captioner", "load_checkpoint": "checkpoint", "ClipCap": "model", "ClipCapConfig": "model"}
+_HOMES = {"Captioner": "captioner", "DecodingOptions": "decoding", "load_checkpoint": "checkpoint", "ClipCap": "model",
+          "ClipCapConfig": "model"}
 __all__ = list(_HOMES)
 
 

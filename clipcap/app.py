@@ -1,21 +1,25 @@
 """A captioning web page: upload an image or pick a sample, choose a checkpoint and a decoding, read the captions.
 
 ``/`` is app.html, a self-contained page (no external assets, so it works offline).
-``POST /api/caption`` takes a multipart form (``image`` file or ``sample`` name, ``checkpoint``,
-the fields of :class:`clipcap.decoding.DecodingOptions`) and answers ``{"captions", "seconds",
-"load_seconds", "image"}``, or ``{"error"}`` with a 4xx status for bad input, which the page shows.
-Checkpoints load on first use and stay loaded; requests use the model one at a time. The command
-is clipcap/cli/app.py.
+``POST /api/caption`` takes a multipart form (``image`` file or ``sample`` name, ``checkpoint``
+(optional when the server offers one), the fields of :class:`clipcap.decoding.DecodingOptions`)
+and answers ``{"captions", "seconds", "load_seconds", "image"}``, or ``{"error"}`` with a 4xx status
+for bad input, which the page shows. Checkpoints load on first use and stay loaded; requests use
+the model one at a time. Requests run in a pool of threads, so an :class:`ImageGate` bounds what
+uploads cost together: a few images decode at once, and the decoded pixels held at once are
+limited. The command is clipcap/cli/app.py.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import threading
 import time
 import typing
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +36,7 @@ from .hub import resolve_checkpoint
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # 8000 x 5000; decoding one takes 120 MB
+DECODERS = 2  # images decoded at once, whatever the number of requests
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera")  # scikit-image's test photos
 PAGE = Path(__file__).with_name("app.html")
 LIMITS = {"beam_size": 20, "num_captions": 10}  # the most decoding work one request may ask for
@@ -55,6 +60,49 @@ def sample_images() -> dict[str, bytes]:
     return images
 
 
+def declared_pixels(file: IO[bytes]) -> int:
+    """The pixels an image file's header declares (Pillow reads no more), or 0 when it cannot tell;
+    decoding then says what is wrong with it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image judges the size
+            with Image.open(file) as image:
+                return image.width * image.height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+    finally:
+        file.seek(0)
+
+
+class ImageGate:
+    """What image requests may cost together: at most ``decoders`` images decoding at once, and at most
+    ``pixels`` decoded pixels held at once (from decoding until captioned). A request waits for its turn;
+    one image larger than the whole allowance goes alone."""
+
+    def __init__(self, decoders: int, pixels: int):
+        self.decoding = threading.BoundedSemaphore(decoders)
+        self.limit = pixels
+        self.held = 0  # pixels of the images being decoded or captioned
+        self.waiting = 0  # requests waiting for room
+        self.turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def room(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` of the allowance for the block, waiting until they fit."""
+        pixels = min(pixels, self.limit)
+        with self.turn:
+            self.waiting += 1
+            self.turn.wait_for(lambda: self.held + pixels <= self.limit)
+            self.waiting -= 1
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.held -= pixels
+                self.turn.notify_all()
+
+
 class Captioners:
     """One Captioner per checkpoint, loaded on first use and kept; one request at a time uses them."""
 
@@ -69,9 +117,14 @@ class Captioners:
         self.loaded: dict[str, Captioner] = {}
         self.lock = threading.Lock()
 
-    def caption(self, checkpoint: str, image: Image.Image,
+    def caption(self, checkpoint: str | None, image: Image.Image,
                 options: DecodingOptions) -> tuple[list[str], float, float | None]:
-        """Captions, seconds taken, and seconds spent loading the checkpoint (None if it was loaded)."""
+        """Captions, seconds taken, and seconds spent loading the checkpoint (None if it was loaded).
+        ``checkpoint`` None is the only one offered."""
+        if checkpoint is None:
+            if len(self.checkpoints) > 1:
+                raise ClipCapError(f"no checkpoint chosen; this server offers {', '.join(self.checkpoints)}")
+            checkpoint = self.checkpoints[0]
         if checkpoint not in self.checkpoints:
             raise ClipCapError(f"unknown checkpoint {checkpoint!r}; this server offers {', '.join(self.checkpoints)}")
         with self.lock:
@@ -92,11 +145,17 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(checkpoints: list[str], device: str = "cpu", max_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, **options: Any) -> FastAPI:
-    """The app; ``options`` go to ``Captioner.from_checkpoint`` (gpt2, clip_model, normalize_prefix)."""
+               max_pixels: int = MAX_PIXELS, decoders: int = DECODERS, pixels_in_flight: int | None = None,
+               **options: Any) -> FastAPI:
+    """The app; ``options`` go to ``Captioner.from_checkpoint`` (gpt2, clip_model, normalize_prefix).
+
+    ``max_pixels`` bounds one image; ``decoders`` and ``pixels_in_flight`` (default: two images of
+    ``max_pixels``) bound all requests together (:class:`ImageGate`, at ``app.state.gate``).
+    """
     captioners = Captioners(checkpoints, device, **options)
     samples = sample_images()
     app = FastAPI(title="ClipCap", docs_url=None, redoc_url=None)
+    gate = app.state.gate = ImageGate(decoders, pixels_in_flight or 2 * max_pixels)
 
     @app.middleware("http")
     async def limit_upload(request: Request, call_next):
@@ -141,21 +200,23 @@ def create_app(checkpoints: list[str], device: str = "cpu", max_bytes: int = MAX
         return Response(samples[name], media_type="image/png")
 
     @app.post("/api/caption")
-    def caption(decoding: DecodingForm = Form(), checkpoint: str = Form(), sample: str | None = Form(None),
+    def caption(decoding: DecodingForm = Form(), checkpoint: str | None = Form(None), sample: str | None = Form(None),
                 image: UploadFile | None = File(None)) -> dict[str, Any]:
         if image is not None and image.filename:
-            name = image.filename
+            name, file, limit = image.filename, image.file, max_pixels
             if image.size == 0:
                 raise ClipCapError(f"{name}: empty file")
-            picture = load_image(image.file, name=name, max_pixels=max_pixels)
         elif sample is not None:
             if sample not in samples:
                 raise ClipCapError(f"no sample named {sample!r}")
-            name, picture = sample, load_image(io.BytesIO(samples[sample]), name=sample)
+            name, file, limit = sample, io.BytesIO(samples[sample]), MAX_PIXELS  # ours, whatever the upload limit
         else:
             raise ClipCapError("no image: upload one or choose a sample")
         options = DecodingOptions(**decoding.model_dump())
-        captions, seconds, load_seconds = captioners.caption(checkpoint, picture, options)
+        with gate.room(declared_pixels(file)):
+            with gate.decoding:
+                picture = load_image(file, name=name, max_pixels=limit)
+            captions, seconds, load_seconds = captioners.caption(checkpoint, picture, options)
         return {"captions": captions, "seconds": seconds, "load_seconds": load_seconds,
                 "image": f"{name} ({picture.width}x{picture.height})"}
 

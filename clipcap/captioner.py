@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import UNKNOWN_CLIP, load_checkpoint
 from .decoding import DecodingOptions, caption_embeddings
 from .encoder import IMAGE_EXTENSIONS, load_image, load_image_encoder
 from .featureset import FeatureSet
@@ -92,6 +92,9 @@ class Captioner:
     def encoder(self):
         """The CLIP image encoder, loaded once; it must produce the width the checkpoint takes."""
         if self._encoder is None:
+            if self.clip_model == UNKNOWN_CLIP:
+                raise ClipCapError(f"the checkpoint does not name the CLIP of its {self.model.config.prefix_size}-d "
+                                   "embeddings: name it with --clip_model (clip_model= in Python)")
             encoder = load_image_encoder(self.clip_model, self.device)
             if encoder.dim != self.model.config.prefix_size:
                 raise ClipCapError(f"{self.clip_model}: gives {encoder.dim}-d embeddings, but the checkpoint takes "
@@ -101,8 +104,7 @@ class Captioner:
 
     def embed(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """CLIP embeddings [N, D] of image files or PIL images (a bad file raises ClipCapError)."""
-        pictures = [image.convert("RGB") if isinstance(image, Image.Image) else load_image(image) for image in images]
-        return self.encoder(pictures)
+        return self.encoder([_picture(image) for image in images])
 
     def caption_embeddings(self, clip_embeds: torch.Tensor, options: DecodingOptions | None = None,
                            batch_size: int = 16, progress: bool = False, **fields: Any) -> list[list[str]]:
@@ -111,43 +113,83 @@ class Captioner:
         options = dataclasses.replace(options or DecodingOptions(), **fields)
         return caption_embeddings(self.model, self.tokenizer, clip_embeds, options, batch_size, progress)
 
+    def caption_all(self, images: Mapping[Any, str | Path | Image.Image] | FeatureSet,
+                    options: DecodingOptions | None = None, batch_size: int = 16, skip_unreadable: bool = False,
+                    source: str | Path = "features", **fields: Any) -> Captions:
+        """Captions of every image: ``images`` maps image ids to files or PIL images, which are read and
+        CLIP-embedded ``batch_size`` at a time, or is a feature set, whose first embedding per image id
+        is taken. The embeddings are then decoded together, so a ``seed`` draws one stream for the whole
+        run. An unreadable file raises ClipCapError, or with ``skip_unreadable`` is left out and reported
+        in the result's ``skipped``. Every other captioning method of this class comes here."""
+        if isinstance(images, FeatureSet):
+            if images.dim != self.model.config.prefix_size:
+                raise ClipCapError(f"{source}: features are {images.dim}-d, but the checkpoint takes "
+                                   f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")
+            ids, rows = images.first_rows()
+            embeds, clip_model, skipped = images.embeddings_at(rows), images.clip_model, []
+        else:
+            ids, embeds, skipped = self._embed_all(images, batch_size, skip_unreadable)
+            clip_model = self.clip_model
+        captions = self.caption_embeddings(embeds, options, batch_size, progress=len(ids) > batch_size,
+                                           **fields) if ids else []
+        return Captions(dict(zip(ids, captions)), dict(zip(ids, embeds)), clip_model, skipped)
+
+    def _embed_all(self, images: Mapping[Any, str | Path | Image.Image], batch_size: int,
+                   skip_unreadable: bool) -> tuple[list[Any], torch.Tensor, list[str]]:
+        """The ids of the images read, their CLIP embeddings [N, D], and a line per image skipped."""
+        items = list(images.items())
+        ids, chunks, skipped = [], [], []
+        for start in tqdm(range(0, len(items), batch_size), desc="reading images", unit="batch",
+                          disable=len(items) <= batch_size):
+            read, pictures = [], []
+            for image_id, image in items[start:start + batch_size]:
+                try:
+                    pictures.append(_picture(image))
+                    read.append(image_id)
+                except ClipCapError as e:
+                    if not skip_unreadable:
+                        raise
+                    skipped.append(str(e))
+            if pictures:
+                chunks.append(self.encoder(pictures))
+                ids += read
+        return ids, torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.prefix_size), skipped
+
     def caption(self, images: Sequence[str | Path | Image.Image], options: DecodingOptions | None = None,
                 batch_size: int = 16, **fields: Any) -> list[list[str]]:
         """Captions per image (file path or PIL image), best first: ``num_captions`` each (default 1)."""
-        captions: list[list[str]] = []
-        for start in range(0, len(images), batch_size):
-            embeds = self.embed(images[start:start + batch_size])
-            captions += self.caption_embeddings(embeds, options, batch_size, **fields)
-        return captions
+        return list(self.caption_all(dict(enumerate(images)), options, batch_size, **fields).captions.values())
 
     def caption_files(self, paths: Sequence[str | Path], options: DecodingOptions | None = None,
                       batch_size: int = 16, **fields: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """COCO results ``[{"image_id": path, "caption"}]`` (``num_captions`` per image, best first),
         and one line per file that could not be read; the other files are captioned regardless."""
-        results: list[dict[str, Any]] = []
-        problems: list[str] = []
-        with tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) < 2 * batch_size) as bar:
-            for start in range(0, len(paths), batch_size):
-                good, pictures = [], []
-                for path in paths[start:start + batch_size]:
-                    try:
-                        pictures.append(load_image(path))
-                        good.append(str(path))
-                    except ClipCapError as e:
-                        problems.append(str(e))
-                if pictures:
-                    captions = self.caption_embeddings(self.encoder(pictures), options, batch_size, **fields)
-                    results += [{"image_id": path, "caption": c} for path, cs in zip(good, captions) for c in cs]
-                bar.update(len(paths[start:start + batch_size]))
-        return results, problems
+        run = self.caption_all({str(path): path for path in paths}, options, batch_size, skip_unreadable=True,
+                               **fields)
+        return run.results, run.skipped
 
     def caption_features(self, features: FeatureSet, options: DecodingOptions | None = None, batch_size: int = 16,
                          source: str | Path = "features", **fields: Any) -> list[dict[str, Any]]:
         """COCO results for cached CLIP features: one entry per distinct image id (``num_captions`` with more)."""
-        if features.dim != self.model.config.prefix_size:
-            raise ClipCapError(f"{source}: features are {features.dim}-d, but the checkpoint takes "
-                               f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")
-        image_ids, rows = features.first_rows()
-        captions = self.caption_embeddings(features.embeddings_at(rows), options, batch_size,
-                                           progress=len(rows) > batch_size, **fields)
-        return [{"image_id": image_id, "caption": c} for image_id, cs in zip(image_ids, captions) for c in cs]
+        return self.caption_all(features, options, batch_size, source=source, **fields).results
+
+
+@dataclasses.dataclass
+class Captions:
+    """What :meth:`Captioner.caption_all` made: captions by image id, the CLIP embeddings they were made
+    from, and the images it could not read."""
+
+    captions: dict[Any, list[str]]  # image id -> its captions, best first, in the input's order
+    embeddings: dict[Any, torch.Tensor]  # image id -> its CLIP embedding
+    clip_model: str | None  # the CLIP that made the embeddings, when known
+    skipped: list[str] = dataclasses.field(default_factory=list)  # one line per unreadable image
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """The captions in the COCO results format ``[{"image_id", "caption"}]``."""
+        return [{"image_id": image_id, "caption": c} for image_id, cs in self.captions.items() for c in cs]
+
+
+def _picture(image: str | Path | Image.Image) -> Image.Image:
+    """A PIL image as RGB, or an image file read (a bad file raises ClipCapError)."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)

@@ -2,26 +2,24 @@
 
 - Ours: ``NAME.safetensors`` holding the weights and, in its metadata, the model config as JSON.
   In prefix-only mode it holds only the mapper (``clip_project.*``); GPT-2 comes from ``config.gpt2``.
-- A training run's resume state: ``{prefix}_resume.pt`` (weights, optimizer, scheduler, scaler,
-  RNGs, progress), and the names of everything else a run writes (:class:`RunFiles`).
 - The original's: ``NAME.pt``, ``torch.save(model.state_dict())`` of the whole model, no config.
   Its own ``NAME.json`` (written with it by ``save_checkpoint``) gives the config; without one the
   config is inferred from tensor shapes, which is how the original's released weights load. A
   run-wide config file is never used for a ``.pt``: a later run could have changed it.
 
-Weights and configs are checked on load: a non-finite tensor or a bad config value is a
-one-line error naming it, never a silently broken model.
+Weights and configs are checked on load: a non-finite tensor, a bad config value or a config
+whose sizes are not the weights' is a one-line error naming it, before anything is built; never
+a silently broken model.
 
 Both are read with ``weights_only=True`` / safetensors: loading never unpickles code.
 """
 from __future__ import annotations
 
-import glob
+import dataclasses
 import json
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from .files import ClipCapError, atomic_write, write_json
-from .model import MAPPING_TYPES, ClipCap, ClipCapConfig, build_model
+from . import hub_access
+from .files import ClipCapError, atomic_write, first_line, write_json
+from .model import GPT2_FIELDS, MAPPING_TYPES, ClipCap, ClipCapConfig, build_model, check_heads, gpt2_config_of
 
 CONFIG_KEY = "clipcap_config"
 # Buffers that transformers 4.10/4.11 saved and current versions no longer have.
@@ -40,13 +39,15 @@ LEGACY_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)
 GPT2_NAMES = {(768, 12): "gpt2", (1024, 24): "gpt2-medium", (1280, 36): "gpt2-large", (1600, 48): "gpt2-xl"}
 # The CLIP behind an original checkpoint, by embedding width D: what captioning images needs.
 CLIP_BY_WIDTH = {512: "ViT-B/32", 640: "RN50x4", 768: "ViT-L/14", 1024: "RN50"}
+# The CLIP recorded for embeddings of a width no known CLIP gives, until someone names it.
+UNKNOWN_CLIP = "unknown"
 # Fields whose disagreement between checkpoint and model is reported by name.
 SHAPE_FIELDS = ("mapping_type", "prefix_length", "prefix_length_clip", "prefix_size", "num_layers")
 
 
 def clip_for_width(width: int) -> str:
-    """The CLIP assumed for embeddings of this width when nothing names it (ViT-B/32 for unknown widths)."""
-    return CLIP_BY_WIDTH.get(width, "ViT-B/32")
+    """The CLIP assumed for embeddings of this width when nothing names it (:data:`UNKNOWN_CLIP` for other widths)."""
+    return CLIP_BY_WIDTH.get(width, UNKNOWN_CLIP)
 
 
 def config_path_for(weights: str | Path) -> Path:
@@ -62,21 +63,42 @@ def parse_config(values: Any, source: str | Path) -> ClipCapConfig:
     """A ClipCapConfig from JSON values, each checked: a one-line error naming the field otherwise."""
     if not isinstance(values, dict):
         raise ClipCapError(f"{source}: config must be a JSON object, got {type(values).__name__}")
-    config = ClipCapConfig()
-    for name, default in config.to_dict().items():
+    checked = {}
+    for name, default in dataclasses.asdict(ClipCapConfig()).items():
         if name not in values:
             continue
         value = values[name]
         kind = type(default)
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            if not (name == "num_layers" and value == 0 and not isinstance(value, bool)):
-                raise ClipCapError(f"{source}: config {name} must be a positive integer, got {value!r}")
+        if name == "gpt2_config":
+            value = parse_gpt2_config(value, source)
+        elif kind is int and not is_count(value, minimum=0 if name == "num_layers" else 1):
+            raise ClipCapError(f"{source}: config {name} must be a positive integer, got {value!r}")
         elif kind is not int and not isinstance(value, kind):
             raise ClipCapError(f"{source}: config {name} must be a {kind.__name__}, got {value!r}")
-        setattr(config, name, value)
-    if config.mapping_type not in MAPPING_TYPES:
-        raise ClipCapError(f"{source}: config mapping_type must be one of {MAPPING_TYPES}, got {config.mapping_type!r}")
-    return config
+        checked[name] = value
+    if checked.get("mapping_type", "mlp") not in MAPPING_TYPES:
+        raise ClipCapError(f"{source}: config mapping_type must be one of {MAPPING_TYPES}, "
+                           f"got {checked['mapping_type']!r}")
+    return ClipCapConfig(**checked)
+
+
+def parse_gpt2_config(values: Any, source: str | Path) -> dict[str, Any]:
+    """``gpt2_config``: GPT-2's sizes (positive integers) and token ids, nothing else (it builds a GPT2Config)."""
+    if not isinstance(values, dict):
+        raise ClipCapError(f"{source}: config gpt2_config must be a JSON object, got {values!r}")
+    for name, value in values.items():
+        if name not in GPT2_FIELDS:
+            raise ClipCapError(f"{source}: config gpt2_config has an unknown field {name!r} "
+                               f"(known: {', '.join(GPT2_FIELDS)})")
+        token_id = name.endswith("_token_id")
+        if not (is_count(value, minimum=0 if token_id else 1) or (token_id and value is None)):
+            raise ClipCapError(f"{source}: config gpt2_config {name} must be a "
+                               f"{'token id' if token_id else 'positive integer'}, got {value!r}")
+    return values
+
+
+def is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -173,11 +195,6 @@ def load_pt(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message cut to one line, for a one-line error."""
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
 def _json(text: str, source: str | Path) -> Any:
     try:
         return json.loads(text)
@@ -185,31 +202,84 @@ def _json(text: str, source: str | Path) -> Any:
         raise ClipCapError(f"{source}: config is not valid JSON ({e})") from None
 
 
+def gpt2_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The GPT-2 sizes that a whole-model checkpoint's tensor shapes fix (all but the head count)."""
+    missing = [k for k in ("gpt.transformer.wte.weight", "gpt.transformer.wpe.weight") if k not in state]
+    if missing:
+        raise ClipCapError(f"checkpoint holds GPT-2 weights, but not {missing[0]}")
+    vocab, width = state["gpt.transformer.wte.weight"].shape
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k))), default=-1)
+    return {"vocab_size": vocab, "n_positions": state["gpt.transformer.wpe.weight"].shape[0], "n_embd": width,
+            "n_layer": depth}
+
+
+def mapper_fields(state: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
+    """The mapper's config fields that its tensor shapes fix, given GPT-2's width (a row count that is no
+    multiple of it gives a fraction, which no config matches)."""
+    def per_vector(rows: int) -> int | float:
+        return rows // width if rows % width == 0 else rows / width
+
+    if "clip_project.model.0.weight" in state and "clip_project.model.2.weight" in state:
+        return {"mapping_type": "mlp", "prefix_size": state["clip_project.model.0.weight"].shape[1],
+                "prefix_length": per_vector(state["clip_project.model.2.weight"].shape[0])}
+    if "clip_project.linear.weight" in state and "clip_project.prefix_const" in state:
+        layers = {int(m.group(1)) for k in state if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
+        rows, prefix_size = state["clip_project.linear.weight"].shape
+        return {"mapping_type": "transformer", "prefix_size": prefix_size,
+                "prefix_length": state["clip_project.prefix_const"].shape[0], "prefix_length_clip": per_vector(rows),
+                "num_layers": len(layers)}
+    raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")
+
+
 def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
     """Recover the configuration of an original checkpoint from its tensor shapes."""
     if "gpt.transformer.wte.weight" not in state:
         raise ClipCapError("checkpoint has no GPT-2 weights and no config: cannot tell which GPT-2 it needs")
-    vocab, width = state["gpt.transformer.wte.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k)))
-    gpt2_config = {"vocab_size": vocab, "n_positions": state["gpt.transformer.wpe.weight"].shape[0],
-                   "n_embd": width, "n_layer": depth, "n_head": max(1, width // 64),  # GPT-2 heads are 64 wide
+    shapes = gpt2_shapes(state)
+    width = shapes["n_embd"]
+    gpt2_config = {**shapes, "n_head": max(1, width // 64),  # GPT-2 heads are 64 wide
                    "bos_token_id": 50256, "eos_token_id": 50256}
-    gpt2 = GPT2_NAMES.get((width, depth), "gpt2")
-    if "clip_project.model.0.weight" in state:
-        hidden, prefix_size = state["clip_project.model.0.weight"].shape
-        return ClipCapConfig(mapping_type="mlp", prefix_size=prefix_size,
-                             prefix_length=state["clip_project.model.2.weight"].shape[0] // width,
-                             gpt2=gpt2, gpt2_config=gpt2_config, clip_model=clip_for_width(prefix_size))
-    if "clip_project.linear.weight" in state:
-        layers = {int(m.group(1)) for k in state if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
-        prefix_size, prefix_length = state["clip_project.linear.weight"].shape[1], state["clip_project.prefix_const"].shape[0]
-        return ClipCapConfig(mapping_type="transformer", prefix_size=prefix_size, prefix_length=prefix_length,
-                             prefix_length_clip=state["clip_project.linear.weight"].shape[0] // width,
-                             num_layers=len(layers), only_prefix=True, gpt2=gpt2, gpt2_config=gpt2_config,
-                             clip_model=clip_for_width(prefix_size),
-                             # the released COCO transformer (RN50x4, K=40) ran on L2-normalised embeddings
-                             normalize_prefix=(prefix_size, prefix_length) == (640, 40))
-    raise ClipCapError("checkpoint mapper is neither the MLP nor the transformer layout")
+    fields = {k: int(v) for k, v in mapper_fields(state, width).items() if k != "mapping_type"}
+    transformer = "prefix_length_clip" in fields
+    return ClipCapConfig(**fields, mapping_type="transformer" if transformer else "mlp", only_prefix=transformer,
+                         gpt2=GPT2_NAMES.get((width, shapes["n_layer"]), "gpt2"), gpt2_config=gpt2_config,
+                         clip_model=clip_for_width(fields["prefix_size"]),
+                         # the released COCO transformer (RN50x4, K=40) ran on L2-normalised embeddings
+                         normalize_prefix=transformer and (fields["prefix_size"], fields["prefix_length"]) == (640, 40))
+
+
+def check_fits(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str | Path) -> None:
+    """Before anything is built: every size in ``config`` is the one the weights' shapes give (GPT-2's
+    width, for a mapper-only file, that of the GPT-2 it names), and its head counts divide the widths.
+    A config that lies about a size, or holds an absurd one, would otherwise allocate something else,
+    fail with a traceback, or decode differently."""
+    if not any(k.startswith("gpt.") for k in state):
+        width = gpt2_config_of(config.gpt2).n_embd
+        trained = state["clip_project.prefix_const"].shape[1] if "clip_project.prefix_const" in state \
+            else config.gpt2_config.get("n_embd", width)
+        if trained != width:
+            raise ClipCapError(f"{path}: the mapper was trained for a GPT-2 of width {trained}, but {config.gpt2} has "
+                               f"width {width}; pass --gpt2 naming the GPT-2 it was trained with")
+    else:
+        shapes = gpt2_shapes(state)
+        for name, value in shapes.items():
+            if config.gpt2_config.get(name, value) != value:
+                raise ClipCapError(f"{path}: config gpt2_config {name} {config.gpt2_config[name]} does not fit the "
+                                   f"weights, whose shapes give {value}")
+        width, heads = shapes["n_embd"], config.gpt2_config.get("n_head", 1)
+        if width % heads:
+            raise ClipCapError(f"{path}: config gpt2_config n_head {heads} does not divide GPT-2's width {width}")
+    fields = mapper_fields(state, width)
+    for name, value in fields.items():
+        if getattr(config, name) != value:
+            given = value if isinstance(value, (str, int)) else f"{value:.3g}"
+            raise ClipCapError(f"{path}: config {name} {getattr(config, name)} does not fit the weights, "
+                               f"whose shapes give {given}")
+    if config.mapping_type == "transformer":
+        try:
+            check_heads(config, state["clip_project.prefix_const"].shape[1])
+        except ClipCapError as e:
+            raise ClipCapError(f"{path}: config {e}") from None
 
 
 def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str | Path,
@@ -252,15 +322,32 @@ def load_state(model: ClipCap, state: dict[str, torch.Tensor], path: str | Path)
         raise ClipCapError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
 
 
-def gpt2_architecture_for(state: dict[str, torch.Tensor], gpt2: str) -> dict[str, Any]:
-    """The GPT-2 architecture of a checkpoint without config. Shapes fix everything but the head
-    count; take that from ``gpt2``'s config when it is at hand and fits, else GPT-2's 64-wide heads."""
-    inferred = infer_config(state).gpt2_config
+def named_gpt2(state: dict[str, torch.Tensor], gpt2: str) -> GPT2Config | None:
+    """The config of the GPT-2 that a whole-model checkpoint names, when it is at hand and has the
+    weights' shapes (then it is the GPT-2 they were fine-tuned from, and its head count is theirs)."""
+    hub_access.prepare(gpt2)
     try:
         named = GPT2Config.from_pretrained(gpt2)
     except OSError:  # offline and not cached: the shapes alone decide
-        return inferred
-    if (named.n_embd, named.n_layer, named.vocab_size) == (inferred["n_embd"], inferred["n_layer"], inferred["vocab_size"]):
+        return None
+    shapes = gpt2_shapes(state)
+    return named if (named.n_embd, named.n_layer, named.vocab_size) == \
+        (shapes["n_embd"], shapes["n_layer"], shapes["vocab_size"]) else None
+
+
+def gpt2_architecture_for(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str | Path) -> dict[str, Any]:
+    """The GPT-2 architecture of a whole-model checkpoint. Shapes fix everything but the head count:
+    the config's, which must agree with the named GPT-2's when that is at hand; without a config,
+    the named GPT-2's, else GPT-2's 64-wide heads."""
+    named = named_gpt2(state, config.gpt2)
+    if config.gpt2_config:
+        if named is not None and config.gpt2_config.get("n_head") != named.n_head:
+            raise ClipCapError(f"{path}: config gpt2_config n_head {config.gpt2_config.get('n_head')} disagrees with "
+                               f"{config.gpt2}, the GPT-2 these weights were fine-tuned from, which has {named.n_head} "
+                               "heads (a head count is in no weight's shape)")
+        return config.gpt2_config
+    inferred = infer_config(state).gpt2_config
+    if named is not None:
         inferred.update(n_head=named.n_head, bos_token_id=named.bos_token_id, eos_token_id=named.eos_token_id)
     return inferred
 
@@ -274,126 +361,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: 
     """
     state, config = read_checkpoint(path)
     full = any(k.startswith("gpt.") for k in state)
-    inferred = config is None
-    if inferred:
-        config = infer_config(state)
-    if gpt2 is not None:
-        config.gpt2 = gpt2
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    if full and (inferred or not config.gpt2_config):
-        config.gpt2_config = gpt2_architecture_for(state, config.gpt2)
+    if config is None:
+        config = dataclasses.replace(infer_config(state), gpt2_config={})  # the head count is not in the shapes
+    config = dataclasses.replace(config, **overrides, **({} if gpt2 is None else {"gpt2": gpt2}))
+    if full:
+        config.gpt2_config = gpt2_architecture_for(state, config, path)
+    check_fits(state, config, path)
     model = build_model(config, pretrained_gpt2=not full)
     check_compatible(state, model, path, config)
     load_state(model, state, path)
     if full:
         model.gpt.tie_weights()
     return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------- a training run's files
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The names of what a training run writes into its folder, in one place."""
-
-    folder: Path
-    prefix: str
-
-    def named(self, name: str) -> Path:
-        """``{prefix}_{name}``: ``latest`` and ``best`` weights (stems), ``config.json``, ``resume.pt`` ..."""
-        return self.folder / f"{self.prefix}_{name}"
-
-    def epoch(self, epoch: int) -> Path:
-        """The stem of an epoch's weights, ``{prefix}-{epoch:03d}`` (0-based, as the original)."""
-        return self.folder / f"{self.prefix}-{epoch:03d}"
-
-    @property
-    def config(self) -> Path:
-        return self.named("config.json")
-
-    @property
-    def resume(self) -> Path:
-        return self.named("resume.pt")
-
-    @property
-    def log(self) -> Path:
-        return self.named("log.jsonl")
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.named("loss.png")
-
-    def existing(self) -> list[Path]:
-        """The files of a run with this prefix that are already there."""
-        stem = glob.escape(str(self.folder / self.prefix))
-        patterns = ("_resume.pt", "_config.json", "_log.jsonl", "-[0-9][0-9][0-9].*", "_latest.*", "_best.*")
-        return sorted({Path(f) for pattern in patterns for f in glob.glob(stem + pattern)})
-
-
-def save_weights(model: ClipCap, stem: Path, original_format: bool) -> None:
-    """``stem.safetensors`` (ours), and ``stem.pt`` (the original's layout) when asked."""
-    save_checkpoint(model, stem.with_name(stem.name + ".safetensors"))
-    if original_format:
-        save_checkpoint(model, stem.with_name(stem.name + ".pt"))
-
-
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "config", "state")
-
-
-def save_resume(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where this step ended (loadable with weights_only=True)."""
-    trainable = model_state_dict(model, full=False)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with atomic_write(path) as tmp:
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng, "config": json.dumps(model.config.to_dict()),
-                    "state": json.dumps(state)}, tmp)
-
-
-def find_resume_file(path: str | Path, prefix: str) -> Path:
-    """``--resume``'s file: the given one, or ``{prefix}_resume.pt`` in the given folder."""
-    p = Path(path)
-    if p.is_dir():
-        p = RunFiles(p, prefix).resume
-    if not p.is_file():
-        raise ClipCapError(f"{p}: no resume state to continue from")
-    return p
-
-
-def restore(path: Path, model: ClipCap, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Load a resume state into the run's model, optimizer, scheduler, scaler and RNGs; returns the progress."""
-    try:
-        saved = load_pt(path)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ClipCapError(f"{path}: unreadable resume state ({first_line(e)})") from None
-    if not isinstance(saved, dict) or any(k not in saved for k in RESUME_KEYS) or not isinstance(saved["model"], dict):
-        prefix = path.name.removesuffix("_resume.pt") if path.name.endswith("_resume.pt") else "{prefix}"
-        raise ClipCapError(f"{path}: not a resume state of train.py (expected the {prefix}_resume.pt "
-                           "that training writes, holding model, optimizer and progress)")
-    try:
-        theirs = parse_config(json.loads(saved["config"]), path)
-        progress = json.loads(saved["state"])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ClipCapError(f"{path}: resume state has an unreadable config or progress ({e})") from None
-    check_finite(saved["model"], path)
-    if theirs.only_prefix != model.config.only_prefix:
-        raise ClipCapError(f"{path}: checkpoint has only_prefix {theirs.only_prefix}, "
-                           f"model built with {model.config.only_prefix}")
-    check_compatible(saved["model"], model, path, theirs)
-    load_state(model, saved["model"], path)
-    try:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ClipCapError(f"{path}: resume state's optimizer does not fit this run ({first_line(e)})") from None
-    torch.set_rng_state(saved["rng"]["cpu"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return progress

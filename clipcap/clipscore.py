@@ -6,16 +6,19 @@
 as in Hessel's reference code: CLIP ViT-B/32; every text, caption and reference alike, is read
 as "A photo depicts " + text, cut to the text tower's context length (its end token kept);
 embeddings are L2-normalised; images go through OpenAI's preprocessing (:mod:`clipcap.encoder`).
-The scores are the mean over images of the per-image values.
+The scores are the mean over images of the per-image values; beside the COCO metrics of a run
+(:func:`add_clip_scores`) they are in the same units as those, the paper's x100.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder
+from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder, same_clip
+from .evaluation import ENTIRE, PERCENT, Evaluation
 from .files import ClipCapError
 
 PREFIX = "A photo depicts "
@@ -43,15 +46,41 @@ class CLIPScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, RuntimeError) as e:
             raise ClipCapError(f"{name} (--clipscore_model): not a CLIP checkpoint with a tokenizer ({e})") from None
+        self._check_tokenizer(config.text_config.vocab_size)
         self.model.eval().requires_grad_(False).to(self.device)
         self.context_length = config.text_config.max_position_embeddings
         self._encoder: ImageEncoder | None = None
+
+    def _check_tokenizer(self, vocab_size: int) -> None:
+        """A CLIP folder without tokenizer files still loads a tokenizer, of its two special tokens only,
+        which reads every text as unknown words: scores of that would be numbers about nothing."""
+        words = self.tokenizer(PREFIX.strip(), add_special_tokens=False)["input_ids"]
+        if not words or all(i == self.tokenizer.unk_token_id for i in words):
+            raise ClipCapError(f"{self.name} (--clipscore_model): its tokenizer knows no words ({len(self.tokenizer)} "
+                               "tokens); the folder lacks CLIP's tokenizer files (vocab.json and merges.txt, or "
+                               "tokenizer.json)")
+        if len(self.tokenizer) > vocab_size:
+            raise ClipCapError(f"{self.name} (--clipscore_model): its tokenizer has {len(self.tokenizer)} tokens, "
+                               f"its text tower {vocab_size}: not one CLIP's")
 
     @property
     def encoder(self) -> ImageEncoder:
         if self._encoder is None:
             self._encoder = load_image_encoder(self.name, self.device, self.dtype)
         return self._encoder
+
+    def needs_images(self, embeddings_clip: str | None, has_embeddings: bool, has_images: bool) -> bool:
+        """Whether image files must be embedded: unless the run's image embeddings come from this CLIP
+        (``embeddings_clip``). Asked before any work: then the image tower loads, or, with no image files
+        to read, the error says so."""
+        if has_embeddings and same_clip(embeddings_clip, self.name):
+            return False
+        if not has_images:
+            problem = "the run has no image embeddings" if not has_embeddings else \
+                f"the run's image embeddings are made by {embeddings_clip or 'an unrecorded CLIP'}, not {self.name}"
+            raise ClipCapError(f"--clipscore: {problem}; pass --images FOLDER to embed the images")
+        self.encoder  # noqa: B018 (loaded now, so a broken image tower fails before the run)
+        return True
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -96,3 +125,24 @@ class CLIPScorer:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
+
+
+def add_clip_scores(evaluations: dict[str, Evaluation], captions: Mapping[Any, str],
+                    references: Mapping[Any, list[str]], scorer: CLIPScorer,
+                    image_embeds: Mapping[Any, torch.Tensor] | None = None,
+                    image_files: Mapping[Any, str | Path] | None = None) -> None:
+    """CLIP-S and RefCLIP-S of every scored image into ``evaluations`` (a run's COCO metrics, as
+    :meth:`clipcap.evaluation.Scorer.by_domain` gives them), in their units (x100): each per-image row,
+    and each subset's mean. The image embeddings are ``image_embeds`` when given (made by the scorer's
+    CLIP, see :meth:`CLIPScorer.needs_images`), else those of ``image_files``."""
+    ids = [row["image_id"] for row in evaluations[ENTIRE].per_image]
+    if image_embeds is not None:
+        embeds = torch.stack([image_embeds[k] for k in ids])
+    else:
+        embeds = scorer.embed_images([image_files[k] for k in ids])
+    values = scorer({k: captions[k] for k in ids}, {k: references[k] for k in ids}, embeds)
+    for evaluation in evaluations.values():
+        for row in evaluation.per_image:
+            row.update({key: PERCENT * value for key, value in values[row["image_id"]].items()})
+        for key in KEYS:
+            evaluation.scores[key] = float(np.mean([row[key] for row in evaluation.per_image]))

@@ -102,12 +102,16 @@ class CaptionDataset(Dataset):
                  max_positions: int | None = None, source: str | Path = "features"):
         if len(features) == 0:
             raise ClipCapError(f"{source}: no captions to train on")
+        blank = next((i for i, caption in enumerate(features.captions) if not caption.strip()), None)
+        if blank is not None:  # what the readers drop; a caption of spaces would be trained on as text
+            raise ClipCapError(f"{source}: caption {blank} (image id {features.image_ids[blank]!r}) is empty or "
+                               "only whitespace")
         self.features = features
         self.ids, self.offsets = tokenize_captions(features.captions, tokenizer, cache)
         lengths = np.diff(self.offsets)
         if (lengths == 0).any():
             i = int(np.flatnonzero(lengths == 0)[0])
-            raise ClipCapError(f"{source}: caption {i} (image id {features.image_ids[i]!r}) is empty")
+            raise ClipCapError(f"{source}: caption {i} (image id {features.image_ids[i]!r}) has no tokens")
         self.max_length = max_caption_length(lengths, max_positions)
 
     def __len__(self) -> int:

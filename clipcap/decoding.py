@@ -42,9 +42,10 @@ class DecodingOptions:
 
     ``temperature`` divides the logits of beam search (as the original's did) and of sampling;
     greedy decoding ignores it. ``num_captions`` per image, best first (sampled captions ranked by
-    mean log-probability). A ``seed`` makes sampling reproducible for the same batch size.
-    ``max_length`` is the most tokens per caption; ``stop`` ends a caption at "." (the original's
-    rule) or at end-of-text.
+    mean log-probability). A ``seed`` makes sampling reproducible for the same batch size and
+    device (each device type draws its own random numbers). ``max_length`` is the most tokens per
+    caption; ``stop`` ends a caption at "." (the original's rule) or at end-of-text. What depends
+    on the model (the vocabulary, GPT-2's positions) is checked by :func:`check_options`.
     """
 
     strategy: Strategy = "beam"
@@ -83,6 +84,15 @@ def stop_token_id(tokenizer: Any, stop: str) -> int:
     raise ClipCapError(f"stop must be one of {STOPS}, got {stop!r}")
 
 
+def check_options(model: ClipCap, options: DecodingOptions) -> None:
+    """What ``options`` ask of this model, checked before any work: the length fits GPT-2's positions,
+    and the beams (or samples) per image are at most its vocabulary."""
+    _check_length(model, options.max_length)
+    if options.strategy == "beam":
+        _check_vocabulary(model, options.beam_size, "beam_size")
+    _check_vocabulary(model, options.num_captions, "num_captions")
+
+
 def _check_length(model: ClipCap, max_length: int) -> None:
     room = model.gpt.config.n_positions - model.config.prefix_length
     if not 1 <= max_length <= room:
@@ -90,10 +100,22 @@ def _check_length(model: ClipCap, max_length: int) -> None:
                            f"positions minus the prefix of {model.config.prefix_length}), got {max_length}")
 
 
+def _check_vocabulary(model: ClipCap, count: int, name: str) -> None:
+    """Beam search starts from the top ``count`` tokens, so at most the vocabulary; more samples per image
+    than tokens is a typo that would fill the memory (each is a row of GPT-2's batch)."""
+    vocab = model.gpt.config.vocab_size
+    if count > vocab:
+        raise ClipCapError(f"{name} {count} is over the model's vocabulary of {vocab} tokens")
+
+
+def model_device(model: ClipCap) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, DynamicCache]:
     """Run GPT-2 over the prefixes: next-token logits [B * repeats, V] and the cache, rows repeated in place."""
     cache = DynamicCache(config=model.gpt.config)
-    prefix = model.prefix(clip_embeds.to(next(model.parameters()).device))
+    prefix = model.prefix(clip_embeds.to(model_device(model)))
     logits = model.gpt(inputs_embeds=prefix, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
@@ -168,15 +190,22 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, num_samples: int = 1, top_p: float = 0.9,
                   temperature: float = 1.0, max_length: int = 67, stop_token: int = 13,
                   generator: torch.Generator | None = None) -> list[list[Scored]]:
-    """``num_samples`` nucleus samples per image, each with its mean log-probability under the tempered model."""
+    """``num_samples`` nucleus samples per image, each with its mean log-probability under the tempered model.
+
+    Tokens are drawn where the model is, so ``generator`` must be on the model's device.
+    """
     _check_length(model, max_length)
+    _check_vocabulary(model, num_samples, "num_samples")
     if not 0 < top_p <= 1 or temperature <= 0:
         raise ClipCapError(f"sampling needs 0 < top_p <= 1 and temperature > 0, got {top_p} and {temperature}")
+    device = model_device(model)
+    if generator is not None and generator.device.type != device.type:
+        raise ClipCapError(f"sampling on {device} needs a generator there, got one on {generator.device}")
 
     def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float() / temperature
         probs = nucleus_filter(logits, top_p).softmax(-1)
-        tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return tokens, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
 
     flat = _extend(model, clip_embeds, sample, num_samples, max_length, stop_token)
@@ -199,6 +228,7 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
     the cache holds one row per unfinished beam, in (image, beam) order.
     """
     _check_length(model, max_length)
+    _check_vocabulary(model, beam_size, "beam_size")
     w = beam_size
     logits, cache = _start(model, clip_embeds)
     scores, first = _log_probs(logits, temperature).topk(w, -1)  # [B, W]
@@ -257,9 +287,10 @@ def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor
     if clip_embeds.ndim != 2 or clip_embeds.shape[1] != model.config.prefix_size:
         raise ClipCapError(f"CLIP embeddings of shape {tuple(clip_embeds.shape)} do not fit the model, "
                            f"which takes [N, {model.config.prefix_size}]")
+    check_options(model, options)
     o = options
     stop_token = stop_token_id(tokenizer, o.stop)
-    generator = torch.Generator().manual_seed(o.seed) if o.seed is not None else None
+    generator = torch.Generator(model_device(model)).manual_seed(o.seed) if o.seed is not None else None
     captions: list[list[str]] = []
     for start in tqdm(range(0, len(clip_embeds), batch_size), desc="captioning", unit="batch",
                       disable=not progress):

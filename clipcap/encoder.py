@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import resnet_clip
+from . import hub_access, resnet_clip
 from .files import ClipCapError, open_regular
 
 # The original's CLIP names and the official OpenAI checkpoints on the Hugging Face hub.
@@ -37,6 +37,8 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Preprocess resizes an image whole while its long side becomes at most this many crops wide.
 MAX_RESIZE_RATIO = 8
+# Pixels of a 16-bit or float image converted to 8 bits at a time.
+_BAND_PIXELS = 1 << 16
 
 
 def load_image(source: str | Path | IO[bytes], name: str | None = None,
@@ -72,11 +74,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image.copy()
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # Integer modes hold 16-bit samples (PNG/TIFF); float modes are taken as 0..1.
-        values = np.asarray(image, dtype=np.float64)
-        values = values * 255 if image.mode == "F" else values / 257
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+        return _to_8_bits(image).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit (integer modes, as PNG/TIFF hold them) or 0..1 float image as 8-bit grayscale, rounded to nearest.
+
+    Converted a band of rows at a time, so that the scratch memory stays small whatever the image
+    size: a 40-megapixel 16-bit PNG is a few kB on disk.
+    """
+    out = Image.new("L", image.size)
+    rows = max(1, _BAND_PIXELS // max(1, image.width))
+    for top in range(0, image.height, rows):
+        band = np.asarray(image.crop((0, top, image.width, min(top + rows, image.height))))
+        if image.mode == "F":
+            band = np.clip(np.rint(band.astype(np.float64) * 255), 0, 255)
+        else:  # round(v / 257) in integers: 257 is odd, so no integer lies halfway between two steps
+            band = (np.clip(band.astype(np.int64), 0, 65535) + 128) // 257
+        out.paste(Image.fromarray(band.astype(np.uint8)), (0, top))
+    return out
 
 
 @dataclass(frozen=True)
@@ -183,10 +200,11 @@ def _load_hf_clip(name: str, device: torch.device, dtype: torch.dtype) -> ImageE
     from transformers.utils import logging as hf_logging
 
     source = OPENAI_CHECKPOINTS.get(name, name)
+    hub_access.prepare(source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the text tower's weights are skipped on purpose, not worth a report
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)  # a folder's code never runs
         if config.model_type == "clip":  # a full CLIP: its projection width lives at the top level
             config.vision_config.projection_dim = config.projection_dim
             config = config.vision_config

@@ -2,11 +2,9 @@
 
 The numbers are the toolkit's own, computed the way its ``COCOEvalCap`` computes them: PTB
 tokenisation (Java) of references and results, then BLEU-1..4, METEOR 1.5 (Java), ROUGE-L,
-CIDEr-D and SPICE (Java), over the images in the references' order. What this module adds:
+CIDEr-D and SPICE (Java), over the images in the references' order; they are reported in the
+paper's units, the toolkit's fractions x100 (CIDEr 108.35, not 1.0835). What this module adds:
 
-- reference loaders: Karpathy's ``dataset_coco.json`` by split, COCO-format annotations (or a
-  plain list of ``{"image_id", "caption"}``), the Conceptual Captions validation TSV; and what the
-  annotations say about each image (its file, its nocaps domain);
 - checks that results and references describe the same images, one caption each, with a
   one-line error otherwise (scoring only the common images must be asked for);
 - nocaps-style per-domain scores: each domain is its own toolkit run over its images, as the
@@ -15,22 +13,20 @@ CIDEr-D and SPICE (Java), over the images in the references' order. What this mo
   Java process starts once per :class:`Scorer`; SPICE is skipped, with a message saying how to
   enable it, when its Stanford CoreNLP jars are missing.
 
-Making the toolkit run (Java, SPICE's jars, a writable working copy) is :mod:`clipcap.toolkit`'s job.
+Reading references is :mod:`clipcap.annotations`' job; making the toolkit run (Java, SPICE's jars,
+its Java tools' working files) is :mod:`clipcap.toolkit`'s.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import numbers
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .files import ClipCapError, atomic_write, examples, markdown_table, read_json
-from .toolkit import find_spice_jars, link_spice_jars, require_java, spice_java_options, spice_problem, toolkit
+from .annotations import ImageId, References, image_key
+from .files import ClipCapError, examples, markdown_table, read_json, write_json
+from .toolkit import find_spice_jars, ptb_tokenize, require_java, spice_problem, toolkit_scorer
 
 # Each scorer of the toolkit and the keys it reports (pycocoevalcap's names, in its order).
 SCORERS = {"Bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), "METEOR": ("METEOR",), "ROUGE_L": ("ROUGE_L",),
@@ -39,151 +35,10 @@ METRIC_KEYS = tuple(key for keys in SCORERS.values() for key in keys)
 # nocaps' domains, in the order its evaluation reports them; "entire" is every image.
 DOMAINS = ("in-domain", "near-domain", "out-domain")
 ENTIRE = "entire"
+# Every score this project reports, prints or writes is in the paper's units: the toolkit's fractions x100.
+PERCENT = 100.0
 
-ImageId = int | str  # see image_key
-References = dict  # image id -> its reference captions, in the order the source lists the images
-Images = dict  # image id -> what the annotations say about the image: "file" (relative path), "domain"
-
-
-# --------------------------------------------------------------------------- image ids
-
-
-def image_key(image_id: Any) -> ImageId:
-    """Ids compare as integers when they are integers or ASCII digit strings ("000012" is image 12;
-    "²" is a digit to ``str.isdigit`` but not a number, so it stays a string)."""
-    if isinstance(image_id, numbers.Integral) and not isinstance(image_id, bool):
-        return int(image_id)
-    if isinstance(image_id, str):
-        return int(image_id) if image_id.isascii() and image_id.isdigit() else image_id
-    raise ClipCapError(f"image id {image_id!r} is neither an integer nor a string")
-
-
-# --------------------------------------------------------------------------- references and results
-
-
-def load_references(path: str | Path, split: str | None = None) -> References:
-    """References from Karpathy's ``dataset_coco.json`` (``split`` required), COCO-format annotations,
-    a JSON list of ``{"image_id", "caption"}``, the Conceptual Captions validation TSV, or any source
-    of parse_captions.py (image folder, CSV/TSV/JSONL, Karpathy's Flickr file)."""
-    return load_annotations(path, split)[0]
-
-
-def load_annotations(path: str | Path, split: str | None = None) -> tuple[References, Images]:
-    """The references (as :func:`load_references`) and what the file says about their images:
-    the image file (COCO ``file_name``, Karpathy ``filepath/filename``) and nocaps' ``domain``."""
-    path = Path(path)
-    from .sources import caption_references  # imported here: it needs torch, scoring does not
-
-    if (references := caption_references(path, split)) is not None:
-        return references, {}
-    if path.suffix.lower() == ".tsv":
-        if split is not None:
-            raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only")
-        return load_conceptual_tsv(path), {}
-    data = read_json(path, "annotations")
-    if isinstance(data, dict) and data.get("images") and isinstance(data["images"][0], dict) \
-            and "sentences" in data["images"][0]:
-        if split is None:
-            raise ClipCapError(f"{path}: Karpathy's split file holds every split; pass --split test or --split val")
-        references = load_karpathy(data, split, path)
-        images = {image_key(image["cocoid"]): {"file": "/".join(filter(None, (image.get("filepath"),
-                                                                              image.get("filename"))))}
-                  for image in data["images"] if image.get("split") == split and image.get("filename")}
-        return references, images
-    if split is not None:
-        raise ClipCapError(f"{path}: --split applies to Karpathy's dataset_coco.json only; "
-                           "this file is taken whole")
-    if isinstance(data, dict) and "annotations" in data:
-        listed = [image for image in data.get("images", []) if isinstance(image, dict) and "id" in image]
-        references = _group(data["annotations"], [image["id"] for image in listed], path)
-        images = {image_key(image["id"]): {k: str(image[v]) for k, v in (("file", "file_name"), ("domain", "domain"))
-                                           if image.get(v) is not None} for image in listed}
-        return references, {k: v for k, v in images.items() if k in references and v}
-    if isinstance(data, list):
-        return _group(data, [], path), {}
-    raise ClipCapError(f"{path}: not a known reference format (Karpathy's dataset_coco.json, COCO-format "
-                       "annotations with 'annotations', or a list of {image_id, caption})")
-
-
-def load_karpathy(data: dict, split: str, path: str | Path = "dataset_coco.json") -> References:
-    """The reference sentences (``raw``) of one Karpathy split, keyed by COCO id (``cocoid``)."""
-    references: References = {}
-    for i, image in enumerate(data["images"]):
-        if image.get("split") != split:
-            continue
-        try:
-            references[image_key(image["cocoid"])] = [str(s["raw"]) for s in image["sentences"]]
-        except (KeyError, TypeError):
-            raise ClipCapError(f"{path}: image entry {i} lacks 'cocoid' or 'sentences' with 'raw'") from None
-    if not references:
-        splits = sorted({str(image.get("split")) for image in data["images"]})
-        raise ClipCapError(f"{path}: no image in split {split!r} (the file has {', '.join(splits)})")
-    return references
-
-
-def _group(annotations: Any, order: Sequence[Any], path: Path) -> References:
-    """Captions grouped by image: images in ``order`` first (COCO's image list), then as they appear."""
-    references: References = {image_key(i): [] for i in order}
-    if not isinstance(annotations, list):
-        raise ClipCapError(f"{path}: 'annotations' must be a list")
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ClipCapError(f"{path}: annotation {i} needs 'image_id' and a 'caption' string")
-        references.setdefault(image_key(ann["image_id"]), []).append(ann["caption"])
-    references = {k: v for k, v in references.items() if v}  # listed images without captions are not references
-    if not references:
-        raise ClipCapError(f"{path}: no captions")
-    return references
-
-
-def image_files(references: References, images: Images, folder: str | Path, only_common_images: bool = False,
-                ref_source: str = "references") -> dict[ImageId, Path]:
-    """The image file of each reference image under ``folder``, by the annotations' relative path (or,
-    failing that, its file name alone: COCO's images may lie in one folder). Missing files are an error,
-    unless ``only_common_images``, which leaves those images out."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ClipCapError(f"{folder} (--images): folder not found")
-    unnamed = [k for k in references if not images.get(k, {}).get("file")]
-    if unnamed:
-        raise ClipCapError(f"{ref_source}: no image file named for {len(unnamed)} images (e.g. {examples(unnamed, 3)}); "
-                           "--images needs COCO-format images[].file_name or Karpathy's filepath/filename")
-    found, missing = {}, []
-    for k in references:
-        relative = Path(images[k]["file"])
-        path = next((p for p in (folder / relative, folder / relative.name) if p.is_file()), None)
-        if path is None:
-            missing.append(str(relative))
-        else:
-            found[k] = path
-    if missing and not only_common_images:
-        raise ClipCapError(f"{folder} (--images): {len(missing)} of the {len(references)} images of {ref_source} "
-                           f"are missing (e.g. {examples(missing, 3)}); score the others with --only_common_images")
-    if not found:
-        raise ClipCapError(f"{folder} (--images): none of the images of {ref_source} is there "
-                           f"(e.g. {examples(missing, 3)})")
-    return found
-
-
-def load_conceptual_tsv(path: str | Path) -> References:
-    """``Validation_GCC-1.1.0-Validation.tsv`` (caption TAB url, no header): one reference per image.
-
-    The image id is the 0-based row number, as in the original's parse_conceptual.py, which saves
-    row ``i`` as ``{i:08d}.jpg``; ids such as "00000012" therefore match row 12.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ClipCapError(f"{path}: annotations file not found")
-    references: References = {}
-    with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f):
-            caption, tab, _ = line.rstrip("\n").partition("\t")
-            if not tab or not caption.strip():
-                raise ClipCapError(f"{path}: line {row + 1} is not 'caption<TAB>url'")
-            references[row] = [caption]
-    if not references:
-        raise ClipCapError(f"{path}: empty file")
-    return references
+# --------------------------------------------------------------------------- results and references
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
@@ -251,6 +106,16 @@ def pair_up(results: Sequence[dict[str, Any]], references: References, only_comm
 # --------------------------------------------------------------------------- the toolkit
 
 
+def parse_metrics(text: str | None, flag: str = "--metrics") -> list[str] | None:
+    """A comma-separated choice of metrics (None: all); one that names none is an error, not "all"."""
+    if text is None:
+        return None
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    if not metrics:
+        raise ClipCapError(f"{flag} {text!r}: names no metric; choose from {', '.join(SCORERS)}, or leave it out for all")
+    return metrics
+
+
 def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
     if metrics is None:
         return list(SCORERS)
@@ -260,6 +125,8 @@ def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
         if name is None:
             raise ClipCapError(f"unknown metric {metric!r}; choose from {', '.join(SCORERS)}")
         wanted.add(name)
+    if not wanted:
+        raise ClipCapError(f"no metric chosen; choose from {', '.join(SCORERS)}, or pass None for all")
     return [s for s in SCORERS if s in wanted]
 
 
@@ -268,17 +135,11 @@ def _scorer_names(metrics: Iterable[str] | None) -> list[str]:
 
 @dataclass
 class Evaluation:
-    """Corpus scores under pycocoevalcap's keys and units (CIDEr 1.08 is the paper's 108), per-image scores."""
+    """Corpus scores under pycocoevalcap's keys in the paper's units (the toolkit's x100: CIDEr 108.35),
+    and the per-image scores in the same units."""
 
     scores: dict[str, float]
     per_image: list[dict[str, Any]] = field(default_factory=list)  # [{"image_id", key: score, ...}]
-
-    def table(self) -> str:
-        """A one-row markdown table in the paper's units (x100)."""
-        return markdown_table([["images", *self.scores], self._cells(self.scores)])
-
-    def _cells(self, keys: Iterable[str]) -> list[str]:
-        return [str(len(self.per_image)), *(f"{100 * self.scores[k]:.2f}" for k in keys)]
 
 
 class Scorer:
@@ -296,13 +157,8 @@ class Scorer:
                 raise ClipCapError(f"SPICE unavailable: {problem}")
             print(f"SPICE skipped: {problem}", file=sys.stderr)
             names.remove("SPICE")
-        kit = toolkit()
-        if "SPICE" in names:
-            link_spice_jars(find_spice_jars(spice_jars))
-        factories = {"Bleu": lambda: kit.bleu.bleu.Bleu(4), "METEOR": kit.meteor.meteor.Meteor,
-                     "ROUGE_L": kit.rouge.rouge.Rouge, "CIDEr": kit.cider.cider.Cider, "SPICE": kit.spice.spice.Spice}
-        self.tokenizer = kit.tokenizer.ptbtokenizer.PTBTokenizer()
-        self.scorers = {name: factories[name]() for name in names}  # METEOR's Java starts loading now
+        jars = find_spice_jars(spice_jars) if "SPICE" in names else None
+        self.scorers = {name: toolkit_scorer(name, jars) for name in names}  # METEOR's Java starts loading now
 
     def __enter__(self) -> "Scorer":
         return self
@@ -314,29 +170,15 @@ class Scorer:
         """Stop METEOR's Java process (the toolkit stops it when its object is collected)."""
         self.scorers.clear()
 
-    def _tokenize(self, captions: dict[ImageId, list[str]]) -> dict[ImageId, list[str]]:
-        # The tokenizer reads one caption per line: other line breaks would shift every later caption.
-        tokenized = self.tokenizer.tokenize({k: [{"caption": " ".join(c.splitlines())} for c in v]
-                                             for k, v in captions.items()})
-        if [len(v) for v in tokenized.values()] != [len(v) for v in captions.values()]:
-            raise ClipCapError("the PTB tokenizer (Java) returned fewer lines than captions; see its error above")
-        return tokenized
-
     @staticmethod
     def _compute(name: str, scorer: Any, gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
         """One toolkit scorer's corpus scores and per-image scores, one of each per key it reports."""
         try:
             if name == "Bleu":
                 return scorer.compute_score(gts, res, verbose=0)
-            with spice_java_options() if name == "SPICE" else contextlib.nullcontext():
-                total, each = scorer.compute_score(gts, res)
+            total, each = scorer.compute_score(gts, res)
         except ValueError as e:  # METEOR's process died and answered nothing
             raise ClipCapError(f"METEOR (Java) failed ({e}); it needs about 2 GB of memory") from None
-        except subprocess.CalledProcessError as e:
-            raise ClipCapError(f"SPICE (Java) failed with exit status {e.returncode} (see its output above); "
-                               "it runs with an 8 GB Java heap (-Xmx8G)") from None
-        if name == "SPICE":
-            each = [s["All"]["f"] for s in each]
         return [total], [list(each)]
 
     def __call__(self, results: Sequence[dict[str, Any]], references: References, only_common_images: bool = False,
@@ -345,31 +187,32 @@ class Scorer:
 
     def _score(self, captions: dict[ImageId, str], references: References) -> Evaluation:
         """Scores of captions and references already paired up (keyed alike, in reference order)."""
-        gts = self._tokenize(references)
-        res = self._tokenize({k: [c] for k, c in captions.items()})
+        gts = ptb_tokenize(references)
+        res = ptb_tokenize({k: [c] for k, c in captions.items()})
         scores: dict[str, float] = {}
         per_image = {k: {"image_id": k} for k in gts}
         for name, scorer in self.scorers.items():
             totals, columns = self._compute(name, scorer, gts, res)
-            order = sorted(gts) if name == "SPICE" else list(gts)  # SPICE answers in image id order
             for key, total, column in zip(SCORERS[name], totals, columns):
-                scores[key] = float(total)
-                for image, value in zip(order, column):
-                    per_image[image][key] = float(value)
+                scores[key] = PERCENT * float(total)
+                for image, value in zip(gts, column):
+                    per_image[image][key] = PERCENT * float(value)
         return Evaluation(scores, list(per_image.values()))
-
 
     def by_domain(self, results: Sequence[dict[str, Any]], references: References, domains: dict[ImageId, str],
                   only_common_images: bool = False, source: str = "results",
                   ref_source: str = "references") -> dict[str, Evaluation]:
         """Scores of the entire set and of each domain (nocaps' in-/near-/out-domain), each a run of its own
-        over its images, as nocaps' evaluation does. The per-image rows are the entire run's, with the domain."""
+        over its images, as nocaps' evaluation does. The per-image rows are the entire run's, with the domain.
+        Without ``domains``, the entire set's alone."""
         captions, references = pair_up(results, references, only_common_images, source, ref_source)
         domains = {image_key(k): v for k, v in domains.items()}
+        evaluations = {ENTIRE: self._score(captions, references)}
+        if not domains:
+            return evaluations
         unknown = [k for k in references if k not in domains]
         if unknown:
             raise ClipCapError(f"{ref_source}: {len(unknown)} images have no domain (e.g. {examples(unknown, 3)})")
-        evaluations = {ENTIRE: self._score(captions, references)}
         present = set(domains[k] for k in references)
         for domain in [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS)):
             subset = [k for k in references if domains[k] == domain]
@@ -379,27 +222,31 @@ class Scorer:
         return evaluations
 
 
-def write_scores(evaluations: dict[str, Evaluation], path: str | Path, per_image: str | Path | None = None) -> None:
-    """The scores as a JSON object: the entire set's alone, or with domains ``{"entire": {...}, "in-domain":
-    {...}, ...}``; and the entire run's per-image rows as a JSON list. Written atomically."""
-    scores = evaluations[ENTIRE].scores if list(evaluations) == [ENTIRE] else \
-        {name: evaluation.scores for name, evaluation in evaluations.items()}
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(scores, indent=2) + "\n")
+def write_scores(evaluations: dict[str, Evaluation], path: str | Path | None,
+                 per_image: str | Path | None = None) -> None:
+    """The scores as a JSON object (the paper's units): the entire set's alone, or with domains ``{"entire":
+    {...}, "in-domain": {...}, ...}``; and the entire run's per-image rows as a JSON list. Written atomically."""
+    if path is not None:
+        scores = evaluations[ENTIRE].scores if list(evaluations) == [ENTIRE] else \
+            {name: evaluation.scores for name, evaluation in evaluations.items()}
+        write_json(path, scores, indent=2)
     if per_image is not None:
-        with atomic_write(per_image) as tmp:
-            tmp.write_text(json.dumps(evaluations[ENTIRE].per_image, indent=1) + "\n")
+        write_json(per_image, evaluations[ENTIRE].per_image)
 
 
-def domain_table(evaluations: dict[str, Evaluation]) -> str:
-    """A markdown table with a row per subset (entire, in-domain, ...) in the paper's units (x100)."""
-    keys = list(next(iter(evaluations.values())).scores)
-    return markdown_table([["subset", "images", *keys],
-                           *([name, *evaluation._cells(keys)] for name, evaluation in evaluations.items())])
+def scores_table(evaluations: dict[str, Evaluation]) -> str:
+    """A markdown table of the scores (the paper's units): one row, or a row per subset (entire, in-domain, ...)."""
+    keys = list(evaluations[ENTIRE].scores)
+    rows = [[name, str(len(evaluation.per_image)), *(f"{evaluation.scores[k]:.2f}" for k in keys)]
+            for name, evaluation in evaluations.items()]
+    if list(evaluations) == [ENTIRE]:
+        return markdown_table([["images", *keys], rows[0][1:]])
+    return markdown_table([["subset", "images", *keys], *rows])
 
 
 def score(results: Sequence[dict[str, Any]], references: References, metrics: Iterable[str] | None = None,
           only_common_images: bool = False) -> dict[str, float]:
-    """One-off scores of ``results`` against ``references``; ``metrics=("CIDEr",)`` needs no METEOR or SPICE."""
+    """One-off scores (the paper's units) of ``results`` against ``references``; ``metrics=("CIDEr",)`` needs
+    no METEOR or SPICE."""
     with Scorer(metrics) as scorer:
         return scorer(results, references, only_common_images).scores

@@ -52,9 +52,11 @@ class FeatureSet:
         return list(first), np.fromiter(first.values(), dtype=np.int64, count=len(first))
 
     def validate(self, source: str | Path) -> None:
-        """Check the caption -> embedding indices and that every embedding is finite, naming the
-        first bad ones: a NaN row would otherwise train to NaN weights without a word."""
+        """Check that the embeddings have a width, the caption -> embedding indices and that every embedding
+        is finite, naming the first bad ones: a NaN row would otherwise train to NaN weights without a word."""
         n = int(self.embeddings.shape[0])
+        if n and self.dim == 0:
+            raise ClipCapError(f"{source}: the embeddings are 0-dimensional ([{n}, 0]): no image features to train on")
         if len(self.image_index) != len(self.captions) or len(self.image_ids) != len(self.captions):
             raise ClipCapError(f"{source}: caption, index and image id lists differ in length")
         bad = np.flatnonzero((self.image_index < 0) | (self.image_index >= n))

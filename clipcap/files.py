@@ -16,6 +16,11 @@ class ClipCapError(Exception):
     """A user-facing problem (bad file, bad flag); scripts print it as one line, no traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to one line, for a one-line error."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 
@@ -127,13 +132,17 @@ def open_regular(path: str | Path) -> IO[bytes]:
 
 
 def read_json(path: Path, what: str = "annotations") -> Any:
-    """A JSON file, or a one-line error naming it: missing, or not valid JSON."""
-    if not path.is_file():
-        raise ClipCapError(f"{path}: {what} file not found")
+    """A JSON file, or a one-line error naming it: missing, not a regular file (a FIFO would block), or not
+    valid JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ClipCapError(f"{path}: {what} file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ClipCapError(f"{path}: cannot read the {what} file ({e.strerror})") from None
 
 
 # Kernel interfaces, never a place for a command's output (writing there as root can change the system).

@@ -1,7 +1,8 @@
 """A scored run's gallery and CLIPScore: what the report shows of its captions beyond the metrics.
 
 For the first few test images: a thumbnail, the greedy caption, the beam caption that was scored
-and two references. For every scored image: CLIP-S and RefCLIP-S (Hessel et al., 2021) of the scored
+and two references. For every scored image: CLIP-S and RefCLIP-S (Hessel et al., 2021, x100 like every
+score here) of the scored
 caption, from the test features when the CLIPScore model made them, else from the images. The inputs
 are read from the commands that made them: the scoring (evaluate.py's flags) and the features.
 """
@@ -27,7 +28,7 @@ def gallery_folder(score: Step) -> Path:
 
 def image_opener(features: Step, infos: dict[Any, dict[str, str]]) -> Callable[[Any], Any]:
     """image id -> a readable image (path or file object), or None, for the images of a features command."""
-    from .evaluation import image_key
+    from .annotations import image_key
 
     script = features.script()
     if script == "parse_conceptual.py":
@@ -55,10 +56,11 @@ def thumbnail(source: Any, path: Path) -> None:
 def make_gallery(score: Step, features: Step, out_dir: Path, count: int, clipscore_model: str | None,
                  device: str = "cpu") -> dict[str, Any]:
     """Write ``out_dir/gallery.json`` and its thumbnails for the run that ``score`` scored; returns the JSON."""
+    from .annotations import image_key, load_annotations
     from .captioner import Captioner
     from .cli.evaluate import parse_args
     from .data import load_features
-    from .evaluation import image_key, load_annotations, load_results
+    from .evaluation import load_results
 
     args = parse_args(score.script_args())
     references, infos = load_annotations(resolve(args.annotations), args.split)
@@ -96,6 +98,7 @@ def clipscore(captions: dict[Any, str], references: dict[Any, list[str]], test: 
 
     from .clipscore import KEYS, CLIPScorer
     from .encoder import load_image, same_clip
+    from .evaluation import PERCENT
 
     if model is None:
         return {"skipped": "no CLIPScore model"}
@@ -117,5 +120,5 @@ def clipscore(captions: dict[Any, str], references: dict[Any, list[str]], test: 
         return {"skipped": str(e)}
     finally:
         hf_logging.set_verbosity(verbosity)
-    return {"model": model, "images": len(ids), **{key: float(np.mean([v[key] for v in values.values()]))
-                                                   for key in KEYS}}
+    return {"model": model, "images": len(ids),  # in the units evaluate.py writes them: x100
+            **{key: PERCENT * float(np.mean([v[key] for v in values.values()])) for key in KEYS}}

@@ -10,15 +10,22 @@ A saved model is a folder of three files, uploaded as it is:
 
 :func:`resolve_checkpoint` turns a checkpoint file, such a folder, or a Hub repo id into the
 weights file to load; repo ids go through ``snapshot_download``, so the local cache and
-``HF_HUB_OFFLINE`` work as they do for every Hugging Face library.
+``HF_HUB_OFFLINE`` work as they do for every Hugging Face library. Only weights (safetensors, or
+``.pt`` read with ``weights_only``) and JSON configs are read: no pickled objects, no code.
+
+Writing a folder replaces only what an earlier :func:`save_pretrained` wrote there, never a
+foreign ``README.md`` or ``config.json``; a model goes to the Hub only when its backbones are
+named by Hub ids, which load for everyone.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import save_checkpoint, save_config
+from . import hub_access
+from .checkpoint import CONFIG_KEY, UNKNOWN_CLIP, config_path_for, save_checkpoint, save_config
 from .files import ClipCapError, atomic_write, markdown_table, read_json
 from .model import ClipCap, ClipCapConfig
 
@@ -60,13 +67,14 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         from huggingface_hub.errors import HfHubHTTPError
 
         repo_id, _, revision = name.partition("@")
+        hub_access.prepare(repo_id)
         try:
             folder = Path(snapshot_download(repo_id, revision=revision or None,
                                             allow_patterns=[WEIGHTS_NAME, CONFIG_NAME]))
         except (HfHubHTTPError, OSError, ValueError) as e:  # not found, not cached offline, bad revision
             reason = str(e).partition("\n")[0][:200]
             raise ClipCapError(f"{name}: no such local file or folder, and not downloadable from the Hugging Face "
-                               f"Hub ({type(e).__name__}: {reason})") from None
+                               f"Hub ({type(e).__name__}: {reason}){hub_access.unreachable_hint()}") from None
         if not (folder / WEIGHTS_NAME).is_file():
             raise ClipCapError(f"{name}: the Hub repo has no {WEIGHTS_NAME} (not a ClipCap model saved by save_pretrained)")
         return folder / WEIGHTS_NAME
@@ -78,6 +86,16 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     return path  # a file; read_checkpoint reports one that is missing or unreadable
 
 
+def checkpoint_files(name_or_path: str | Path) -> list[Path]:
+    """The local files that loading ``name_or_path`` reads (none for a Hub id): what no output may replace."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return [path / WEIGHTS_NAME, path / CONFIG_NAME]
+    if is_repo_id(str(name_or_path)):
+        return []
+    return [path, config_path_for(path)] if path.suffix == ".pt" else [path]  # a .pt's config is beside it
+
+
 def infer_dataset(path: str | Path) -> str | None:
     """The training data named by a checkpoint's file name, when it says (``coco_weights.pt``)."""
     name = Path(path).name.lower()
@@ -85,7 +103,7 @@ def infer_dataset(path: str | Path) -> str | None:
 
 
 def read_metrics(path: str | Path) -> dict[str, float]:
-    """evaluate.py's metrics JSON (pycocoevalcap's keys and units)."""
+    """evaluate.py's metrics JSON (pycocoevalcap's keys, the paper's units: the toolkit's x100)."""
     path = Path(path)
     metrics = read_json(path, "metrics")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
@@ -97,16 +115,16 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
                metrics: dict[str, float] | None = None, source: str | None = None, repo_id: str | None = None) -> str:
     """The Hub model card (README.md with YAML metadata) of a model with ``config``.
 
-    ``metrics`` are pycocoevalcap scores as evaluate.py writes them; the card shows them x100,
-    the paper's units. ``source`` says where the weights came from (the original's file, say);
+    ``metrics`` are pycocoevalcap scores as evaluate.py writes them, in the paper's units (the
+    toolkit's x100). ``source`` says where the weights came from (the original's file, say);
     ``repo_id`` goes into the usage example.
     """
     from huggingface_hub import ModelCardData
 
-    local_gpt2 = Path(config.gpt2).exists()
+    config = ClipCapConfig.from_dict(config.to_dict())  # backbones named as the files record them
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
                          tags=["image-captioning", "clipcap", "clip", "gpt2"],
-                         base_model=None if local_gpt2 else config.gpt2)
+                         base_model=None if hub_access.is_local(config.gpt2) else config.gpt2)
     gpt2 = config.gpt2_config
     gpt2_text = f"`{config.gpt2}`" + (f" ({gpt2['n_layer']} layers, width {gpt2['n_embd']})" if gpt2 else "")
     if config.mapping_type == "mlp":
@@ -124,8 +142,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
         "| | |",
         "|---|---|",
         f"| training data | {dataset or 'not recorded'} |",
-        f"| CLIP image encoder | `{config.clip_model}` ({config.prefix_size}-d embeddings"
-        + (", L2-normalised" if config.normalize_prefix else "") + ") |",
+        f"| CLIP image encoder | {clip_text(config)} |",
         f"| GPT-2 | {gpt2_text}, " + ("frozen (not stored here; loaded by name)" if config.only_prefix
                                       else "fine-tuned (stored here)") + " |",
         f"| mapping network | {mapper} |",
@@ -137,7 +154,7 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     if metrics:
         keys = list(metrics)  # in evaluate.py's order, which is pycocoevalcap's
         lines += ["", "## Scores", "", "pycocoevalcap, x100 (the paper's units):", "",
-                  markdown_table([keys, [f"{100 * metrics[k]:.2f}" for k in keys]])]
+                  markdown_table([keys, [f"{metrics[k]:.2f}" for k in keys]])]
     lines += [
         "",
         "## Use",
@@ -156,6 +173,53 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
+def clip_text(config: ClipCapConfig) -> str:
+    """The model card's CLIP: its name and embeddings, or how to name it when nothing recorded it."""
+    details = f"{config.prefix_size}-d embeddings" + (", L2-normalised" if config.normalize_prefix else "")
+    if config.clip_model == UNKNOWN_CLIP:
+        return f"unknown ({details}; name it with `clipcap-convert --clip_model NAME`)"
+    return f"`{config.clip_model}` ({details})"
+
+
+def check_folder(folder: str | Path) -> None:
+    """Refuse to write into ``folder`` when that would replace a file :func:`save_pretrained` did not write
+    (a project's own README.md, say); its own earlier output may be replaced."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ClipCapError(f"{folder}: exists and is not a folder")
+    for name, ours in ((WEIGHTS_NAME, _is_our_weights), (CONFIG_NAME, _is_our_config), (CARD_NAME, _is_our_card)):
+        path = folder / name
+        if path.exists() and not ours(path):
+            raise ClipCapError(f"{path}: exists and is not a ClipCap model's (which save_pretrained writes): "
+                               "writing the model there would replace it; choose another folder")
+
+
+def _is_our_weights(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return CONFIG_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(values, dict) and {"mapping_type", "prefix_length", "prefix_size", "gpt2"} <= set(values)
+
+
+def _is_our_card(path: Path) -> bool:
+    try:
+        head = path.read_text(encoding="utf-8")[:4096]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.startswith("---\n") and "\nlibrary_name: clipcap\n" in head.partition("\n---\n")[0] + "\n"
+
+
 def save_pretrained(model: ClipCap, folder: str | Path, dataset: str | None = None, recipe: str | None = None,
                     metrics: str | Path | dict[str, float] | None = None, source: str | None = None,
                     repo_id: str | None = None) -> Path:
@@ -165,8 +229,7 @@ def save_pretrained(model: ClipCap, folder: str | Path, dataset: str | None = No
     :func:`model_card`.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ClipCapError(f"{folder}: exists and is not a folder")
+    check_folder(folder)
     if isinstance(metrics, (str, Path)):
         metrics = read_metrics(metrics)
     save_checkpoint(model, folder / WEIGHTS_NAME)
@@ -177,11 +240,22 @@ def save_pretrained(model: ClipCap, folder: str | Path, dataset: str | None = No
 
 
 def push_to_hub(model: ClipCap, repo_id: str, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload ClipCap model", **card: Any) -> str:
+                commit_message: str = "Upload ClipCap model", gpt2: str | None = None, clip_model: str | None = None,
+                **card: Any) -> str:
     """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` (created if
-    needed); ``card`` as in :func:`save_pretrained`. Returns the commit URL."""
+    needed); ``card`` as in :func:`save_pretrained`. Returns the commit URL.
+
+    ``gpt2`` and ``clip_model`` rename the backbones the model records, to the Hub ids that its local
+    copies came from: a model that names a local path would load for no one else, and is refused.
+    """
     from huggingface_hub import HfApi
 
+    names = {"gpt2": gpt2 or model.config.gpt2, "clip_model": clip_model or model.config.clip_model}
+    for (field, name), example in zip(names.items(), ("gpt2", "openai/clip-vit-base-patch32")):
+        if hub_access.is_local(name) or name == UNKNOWN_CLIP:
+            raise ClipCapError(f"{repo_id}: not pushed: its {field} {name!r} would load for no one else; name the "
+                               f"Hugging Face Hub id it stands for: push_to_hub(..., {field}=\"{example}\")")
+    model.config.gpt2, model.config.clip_model = names["gpt2"], names["clip_model"]
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="clipcap-push-") as folder:
         save_pretrained(model, folder, repo_id=repo_id, **card)

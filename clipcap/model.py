@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
+from . import hub_access
+from .files import ClipCapError, first_line
+
 MAPPING_TYPES = ("mlp", "transformer")
+# The GPT-2 config fields a checkpoint records (``gpt2_config``): those that fix its shapes, and its heads.
+GPT2_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id", "eos_token_id")
 
 
 def setting(default: Any, help: str, **flag: Any) -> Any:
@@ -42,14 +47,41 @@ class ClipCapConfig:
     def __post_init__(self) -> None:
         if self.mapping_type not in MAPPING_TYPES:
             raise ValueError(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}")
+        self.gpt2, self.clip_model = portable_name(self.gpt2), portable_name(self.clip_model)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as written into checkpoints and config.json: backbones named so that they load anywhere."""
+        return {**dataclasses.asdict(self), "gpt2": portable_name(self.gpt2),
+                "clip_model": portable_name(self.clip_model)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClipCapConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def portable_name(name: str | None) -> str | None:
+    """A backbone's name as it loads from any folder: a local path made absolute, a Hub id as it is.
+
+    A relative path (``demo_out/backbones/gpt2``) in a checkpoint would load only from the folder
+    it was written in.
+    """
+    if not name:  # unset (training fills it from the features)
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def check_heads(config: ClipCapConfig, width: int) -> None:
+    """The transformer mapper splits GPT-2's width ``width`` into ``num_heads`` heads: they must divide it."""
+    if config.mapping_type == "transformer" and (config.num_heads < 1 or width % config.num_heads):
+        raise ClipCapError(f"num_heads {config.num_heads} does not divide the mapper's width {width} (GPT-2's "
+                           f"{config.gpt2}): choose a divisor of {width}, such as {default_heads(width)}")
+
+
+def default_heads(width: int) -> int:
+    """The head count nearest 8 (the paper's) that divides ``width``."""
+    return min((h for h in range(1, width + 1) if width % h == 0), key=lambda h: (abs(h - 8), h))
 
 
 class MLPMapper(nn.Module):
@@ -147,6 +179,7 @@ class ClipCap(nn.Module):
         self.config = config
         self.gpt = gpt
         embed_dim = gpt.config.n_embd
+        check_heads(config, embed_dim)
         if config.mapping_type == "mlp":
             self.clip_project: nn.Module = MLPMapper(config.prefix_size, embed_dim, config.prefix_length)
         else:
@@ -199,22 +232,33 @@ class ClipCap(nn.Module):
 
 def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:
     """The GPT-2 config fields that fix its shapes, so a full checkpoint rebuilds offline."""
-    c = gpt.config
-    return {"vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd,
-            "n_layer": c.n_layer, "n_head": c.n_head, "bos_token_id": c.bos_token_id,
-            "eos_token_id": c.eos_token_id}
+    return {name: getattr(gpt.config, name) for name in GPT2_FIELDS}
+
+
+def gpt2_config_of(name: str) -> GPT2Config:
+    """GPT-2's config (no weights) from a Hub name or folder, or a one-line error."""
+    if hub_access.is_local(name) and not Path(name).expanduser().is_dir():
+        raise ClipCapError(f"GPT-2 {name}: no such folder")
+    hub_access.prepare(name)
+    try:
+        return GPT2Config.from_pretrained(name)
+    except OSError as e:  # a missing folder, or a hub name offline
+        raise ClipCapError(f"GPT-2 {name}: cannot load its config ({first_line(e)}){hub_access.unreachable_hint()}") \
+            from None
 
 
 def build_model(config: ClipCapConfig, pretrained_gpt2: bool = True) -> ClipCap:
-    """Build a ClipCap model: GPT-2 weights from ``config.gpt2`` or random from ``config.gpt2_config``."""
-    if pretrained_gpt2:
-        from .files import ClipCapError
+    """Build a ClipCap model: GPT-2 weights from ``config.gpt2`` or random from ``config.gpt2_config``.
 
+    The mapper's settings are checked against GPT-2's width before GPT-2's weights are loaded.
+    """
+    if pretrained_gpt2:
+        gpt2_config = gpt2_config_of(config.gpt2)
+        check_heads(config, gpt2_config.n_embd)
         try:
-            gpt = GPT2LMHeadModel.from_pretrained(config.gpt2)
-        except OSError as e:  # a missing folder, or a hub name offline
-            raise ClipCapError(f"GPT-2 {config.gpt2}: cannot load its weights "
-                               f"({(str(e).splitlines() or ['not found'])[0][:200]})") from None
+            gpt = GPT2LMHeadModel.from_pretrained(config.gpt2, config=gpt2_config)
+        except OSError as e:
+            raise ClipCapError(f"GPT-2 {config.gpt2}: cannot load its weights ({first_line(e)})") from None
     else:
         if not config.gpt2_config:
             raise ValueError("config.gpt2_config is empty: cannot build GPT-2 without its weights")
@@ -230,16 +274,16 @@ def load_tokenizer(name_or_dir: str) -> GPT2TokenizerFast:
     files) with an empty tokenizer instead of an error; byte-level BPE has at least the 256 byte
     tokens, so fewer means nothing was found.
     """
-    from .files import ClipCapError
-
+    hub_access.prepare(name_or_dir)
     try:
         tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
     except (OSError, ValueError, TypeError) as e:
-        tokenizer, reason = None, (str(e).splitlines() or [type(e).__name__])[0][:200]
+        tokenizer, reason = None, first_line(e)
     if tokenizer is None or len(tokenizer) < 256:
         where = "folder has no GPT-2 tokenizer" if Path(name_or_dir).is_dir() else \
             "no such folder, and not loadable from the Hugging Face Hub (offline, or not a GPT-2 name?)"
-        raise ClipCapError(f"GPT-2 {name_or_dir}: {where}" + (f" ({reason})" if tokenizer is None else ""))
+        raise ClipCapError(f"GPT-2 {name_or_dir}: {where}" + (f" ({reason})" if tokenizer is None else "")
+                           + hub_access.unreachable_hint())
     return tokenizer
 
 

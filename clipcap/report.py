@@ -4,7 +4,7 @@
 clipcap.reproduce keeps, the metrics, training logs, checkpoints and galleries) into one dictionary,
 written as ``report.json``; ``index.html`` (opens from disk: its images sit beside it) and
 ``report.md`` show exactly that dictionary, nothing else. Scores are in percent, like the paper's,
-under pycocoevalcap's names; CLIP-S and RefCLIP-S in their own units (0 to 2.5 and 0 to 1).
+under pycocoevalcap's names; CLIP-S and RefCLIP-S too (x100), as evaluate.py writes them.
 The run files are read by the small readers below, one per file kind.
 """
 from __future__ import annotations
@@ -31,22 +31,14 @@ CIDER_TOLERANCE = 1.0  # a row reproduces when its CIDEr is within the paper's +
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:
-    """evaluate.py's scores in percent (``{"entire": {...}, "in-domain": ...}`` per domain), or None without them.
-
-    The file holds pycocoevalcap's fractions unless it says it holds percent (``"unit": "percent"``)."""
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """evaluate.py's scores (the paper's units), per domain for nocaps (``{"entire": {...}, "in-domain": ...}``),
+    or None without them."""
+    values = read_json_file(path)
+    if not isinstance(values, dict):
         return None
-    percent = values.pop("unit", None) == "percent"
-
-    def scale(scores: dict[str, Any]) -> dict[str, float]:
-        return {k: float(v) * (1 if percent or not k.startswith(("Bleu", "METEOR", "ROUGE", "CIDEr", "SPICE")) else 100)
-                for k, v in scores.items() if isinstance(v, (int, float))}
-
     if all(isinstance(v, dict) for v in values.values()):
-        return {domain: scale(scores) for domain, scores in values.items()}
-    return scale(values)
+        return {domain: {k: float(v) for k, v in scores.items()} for domain, scores in values.items()}
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -81,7 +73,7 @@ def read_run_config(run_dir: Path, prefix: str) -> dict[str, Any] | None:
 
 
 def epochs_of(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per epoch: the last logged training loss, validation loss and CIDEr (in percent)."""
+    """Per epoch: the last logged training loss, validation loss and CIDEr."""
     epochs: dict[int, dict[str, Any]] = {}
     last_epoch = 0
     for record in sorted(log, key=lambda r: (r.get("step", 0), "val_loss" in r)):
@@ -93,7 +85,7 @@ def epochs_of(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry = epochs.setdefault(epoch, {"epoch": epoch})
             entry.update(val_loss=record["val_loss"], step=record.get("step"))
             if "val_CIDEr" in record:
-                entry["val_CIDEr"] = 100 * record["val_CIDEr"]
+                entry["val_CIDEr"] = record["val_CIDEr"]
     return [epochs[e] for e in sorted(epochs)]
 
 
@@ -180,7 +172,8 @@ def collect(record: dict[str, Any], report_dir: Path) -> dict[str, Any]:
                 for stage in entry.get("stages", {}).values())
     return {"generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(), "total_seconds": round(total, 1), "cider_tolerance": CIDER_TOLERANCE,
-            "units": "scores in percent (pycocoevalcap's names); CLIP-S 0-2.5, RefCLIP-S 0-1", "rows": rows}
+            "units": "the paper's: pycocoevalcap's scores x100 (CIDEr 108.35), CLIP-S and RefCLIP-S alike",
+            "rows": rows}
 
 
 def _plan(values: dict[str, Any]) -> Plan:
@@ -425,7 +418,7 @@ def _html_row(row: dict[str, Any]) -> str:
             continue
         score = gallery.get("clipscore", {})
         if "CLIP-S" in score:
-            parts.append(f"<p><b>{e(name)}</b>: CLIP-S {score['CLIP-S']:.4f}, RefCLIP-S {score['RefCLIP-S']:.4f} "
+            parts.append(f"<p><b>{e(name)}</b>: CLIP-S {score['CLIP-S']:.2f}, RefCLIP-S {score['RefCLIP-S']:.2f} "
                          f"({score['images']} images, {e(score['model'])})</p>")
         elif score.get("skipped"):
             parts.append(f"<p class='meta'>CLIPScore not computed: {e(score['skipped'])}</p>")

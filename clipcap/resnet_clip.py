@@ -6,8 +6,9 @@ holding fp16 weights named ``visual.*`` (plus the text tower and three scalars,
 tower those names describe, OpenAI's "modified ResNet" (three-convolution stem, anti-aliased
 average-pool strides, attention pooling), and also their ViT, so that any OpenAI CLIP file
 loads strictly. The architecture is inferred from the weights, as OpenAI's ``build_model``
-does. Files are fetched from OpenAI's URLs into the ``clip`` package's cache
-(``~/.cache/clip``), so earlier downloads are reused, and checked against their SHA256.
+does; the archives are read by :mod:`clipcap.torchscript`, which runs none of their code.
+Files are fetched from OpenAI's URLs into the ``clip`` package's cache (``~/.cache/clip``), so
+earlier downloads are reused, and checked against their SHA256.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pickle
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import torchscript
 from .files import ClipCapError, atomic_write
 
 # OpenAI's files; the second-to-last part of each URL is the file's SHA256.
@@ -194,19 +195,12 @@ def build(visual: dict[str, torch.Tensor]) -> ModifiedResNet | VisionTransformer
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships them) or a plain state dict."""
+    """The tensors of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships them; read, never run) or a
+    plain state dict."""
+    if torchscript.is_archive(path):
+        return torchscript.read_state_dict(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            scripted = any(n.endswith("/constants.pkl") for n in archive.namelist())
-    except zipfile.BadZipFile:
-        scripted = False
-    try:
-        if scripted:
-            with warnings.catch_warnings():  # deprecated, yet the one reader of TorchScript that runs no pickle code
-                warnings.simplefilter("ignore", DeprecationWarning)
-                state = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
         raise ClipCapError(f"{path}: not a TorchScript archive or state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
@@ -216,7 +210,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          ) -> ModifiedResNet | VisionTransformer:
-    """OpenAI's image tower by name (``RN50x4``: fetched and cached) or from a file, frozen, in ``dtype``."""
+    """OpenAI's image tower by name (``RN50x4``: fetched and cached) or from a file, frozen, its weights in
+    ``dtype`` as OpenAI casts them (:func:`convert_weights`); it takes pixels in ``dtype``."""
     path = fetch(URLS[name]) if name in URLS else Path(name)
     state = read_state_dict(path)
     visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
@@ -232,7 +227,25 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if "input_resolution" in state and int(state["input_resolution"]) != model.input_resolution:
         raise ClipCapError(f"{path}: input_resolution is {int(state['input_resolution'])}, but the weights "
                            f"are for {model.input_resolution}-pixel images")
-    return model.eval().requires_grad_(False).to(device, dtype)
+    return convert_weights(model.eval().requires_grad_(False).to(device, torch.float32), dtype)
+
+
+def convert_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast what OpenAI's ``convert_weights`` casts to half (convolution, linear and attention weights, the
+    ViT's ``proj``) to ``dtype``; BatchNorm, LayerNorm and the embeddings stay float32, as OpenAI runs them
+    (a running variance over 65504 is inf in float16)."""
+    for module in model.modules():
+        names = ["proj"]
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            names += ["weight", "bias"]
+        elif isinstance(module, nn.MultiheadAttention):
+            names += ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                      "bias_k", "bias_v"]
+        for name in names:
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                tensor.data = tensor.data.to(dtype)
+    return model
 
 
 # --------------------------------------------------------------------------- fetching

@@ -276,8 +276,8 @@ def remove_outputs(step: Step) -> None:
     """Delete what a step made (and what its unfinished run left), so that it is made again."""
     for path in step.paths():
         target = path.parent if path.name == "store.json" else path  # a feature store: its whole folder
-        for leftover in (target, target.with_name(target.name + ".parts"),
-                         target.with_name(target.stem + "_skipped.tsv")):
+        for leftover in (target, target.with_name(target.name + ".parts"), target.with_name(target.name + ".lock"),
+                         target.with_name(target.stem + "_skipped.tsv"), target.with_name(target.stem + "_job.json")):
             if leftover.is_dir():
                 shutil.rmtree(leftover)
             elif leftover.exists():

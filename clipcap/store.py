@@ -8,18 +8,20 @@ every 10,000 captions. A store is a directory instead::
     skipped.tsv             images that could not be decoded: path TAB reason
     shards/NAME.npy         float16 [rows, D]: one row per image
     shards/NAME.parquet     that shard's captions (``row`` local to the shard); written after the
-                            ``.npy``, so its presence marks a finished shard
+                            ``.npy``: the two together mark a finished shard
+    pieces/NAME/PIECE.*     while a shard is written in pieces (by several processes), the same two
+                            files for each piece; joined into the shard, then deleted
 
-Shards are written one at a time, so an extraction killed at any point loses at most the
-shard in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
+Pieces and shards are written one at a time, so an extraction killed at any point loses at most
+the pieces in progress. Loading reads embedding rows on demand with ``pread`` (no memory map, whose
 touched pages would count against the training process) and keeps captions in Arrow buffers,
 not Python strings, so memory stays flat however large the store. Nothing is unpickled.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,6 +40,7 @@ STORE_FILE = "store.json"
 INDEX_FILE = "captions.parquet"
 SKIPPED_FILE = "skipped.tsv"
 SHARD_DIR = "shards"
+PIECE_DIR = "pieces"
 
 
 # --------------------------------------------------------------------------- reading
@@ -46,11 +49,14 @@ SHARD_DIR = "shards"
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of an ``.npy`` file, from its header alone."""
     with open(path, "rb") as f:
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-        if read_header is None:
-            raise ClipCapError(f"{path}: unknown .npy version")
-        shape, fortran, dtype = read_header(f)
+        try:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ClipCapError(f"{path}: unknown .npy version")
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, EOFError) as e:
+            raise ClipCapError(f"{path}: not a .npy file ({e})") from None
         if fortran or len(shape) != 2 or dtype.kind != "f":
             raise ClipCapError(f"{path}: expected a C-ordered [rows, D] float array, got {dtype} {shape}")
         offset = f.tell()
@@ -176,16 +182,34 @@ def read_meta(store: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipCapError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ClipCapError(f"{path}: not a version-{VERSION} {FORMAT} file")
+    listing = "'shards' must be a list of {\"name\": ..., \"rows\": ...}"
+    if not isinstance(meta.get("shards"), list):
+        raise ClipCapError(f"{path}: {listing}, not {type(meta.get('shards')).__name__}")
+    for i, entry in enumerate(meta["shards"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("rows")) is int
+                and entry["rows"] >= 0):
+            raise ClipCapError(f"{path}: {listing}; entry {i} is {entry!r:.80}")
+        if not _is_shard_name(entry["name"]):
+            raise ClipCapError(f"{path}: shard name {entry['name']!r} is not a file name")
     return meta
+
+
+def _is_shard_name(name: str) -> bool:
+    """Whether ``name`` names a file in the shard folder, and nothing outside it."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def load_store(store: str | Path) -> FeatureSet:
     """The store as a FeatureSet whose embeddings are read from disk as rows are asked for."""
     store = Path(store)
     meta = read_meta(store)
-    embeddings = ShardedEmbeddings([store / SHARD_DIR / f"{s['name']}.npy" for s in meta["shards"]])
+    paths = [store / SHARD_DIR / f"{s['name']}.npy" for s in meta["shards"]]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing is not None:
+        raise ClipCapError(f"{missing}: missing ({STORE_FILE} lists shard {missing.stem})")
+    embeddings = ShardedEmbeddings(paths)
     if [int(n) for n in np.diff(embeddings.starts)] != [s["rows"] for s in meta["shards"]]:
         raise ClipCapError(f"{store}: shard sizes differ from {STORE_FILE}; the store was changed after writing")
     try:
@@ -208,8 +232,44 @@ def load_store(store: str | Path) -> FeatureSet:
 # --------------------------------------------------------------------------- writing
 
 
+def image_id_column(image_ids: Sequence[Any], where: str | Path, what: str = "caption") -> pa.Array:
+    """Image ids (one per ``what``) as one Parquet column: all integers (int64) or all text. Ids of any other
+    kind, of both kinds, or beyond 64 bits are refused, naming the first with one: a column holds one type."""
+    ids, first = list(image_ids), {}
+    for i, value in enumerate(ids):
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        kind = "int" if integer else "str" if isinstance(value, str) else None
+        if kind is None:
+            raise ClipCapError(f"{where}: {what} {i} has {type(value).__name__} {value!r:.40} as image id; a store's "
+                               "image ids are all integers or all text")
+        first.setdefault(kind, i)
+        if len(first) == 2:
+            j = first["int" if kind == "str" else "str"]
+            raise ClipCapError(f"{where}: image ids must be all integers or all text: {what} {j} has "
+                               f"{type(ids[j]).__name__} {ids[j]!r:.40}, "
+                               f"{what} {i} {type(value).__name__} {value!r:.40}")
+    if not ids:
+        return pa.array([], pa.null())
+    if "str" in first:
+        return pa.array(ids, pa.string())
+    ints = [int(value) for value in ids]
+    huge = next((i for i, value in enumerate(ints) if not -2**63 <= value < 2**63), None)
+    if huge is not None:
+        raise ClipCapError(f"{where}: {what} {huge} has image id {ints[huge]}, beyond 64-bit integers")
+    return pa.array(ints, pa.int64())
+
+
+
+def _done(base: Path) -> bool:
+    return base.with_name(base.name + ".npy").is_file() and base.with_name(base.name + ".parquet").is_file()
+
+
 def shard_done(store: str | Path, name: str) -> bool:
-    return (Path(store) / SHARD_DIR / f"{name}.parquet").is_file()
+    return _done(Path(store) / SHARD_DIR / name)
+
+
+def piece_done(store: str | Path, shard: str, piece: str) -> bool:
+    return _done(Path(store) / PIECE_DIR / shard / piece)
 
 
 def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: Sequence[str],
@@ -218,15 +278,48 @@ def write_shard(store: str | Path, name: str, embeddings: np.ndarray, captions: 
     """One finished shard: embeddings [n, D] (stored float16), captions pointing at local rows, the
     (path, reason) of each image skipped, and who wrote it (``rank 1/4``). The index is written
     last: it marks the shard done."""
-    shard_dir = Path(store) / SHARD_DIR
-    with atomic_write(shard_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+    _write(Path(store) / SHARD_DIR / name, embeddings, captions, image_ids, rows, skipped, written_by)
+
+
+def write_piece(store: str | Path, shard: str, piece: str, embeddings: np.ndarray, captions: Sequence[str],
+                image_ids: Sequence[Any], rows: Sequence[int], skipped: Sequence[tuple[str, str]] = (),
+                written_by: str = "") -> None:
+    """One finished piece of a shard (a relative name, ``piece``), as :func:`write_shard` writes a shard."""
+    _write(Path(store) / PIECE_DIR / shard / piece, embeddings, captions, image_ids, rows, skipped, written_by)
+
+
+def _write(base: Path, embeddings: np.ndarray, captions: Sequence[str], image_ids: Sequence[Any],
+           rows: Sequence[int], skipped: Sequence[tuple[str, str]], written_by: str) -> None:
+    with atomic_write(base.with_name(base.name + ".npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(embeddings, dtype=np.float16))
-    table = pa.table({"caption": pa.array(list(captions), pa.string()), "image_id": pa.array(list(image_ids)),
-                      "row": pa.array(list(rows), pa.int64())})
+    table = pa.table({"caption": pa.array(list(captions), pa.string()),
+                      "image_id": image_id_column(image_ids, base), "row": pa.array(list(rows), pa.int64())})
     table = table.replace_schema_metadata({"clipcap.skipped": json.dumps([list(s) for s in skipped]),
                                            "clipcap.written_by": written_by})
-    with atomic_write(shard_dir / f"{name}.parquet") as tmp:
+    with atomic_write(base.with_name(base.name + ".parquet")) as tmp:
         pq.write_table(table, tmp)
+
+
+def join_pieces(store: str | Path, shard: str, pieces: Sequence[str]) -> None:
+    """Write shard ``shard`` from its finished ``pieces``, in that order, then delete its pieces."""
+    store = Path(store)
+    folder = store / PIECE_DIR / shard
+    missing = [piece for piece in pieces if not piece_done(store, shard, piece)]
+    if missing:
+        raise ClipCapError(f"{store}: shard {shard} has {len(missing)} unfinished pieces ({', '.join(missing[:3])}); "
+                           "run the extraction again to finish them")
+    embeddings, captions, image_ids, rows, skipped, writers = [], [], [], [], [], []
+    for piece in pieces:
+        table = pq.read_table(folder / f"{piece}.parquet")
+        rows += (table.column("row").to_numpy() + sum(len(e) for e in embeddings)).tolist()
+        embeddings.append(np.load(folder / f"{piece}.npy", allow_pickle=False))
+        captions += table.column("caption").to_pylist()
+        image_ids += table.column("image_id").to_pylist()
+        skipped += json.loads(table.schema.metadata[b"clipcap.skipped"])
+        writers.append(table.schema.metadata[b"clipcap.written_by"].decode())
+    write_shard(store, shard, np.concatenate(embeddings), captions, image_ids, rows, skipped,
+                ", ".join(dict.fromkeys(w for w in writers if w)))
+    shutil.rmtree(folder)
 
 
 def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None = None) -> int:
@@ -243,8 +336,17 @@ def merge(store: str | Path, names: Sequence[str], meta: dict[str, Any] | None =
                                 "image_index": pc.add(table.column("row"), start)}))
         skipped += json.loads(table.schema.metadata[b"clipcap.skipped"])
         start += _npy_layout(store / SHARD_DIR / f"{name}.npy")[0][0]
+    kinds = {}
+    for name, table in zip(names, tables):
+        if not pa.types.is_null(table.schema.field("image_id").type):
+            kinds.setdefault(str(table.schema.field("image_id").type), name)
+    if len(kinds) > 1:
+        (kind_a, a), (kind_b, b) = list(kinds.items())[:2]
+        raise ClipCapError(f"{store}: shard {a} has {kind_a} image ids, shard {b} {kind_b}; a store's image ids are "
+                           "all integers or all text")
     index = pa.concat_tables(tables, promote_options="default") if tables else None
     _finish(store, names, index, skipped, meta)
+    shutil.rmtree(store / PIECE_DIR, ignore_errors=True)  # what a run killed between joining and deleting left
     return len(skipped)
 
 
@@ -274,6 +376,7 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
     n = int(features.embeddings.shape[0])
     if n == 0:
         raise ClipCapError(f"{store}: no embeddings to write")
+    image_ids = image_id_column(features.image_ids, store)
     image_index = np.asarray(features.image_index, dtype=np.int64)
     shard_of = image_index // shard_rows
     names = []
@@ -284,8 +387,8 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
         names.append(f"{k:05d}")
         write_shard(store, names[-1], embeddings, [features.captions[i] for i in chosen],
                     [features.image_ids[i] for i in chosen], image_index[chosen] - start)
-    index = pa.table({"caption": pa.array(list(features.captions), pa.string()),
-                      "image_id": pa.array(list(features.image_ids)), "image_index": pa.array(image_index)})
+    index = pa.table({"caption": pa.array(list(features.captions), pa.string()), "image_id": image_ids,
+                      "image_index": pa.array(image_index)})
     if features.clip_model is not None:
         meta.setdefault("clip_model", features.clip_model)
     _finish(store, names, index, [], meta)
@@ -300,23 +403,3 @@ def to_pickle(store: str | Path, path: str | Path) -> None:
 def from_pickle(path: str | Path, store: str | Path) -> Path:
     """The original's pickle (loaded without running code) as a store."""
     return write(load_original_pickle(path), store, source=str(path))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert between the original's feature pickle and a feature store.")
-    parser.add_argument("src", help="a .pkl file or a store directory")
-    parser.add_argument("dst", help="a store directory (from a .pkl) or a .pkl file (from a store)")
-    args = parser.parse_args()
-    if args.src.endswith(".pkl"):
-        from_pickle(args.src, args.dst)
-    elif args.dst.endswith(".pkl"):
-        to_pickle(args.src, args.dst)
-    else:
-        raise ClipCapError(f"{args.src} -> {args.dst}: one side must be a .pkl file")
-    print(f"wrote {args.dst}")
-
-
-if __name__ == "__main__":
-    from .cli import run
-
-    run(main)

@@ -1,33 +1,34 @@
-"""pycocoevalcap made runnable: Java, SPICE's Stanford CoreNLP jars, and a writable working copy.
+"""pycocoevalcap made runnable: Java, SPICE's Stanford CoreNLP jars, and the toolkit's two Java tools that write files.
 
-The COCO caption toolkit's Java wrappers run in, and write temporary files into, the directories of
-their own source files (the tokenizer's input file, SPICE's ``tmp/`` and ``cache/``), which fails
-when site-packages is read-only. So the toolkit is imported, under a private name, from a mirror of
-its installed directory: real directories, symlinked files. SPICE also needs CoreNLP 3.6.0 jars,
-which pycocoevalcap downloads on first use; they can be given as a folder or the downloaded zip
-(``CLIPCAP_SPICE_JARS``), and SPICE's Java gets the ``--add-opens`` its cache needs on Java 9+.
+The toolkit's PTB tokenizer and SPICE wrappers write their working files into the package's own
+directories (the tokenizer's input, SPICE's ``tmp/`` and ``cache/``), which fails when site-packages
+is read-only; and ``java -jar spice-1.0.jar`` finds Stanford CoreNLP 3.6.0 only where the jar's
+manifest says, in the installed ``spice/lib`` (pycocoevalcap downloads it there on first use). So
+this module runs those two Java commands itself, with the wrappers' jars, flags and post-processing,
+but with their files in a private temporary folder, SPICE's class path named in full (the CoreNLP
+jars from a folder or the downloaded zip: ``--spice_jars`` or ``CLIPCAP_SPICE_JARS``), SPICE's parse
+cache in the user's cache folder, and Java's own last error line in the message when one fails.
+BLEU, METEOR, ROUGE-L and CIDEr write nothing: they are the toolkit's classes as they are.
 Scoring itself is :mod:`clipcap.evaluation`'s.
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
 import functools
-import importlib
-import importlib.machinery
 import importlib.util
+import json
+import math
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from types import ModuleType
-from typing import Iterator
+from typing import Any, Sequence
 
-from .files import ClipCapError, atomic_write, process_alive, user_cache
+import numpy as np
+
+from .files import ClipCapError, atomic_write, user_cache
 
 # SPICE parses captions with Stanford CoreNLP 3.6.0, jars its spice-1.0.jar names in its manifest's
 # Class-Path (lib/...); pycocoevalcap downloads them from this zip on first use.
@@ -37,9 +38,16 @@ SPICE_JARS_ENV = "CLIPCAP_SPICE_JARS"
 SPICE_HOWTO = (f"run once with internet access: python -m pycocoevalcap.spice.get_stanford_models, or download "
                f"{CORENLP_ZIP} and pass it (or a folder holding {' and '.join(SPICE_JARS)}) with --spice_jars "
                f"or {SPICE_JARS_ENV}")
-# SPICE 1.0's cache serialiser reflects into java.lang, which Java 9+ closes unless opened.
-SPICE_JAVA_OPTIONS = "--add-opens java.base/java.lang=ALL-UNNAMED"
-TOOLKIT_ALIAS = "clipcap._pycocoevalcap"
+# SPICE 1.0's parse cache serialises with FST, which on start reflects into these packages of the JDK;
+# Java 9+ closes them unless opened (Java 17 refuses each in turn without its --add-opens).
+SPICE_OPENED = ("java.lang", "java.math", "java.util", "java.util.concurrent", "java.net", "java.text")
+SPICE_JAVA_OPTIONS = tuple(option for package in SPICE_OPENED
+                           for option in ("--add-opens", f"java.base/{package}=ALL-UNNAMED"))
+SPICE_HEAP = "-Xmx8G"  # pycocoevalcap's
+# What the java launcher adds after the real error when the VM cannot start: never the cause.
+JVM_SIGN_OFFS = ("Error: Could not create the Java Virtual Machine.",
+                 "Error: A fatal exception has occurred. Program will exit.")
+
 
 @functools.cache
 def installed_toolkit() -> Path:
@@ -120,22 +128,6 @@ def spice_problem(jars: str | Path | None = None) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def spice_java_options() -> Iterator[None]:
-    """Within the block, Java processes started get ``--add-opens java.base/java.lang`` when this Java
-    (9+) needs it for SPICE's cache, through ``JDK_JAVA_OPTIONS``, which the java launcher reads."""
-    before = os.environ.get("JDK_JAVA_OPTIONS")
-    if java_version() >= 9:
-        os.environ["JDK_JAVA_OPTIONS"] = " ".join(filter(None, (before, SPICE_JAVA_OPTIONS)))
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("JDK_JAVA_OPTIONS", None)
-        else:
-            os.environ["JDK_JAVA_OPTIONS"] = before
-
-
 def _spice_cache() -> Path | None:
     """A lasting home for SPICE's parse cache (parsing a test set's references is slow), if one can be made."""
     try:
@@ -146,59 +138,104 @@ def _spice_cache() -> Path | None:
         return None
 
 
-MIRROR_PREFIX = "clipcap-pycocoevalcap-"  # then the pid of the process that made the mirror
-
-
-def remove_stale_mirrors() -> None:
-    """Delete the toolkit mirrors that killed processes left in the temporary directory."""
-    for mirror in Path(tempfile.gettempdir()).glob(f"{MIRROR_PREFIX}*-*"):
-        pid = mirror.name.removeprefix(MIRROR_PREFIX).partition("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(mirror, ignore_errors=True)
-
-
-@functools.cache
-def toolkit() -> ModuleType:
-    """pycocoevalcap imported from a writable mirror of its installed directory (see the module docstring)."""
-    installed = installed_toolkit()
-    remove_stale_mirrors()
-    mirror = Path(tempfile.mkdtemp(prefix=f"{MIRROR_PREFIX}{os.getpid()}-"))
-    atexit.register(shutil.rmtree, mirror, True)  # a killed process leaves it to remove_stale_mirrors
-    for path in sorted(installed.rglob("*")):  # parents sort before their contents
-        relative = path.relative_to(installed)
-        if "__pycache__" in relative.parts or relative.parts[:2] in (("spice", "cache"), ("spice", "tmp")):
-            continue  # byte code and SPICE's working files stay behind
-        if path.is_dir():
-            (mirror / relative).mkdir()
-        else:
-            (mirror / relative).symlink_to(path)
-    cache = _spice_cache()
-    if cache is not None:
-        (mirror / "spice" / "cache").symlink_to(cache, target_is_directory=True)
-    spec = importlib.machinery.ModuleSpec(TOOLKIT_ALIAS, None, is_package=True)
-    spec.submodule_search_locations = [str(mirror)]
-    sys.modules[TOOLKIT_ALIAS] = importlib.util.module_from_spec(spec)
-    for name in ("tokenizer.ptbtokenizer", "bleu.bleu", "meteor.meteor", "rouge.rouge", "cider.cider", "spice.spice"):
-        importlib.import_module(f"{TOOLKIT_ALIAS}.{name}")
-    return sys.modules[TOOLKIT_ALIAS]
-
-
-def link_spice_jars(jars: dict[str, Path]) -> Path:
-    """Link the CoreNLP jars into the working copy's ``spice/lib``, where spice-1.0.jar's Class-Path
-    and pycocoevalcap's download check look for them (site-packages is left alone); returns that folder."""
-    lib = Path(list(toolkit().__path__)[0]) / "spice" / "lib"
-    for name, jar in jars.items():
-        link = lib / name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == jar.resolve():
-                continue
-            link.unlink()
-        link.symlink_to(jar.resolve())
-    return lib
-
-
 def require_java() -> None:
     """Fail now, in one line, when no java is on PATH: the PTB tokenizer, METEOR and SPICE all run on it."""
     if shutil.which("java") is None:
         raise ClipCapError("java not found on PATH: pycocoevalcap's PTB tokenizer, METEOR and SPICE run on Java; "
                            "install a Java runtime (e.g. apt-get install default-jre-headless)")
+
+
+def java_error(output: str) -> str:
+    """Java's own last error line in ``output`` (its stderr): the last line that is neither a stack
+    frame nor the launcher's sign-off ("Caused by: java.lang.ClassNotFoundException: ...")."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line[0].isspace() and line.strip() not in JVM_SIGN_OFFS]
+    return lines[-1] if lines else "it printed no error"
+
+
+def run_java(command: Sequence[str], what: str, cwd: str | Path | None = None) -> bytes:
+    """Run a Java tool of the toolkit and return its stdout; a failure is one line with Java's own error."""
+    try:
+        run = subprocess.run(list(command), capture_output=True, cwd=cwd)
+    except OSError as e:
+        raise ClipCapError(f"{what} (Java) could not start: {e}") from None
+    if run.returncode != 0:
+        error = java_error(run.stderr.decode(errors="replace"))
+        heap = next((option for option in command if option.startswith("-Xmx")), None)
+        if heap and ("OutOfMemoryError" in error or "heap" in error):
+            error += f" (it runs with a {heap.removeprefix('-Xmx')} Java heap, {heap})"
+        raise ClipCapError(f"{what} (Java) failed with exit status {run.returncode}: {error}")
+    return run.stdout
+
+
+def ptb_tokenize(captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
+    """Captions as pycocoevalcap's ``PTBTokenizer`` returns them (PTB tokens, lower case, its punctuation
+    removed), from its own jar and flags, with the input file in a private folder."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
+
+    lines = [" ".join(c.splitlines()) for v in captions.values() for c in v]  # one caption per line, always
+    jar = installed_toolkit() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix="clipcap-ptb-") as folder:
+        path = Path(folder) / "captions.txt"
+        path.write_bytes("\n".join(lines).encode())
+        out = run_java(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                        "-lowerCase", str(path)], "the PTB tokenizer")
+    tokenized = out.decode().split("\n")
+    if len(tokenized) < len(lines):
+        raise ClipCapError(f"the PTB tokenizer (Java) returned {len(tokenized)} lines for {len(lines)} captions")
+    words = iter(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS) for line in tokenized)
+    return {k: [next(words) for _ in v] for k, v in captions.items()}
+
+
+class Spice:
+    """SPICE 1.0 as pycocoevalcap's ``Spice`` runs it (its jar, heap and flags), with a class path that
+    names the CoreNLP jars, its working files in a private folder and its parse cache in the user's."""
+
+    def __init__(self, jars: dict[str, Path]):
+        spice_jar = installed_toolkit() / "spice" / "spice-1.0.jar"
+        options = SPICE_JAVA_OPTIONS if java_version() >= 9 else ()
+        self.command = ["java", SPICE_HEAP, *options, "-cp", os.pathsep.join(map(str, [*jars.values(), spice_jar])),
+                        "edu.anu.spice.SpiceScorer"]
+        self.cache = _spice_cache()
+
+    def compute_score(self, gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> tuple[float, list[float]]:
+        """The mean SPICE F-score and each image's, in ``gts``' order (NaN where SPICE gives none)."""
+        keys = list(gts)
+        try:
+            order = sorted(range(len(keys)), key=keys.__getitem__)  # the toolkit's order, which its mean sums in
+        except TypeError:  # ids of mixed types: no order to keep
+            order = list(range(len(keys)))
+        entries = [{"image_id": i, "test": res[keys[i]][0], "refs": gts[keys[i]]} for i in order]
+        with tempfile.TemporaryDirectory(prefix="clipcap-spice-") as folder:
+            inputs, outputs = Path(folder) / "input.json", Path(folder) / "output.json"
+            inputs.write_text(json.dumps(entries, indent=2))
+            cache = ["-cache", str(self.cache)] if self.cache is not None else []
+            run_java([*self.command, str(inputs), *cache, "-out", str(outputs), "-subset", "-silent"], "SPICE",
+                     cwd=folder)
+            answers = json.loads(outputs.read_text())
+        f_scores = {int(item["image_id"]): _number(item["scores"]["All"]["f"]) for item in answers}
+        mean = float(np.mean([f_scores[int(item["image_id"])] for item in answers]))  # as the toolkit averages
+        return mean, [f_scores[i] for i in range(len(keys))]
+
+
+def _number(value: Any) -> float:
+    """SPICE's score, or NaN for its null (as the toolkit converts it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def toolkit_scorer(name: str, spice_jars: dict[str, Path] | None = None) -> Any:
+    """A new scorer of the toolkit by its name in :data:`clipcap.evaluation.SCORERS` (SPICE needs its jars)."""
+    if name == "SPICE":
+        return Spice(spice_jars)
+    if name == "METEOR":  # starts its Java process, which loads for tens of seconds
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        return Meteor()
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    return {"Bleu": lambda: Bleu(4), "ROUGE_L": Rouge, "CIDEr": Cider}[name]()

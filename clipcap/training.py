@@ -1,7 +1,8 @@
 """Training ClipCap on cached CLIP features: one process or many (torchrun), resumable.
 
-Read top to bottom: the configuration, the data order, then :func:`train`: :func:`setup`, the
-training :func:`step`, and :func:`end_of_epoch`, the logs and the loss plot.
+Read top to bottom: the configuration and what a resumed run may change of it, the data order,
+then :func:`train`: :func:`setup`, the training :func:`train_step`, and :func:`end_of_epoch`, the
+logs and the loss plot. The run's folder and resume state are :mod:`clipcap.run_state`'s.
 
 Where this differs from the original's loop (on purpose):
 - Each batch is padded to its own longest caption and the loss ignores padding only
@@ -11,16 +12,22 @@ Where this differs from the original's loop (on purpose):
   it is split over processes (``--batch_size`` per process) and accumulation steps
   (``--grad_accum``), so N processes with batch B equal one process with batch N*B.
 - Everything that can be checked is checked before the first step (flags, the output folder,
-  the data and validation data, GPT-2), and a non-finite loss stops the run before any
-  checkpoint can hold its weights (:class:`LossGuard`).
+  the data and validation data, GPT-2, Java for validation CIDEr), and a non-finite loss stops
+  the run before any checkpoint can hold its weights (:class:`LossGuard`).
+- The warm-up is at most a tenth of the run, so that a small dataset learns with the defaults
+  (COCO's 10 epochs keep the paper's 5,000 steps).
+- ``--resume DIR`` alone continues the run with its own settings; changing one that would make
+  it another run is refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,22 +39,30 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .checkpoint import (
-    CLIP_BY_WIDTH,
-    RunFiles,
-    clip_for_width,
-    find_resume_file,
-    restore,
-    save_config,
-    save_resume,
-    save_weights,
-)
+from .checkpoint import CLIP_BY_WIDTH, clip_for_width, save_config
 from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import same_clip
 from .featureset import FeatureSet
 from .files import ClipCapError, atomic_write, check_output_path, examples, remove_stale_temp_files
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
-from .runtime import Processes, pick_device, start_processes
+from .run_state import (
+    ResumeState,
+    RunFiles,
+    find_resume_file,
+    read_resume,
+    restore,
+    rng_states,
+    save_resume,
+    save_weights,
+)
+from .runtime import DEVICE_HELP, Processes, pick_device, start_processes
+from .toolkit import require_java
+
+FROM_THE_DATA = ("prefix_size", "clip_model", "gpt2_config")  # model fields the features decide, not flags
+MAX_WARMUP_SHARE = 0.1  # of the run's steps: COCO's 10 epochs (~141k steps) keep the paper's 5,000
+# Under torchrun the other processes wait while rank 0 alone validates, scores CIDEr with Java and
+# writes checkpoints (GBs for GPT-2 fine-tuning): far longer than NCCL's default timeout allows.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass
@@ -67,18 +82,23 @@ class TrainConfig:
     batch_size: int = setting(40, "captions per process and step (global batch: x processes x grad_accum)",
                               flags=("--batch_size", "--bs"))
     lr: float = setting(2e-5, "AdamW's learning rate (eps 1e-6, no weight decay)")
-    warmup: int = setting(5000, "linear warm-up steps, then linear decay to 0")
+    warmup: int = setting(5000, "linear warm-up steps (at most a tenth of the run's), then linear decay to 0")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     clip_grad: float = setting(0.0, "max gradient norm (0: no clipping, as the original)")
-    precision: str = setting("auto", "autocast: auto is bf16 on GPUs that have it, else fp32",
+    precision: str = setting("auto", "autocast: auto is bf16 on GPUs with bf16 tensor cores (compute "
+                                     "capability 8+), else fp32",
                              choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model")
-    seed: int = setting(0, "initial weights and data order")
+    seed: int = setting(0, "initial weights, data order and dropout (0 to 2**64 - 1)")
     clip_model: str | None = setting(None, "the CLIP that made the features (default: the one they record; "
                                            "for the original's pickles, the CLIP of their width)")
-    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1 ...")
+    device: str = setting("auto", DEVICE_HELP + " (under torchrun: auto or cuda)")
     num_workers: int = setting(0, "DataLoader workers (a batch is one NumPy gather: 0 is usually fastest)")
-    resume: str | None = setting(None, "continue the run in this folder (or this {prefix}_resume.pt)")
+    resume: str | None = setting(None, "continue the run in this folder (or this {prefix}_resume.pt) with its "
+                                       "settings; of those, only --epochs (more), --batch_size and --grad_accum "
+                                       "(the same global batch) and the flags of where and how it runs (--out_dir, "
+                                       "--prefix, --device, --compile, --num_workers, --max_steps, the saving and "
+                                       "logging intervals, --save_original_format, --skip_nonfinite) may change")
     overwrite: bool = setting(False, "start afresh even where a run with this prefix left files")
     max_steps: int | None = setting(None, "stop after this many steps (resumable)")
     save_latest_every: int = setting(10_000, "write {prefix}_latest and the resume state every this many steps")
@@ -107,12 +127,31 @@ class TrainConfig:
             raise ClipCapError(f"--lr must be a positive number, got {self.lr}")
         if not (self.clip_grad >= 0 and np.isfinite(self.clip_grad)):
             raise ClipCapError(f"--clip_grad must be a non-negative number, got {self.clip_grad}")
+        if not 0 <= self.seed < 2**64:
+            raise ClipCapError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
+        if self.prefix in ("", "..") or Path(self.prefix).name != self.prefix:
+            raise ClipCapError(f"--prefix {self.prefix!r}: must be a plain file name start (no folder), the run's "
+                               "files go into --out_dir")
+        if self.val_captions and not self.val_data:
+            raise ClipCapError(f"--val_captions {self.val_captions}: needs --val_data, the features to caption")
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as train.py's flags name them: the run's fields and the model's (not those of the data)."""
+        model = {k: v for k, v in self.model.to_dict().items() if k not in FROM_THE_DATA}
+        return model | {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        model_fields = {f.name for f in dataclasses.fields(ClipCapConfig)} - set(FROM_THE_DATA)
+        run_fields = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        return cls(model=ClipCapConfig(**{k: v for k, v in values.items() if k in model_fields}),
+                   **{k: v for k, v in values.items() if k in run_fields})
 
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "auto":  # V100 and T4 only emulate bf16 (no tensor cores for it): fp32 there
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in choices:
         raise ClipCapError(f"--precision must be one of {sorted(choices)} or auto, got {name!r}")
@@ -154,12 +193,65 @@ def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureS
                    f"recording {guess}; pass --clip_model to name the right one")
 
 
+# --------------------------------------------------------------------------- resuming a run
+
+# What a resumed run may change: how much longer it runs, where and how it runs and writes. Any
+# other setting would make it another run (another model, data, schedule or random draws).
+SAFE_TO_CHANGE = ("epochs", "batch_size", "grad_accum", "out_dir", "prefix", "device", "compile", "num_workers",
+                  "max_steps", "save_every", "save_latest_every", "log_every", "save_original_format",
+                  "skip_nonfinite", "resume", "overwrite")
+
+
+def recorded_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a resume state keeps: the flags' values, with local paths made absolute (a resumed
+    run may start in another folder)."""
+    settings = cfg.flat()
+    for name in ("data", "val_data", "gpt2", "clip_model"):
+        value = settings[name]
+        if value and (name in ("data", "val_data") or Path(value).exists()):
+            settings[name] = os.path.abspath(value)
+    return settings
+
+
+def resumed_config(resume: str, prefix: str | None = None) -> TrainConfig:
+    """What ``--resume`` alone continues a run with: its own settings, writing where its resume state
+    is, for as long as it was to run (a ``--max_steps`` it stopped at is not kept)."""
+    path = find_resume_file(resume, prefix)
+    saved = TrainConfig.from_flat(read_resume(path).settings)
+    return dataclasses.replace(saved, out_dir=str(path.parent), resume=resume, max_steps=None, overwrite=False)
+
+
+def check_unchanged(cfg: TrainConfig, resumed: ResumeState) -> None:
+    """Refuse, naming old and new, a setting that would make the resumed run another run."""
+    now, then = recorded_settings(cfg), resumed.settings
+    for name, old in then.items():
+        new = now.get(name)
+        if name in SAFE_TO_CHANGE or new == old or (name == "clip_model" and same_clip(old, new)):
+            continue
+        raise ClipCapError(f"--{name} {new}: the run being resumed ({resumed.path}) has {old}; a resumed run "
+                           "keeps its settings (--help says which may change): drop the flag to continue it, or "
+                           "start a new run in another --out_dir")
+    if cfg.epochs < then["epochs"]:
+        raise ClipCapError(f"--epochs {cfg.epochs}: the run being resumed ({resumed.path}) has {then['epochs']}; "
+                           "a resumed run may get more epochs, not fewer")
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> tuple[int, str | None]:
+    """The warm-up of a new run, capped at a tenth of its steps, and a note when the cap applies."""
+    cap = max(1, int(total_steps * MAX_WARMUP_SHARE))
+    if cfg.warmup <= cap:
+        return cfg.warmup, None
+    steps = f"{cap} step{'s' * (cap != 1)}"
+    return cap, (f"warm-up: {steps}, a tenth of this run's {total_steps:,} (--warmup {cfg.warmup} would leave the "
+                 "learning rate low for most of it)")
+
+
 # --------------------------------------------------------------------------- the data order
 
 
 def epoch_batches(n: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
     """[steps, global_batch] caption indices: a fresh shuffle each epoch, the last partial batch dropped."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64))
     steps = n // global_batch
     return order[:steps * global_batch].view(steps, global_batch)
 
@@ -199,7 +291,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    state: dict[str, Any]  # epoch, step, global_step, history, best: what a resume continues from
+    state: dict[str, Any]  # progress, history, best, and what fixes the steps and schedule: what a resume continues
     log: RunLog
     guard: LossGuard
     val: ValidationSet | None
@@ -207,17 +299,33 @@ class Run:
     steps_per_epoch: int
 
     def save_resume(self) -> None:
+        """Called by every process: each hands rank 0 its own RNG states, and rank 0 writes the resume state."""
+        rng: list[Any] = [rng_states(self.device)]
+        if self.procs.world > 1:
+            rng = [None] * self.procs.world
+            torch_dist.all_gather_object(rng, rng_states(self.device))
         if self.procs.main:
-            save_resume(self.files.resume, self.model, self.optimizer, self.scheduler, self.scaler, self.state)
+            save_resume(self.files.resume, self.model, self.optimizer, self.scheduler, self.scaler, rng,
+                        recorded_settings(self.cfg), self.state)
 
     def save_weights(self, stem: Path) -> None:
         save_weights(self.model, stem, self.cfg.save_original_format)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, writing checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history)."""
-    run = setup(cfg)
-    state, steps_this_run = run.state, 0
+    """Train, writing checkpoints and logs into ``cfg.out_dir``; returns a summary (paths, history).
+    Under torchrun it joins the process group, and leaves it on the way out, error or not."""
+    cfg.check()
+    procs = start_processes(cfg.device, timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        return run_epochs(setup(cfg, procs))
+    finally:
+        procs.close()
+
+
+def run_epochs(run: Run) -> dict[str, Any]:
+    """The epochs the run has left, step by step; a ``--max_steps`` stop can be resumed."""
+    cfg, state, steps_this_run = run.cfg, run.state, 0
     for epoch in range(state["epoch"], cfg.epochs):
         run.model.train()
         batches = epoch_batches(len(run.dataset), run.global_batch, cfg.seed, epoch)
@@ -247,16 +355,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if run.guard.skipped:
                     record["skipped_nonfinite"] = run.guard.skipped
                 state["history"].append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
                 run.log.scalars(record)
             if latest and run.procs.main:
                 run.save_weights(run.files.named("latest"))
-            if latest or stopping:
+            if stopping or (latest and step + 1 < run.steps_per_epoch):  # at an epoch's end, after validation
                 run.save_resume()
             if stopping:
                 bar.close()
                 run.log.text(f"stopped after {steps_this_run} steps (--max_steps); continue with "
-                             f"--resume {cfg.out_dir}")
+                             f"{run.files.resume_hint()}")
                 run.procs.barrier()
                 return summary(run, finished=False)
         bar.close()
@@ -264,10 +372,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary(run, finished=True)
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Check everything that can be checked, then build the run: processes, data, model, optimizer, resume."""
-    cfg.check()
-    procs = start_processes(cfg.device)
+def setup(cfg: TrainConfig, procs: Processes) -> Run:
+    """Check everything that can be checked, then build the run: data, model, optimizer, resume state."""
+    resumed = read_resume(find_resume_file(cfg.resume, cfg.prefix)) if cfg.resume else None
+    if resumed:
+        check_unchanged(cfg, resumed)
+    if cfg.val_captions:
+        require_java()  # validation CIDEr first runs at the end of epoch 1: fail now, not then
     device = pick_device(cfg.device, procs)
     autocast_dtype = pick_precision(cfg.precision, device)
     files = RunFiles(Path(cfg.out_dir), cfg.prefix)
@@ -276,40 +387,39 @@ def setup(cfg: TrainConfig) -> Run:
 
     features = load_features(cfg.data)
     val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
-    clip_model, note = features_clip(cfg, features, val_features)
-    log = RunLog(files, enabled=procs.main, fresh=not cfg.resume)
-    if note:
-        log.text(note)
+    clip_model, clip_note = features_clip(cfg, features, val_features)
     tokenizer = load_tokenizer(cfg.model.gpt2)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     config = dataclasses.replace(cfg.model, prefix_size=features.dim, clip_model=clip_model, gpt2_config={})
     model = build_model(config).to(device)
     max_positions = model.gpt.config.n_positions - config.prefix_length
-    if max_positions < 1:
-        raise ClipCapError(f"--prefix_length {config.prefix_length} leaves no room for a caption: "
-                           f"{config.gpt2} takes {model.gpt.config.n_positions} positions")
-    if procs.main:  # the first process writes the token cache, the others read it
-        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
-    procs.barrier()
-    if not procs.main:
-        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), max_positions, source=cfg.data)
+    dataset = caption_dataset(cfg, features, tokenizer, max_positions, procs)
 
     global_batch = cfg.batch_size * procs.world * cfg.grad_accum
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
         raise ClipCapError(f"{cfg.data}: {len(dataset)} captions, fewer than one global batch of {global_batch}")
+    warmup_note = None
+    if resumed:
+        state = resumed.progress
+        check_same_steps(cfg, resumed, len(dataset), global_batch, procs)
+    else:
+        warmup, warmup_note = warmup_steps(cfg, cfg.epochs * steps_per_epoch)
+        state = {"epoch": 0, "step": 0, "global_step": 0, "history": [], "best": None, "warmup": warmup,
+                 "captions": len(dataset), "global_batch": global_batch}
     optimizer = make_optimizer(model, cfg.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, cfg.epochs * steps_per_epoch)
+    scheduler = get_linear_schedule_with_warmup(optimizer, state["warmup"], cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    state = {"epoch": 0, "step": 0, "global_step": 0, "history": [], "best": None}
-    if cfg.resume:
-        state = restore(find_resume_file(cfg.resume, cfg.prefix), model, optimizer, scheduler, scaler)
+    torch.manual_seed((cfg.seed + 1 + procs.rank) % 2**64)  # each process draws its own dropout masks
+    if resumed:
+        restore(resumed, model, optimizer, scheduler, scaler, procs.rank, device)
 
-    step_model: nn.Module = torch.compile(model) if cfg.compile else model
-    if procs.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda"
-                                                         else None)
+    step_model = step_module(model, procs, device, cfg.compile)
     val = ValidationSet(cfg, val_features, tokenizer, max_positions) if val_features is not None else None
+    log = RunLog(files, procs.main, state)
+    for note in (clip_note, warmup_note):
+        if note:
+            log.text(note)
     if procs.main:
         save_config(model.config, files.config)
         log.text(f"{len(dataset):,} captions, {steps_per_epoch:,} steps/epoch of {global_batch} "
@@ -317,9 +427,9 @@ def setup(cfg: TrainConfig) -> Run:
                  f"precision {autocast_dtype or torch.float32}, trainable params "
                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     token_counts = torch.from_numpy(np.minimum(np.diff(dataset.offsets), dataset.max_length))
+    guard = LossGuard(device, cfg.skip_nonfinite, features, cfg.data, procs)
     return Run(cfg, procs, device, autocast_dtype, files, model, step_model, dataset, token_counts, optimizer,
-               scheduler, scaler, state, log, LossGuard(device, cfg.skip_nonfinite, features, cfg.data), val,
-               global_batch, steps_per_epoch)
+               scheduler, scaler, state, log, guard, val, global_batch, steps_per_epoch)
 
 
 def check_out_dir(cfg: TrainConfig, files: RunFiles) -> None:
@@ -331,9 +441,53 @@ def check_out_dir(cfg: TrainConfig, files: RunFiles) -> None:
     existing = files.existing()
     if existing and not cfg.resume and not cfg.overwrite:
         raise ClipCapError(f"--out_dir {files.folder}: holds a run with prefix {cfg.prefix!r} ({existing[0].name}, "
-                           f"...); continue it with --resume {files.folder}, or pass --overwrite to replace it")
+                           f"...); continue it with {files.resume_hint()}, or pass --overwrite to replace it")
     if files.folder.is_dir():
         remove_stale_temp_files(files.folder)
+
+
+def caption_dataset(cfg: TrainConfig, features: FeatureSet, tokenizer: Any, max_positions: int,
+                    procs: Processes) -> CaptionDataset:
+    """The training captions as tokens (the first process writes the token cache, the others read it),
+    checked to fit in the GPT-2 positions the prefix leaves, at the data's truncation length."""
+    positions, k = max_positions + cfg.model.prefix_length, cfg.model.prefix_length
+    if max_positions < 1:
+        raise ClipCapError(f"--prefix_length {k} leaves no room for a caption: {cfg.model.gpt2} takes {positions} "
+                           "positions")
+    if procs.main:
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), source=cfg.data)
+    procs.barrier()
+    if not procs.main:
+        dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), source=cfg.data)
+    if dataset.max_length > max_positions:
+        raise ClipCapError(f"--prefix_length {k} leaves {max_positions} of {cfg.model.gpt2}'s {positions} positions "
+                           f"for a caption, fewer than the {dataset.max_length} tokens {cfg.data}'s captions are cut "
+                           f"to; use --prefix_length {positions - dataset.max_length} or less")
+    return dataset
+
+
+def check_same_steps(cfg: TrainConfig, resumed: ResumeState, captions: int, global_batch: int,
+                     procs: Processes) -> None:
+    """A resumed run cuts the data into the run's steps, or it would skip or repeat captions."""
+    state = resumed.progress
+    if captions != state["captions"]:
+        raise ClipCapError(f"{cfg.data}: {captions:,} captions, but the run being resumed ({resumed.path}) had "
+                           f"{state['captions']:,}: the file changed since")
+    if global_batch != state["global_batch"]:
+        raise ClipCapError(f"global batch {global_batch} ({procs.world} process(es) x --batch_size {cfg.batch_size} x "
+                           f"--grad_accum {cfg.grad_accum}), but the run being resumed ({resumed.path}) has "
+                           f"{state['global_batch']}: choose --batch_size and --grad_accum for that")
+
+
+def step_module(model: ClipCap, procs: Processes, device: torch.device, compile: bool) -> nn.Module:
+    """The model as the training step calls it. PyTorch's way for torch.compile with DDP: compile the
+    model in place, then wrap it; DDP then splits the compiled graph at its gradient buckets, so that
+    their all-reduce overlaps the backward pass."""
+    if compile:
+        model.compile()
+    if procs.world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train_step(run: Run, micro_batches: list[Batch], captions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -374,8 +528,9 @@ def end_of_epoch(run: Run, epoch: int) -> None:
     if run.procs.main:
         if run.val is not None:
             metrics = run.val.evaluate(run.model)
-            state["history"].append({"epoch": epoch + 1, "step": state["global_step"], **metrics})
-            run.log.scalars({"step": state["global_step"], **metrics})
+            record = {"epoch": epoch + 1, "step": state["global_step"], **metrics}
+            state["history"].append(record)
+            run.log.scalars(record)
             run.log.text(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             score = metrics.get("val_CIDEr", -metrics["val_loss"])
             if state["best"] is None or score > state["best"]["score"]:
@@ -383,9 +538,9 @@ def end_of_epoch(run: Run, epoch: int) -> None:
                 run.save_weights(run.files.named("best"))
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             run.save_weights(run.files.epoch(epoch))
-        run.save_resume()
+    run.save_resume()  # the other processes wait here for rank 0's validation
+    if run.procs.main:
         plot_history(state["history"], run.files.loss_plot)
-    run.procs.barrier()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -404,37 +559,53 @@ class LossGuard:
     queuing the next. So on the CPU, and with ``skip`` (which must know before the optimizer
     step), each step is checked at once; on a GPU the first bad step is recorded on the device
     and read by :meth:`check`, which the loop calls when it logs (a read it makes anyway) and
-    before every checkpoint. ``save_checkpoint`` checks the weights finite as well. Under
-    torchrun each process checks its own losses, and torchrun ends the others when one stops.
+    before every checkpoint. ``save_checkpoint`` checks the weights finite as well.
+
+    Under torchrun the processes decide together: backward has already averaged one process's
+    non-finite gradients into every process's, so all of them skip the step (and the grad
+    scaler's update, keeping their loss scales equal), or all of them stop.
     """
 
-    def __init__(self, device: torch.device, skip: bool, features: FeatureSet, source: str):
+    NO_STEP = torch.iinfo(torch.long).max  # no bad step seen (the minimum over processes finds the first)
+
+    def __init__(self, device: torch.device, skip: bool, features: FeatureSet, source: str,
+                 procs: Processes = Processes()):
         self.eager = device.type != "cuda" or skip
-        self.skip, self.features, self.source = skip, features, source
+        self.skip, self.features, self.source, self.procs = skip, features, source, procs
         self.skipped = 0
         self.bar: tqdm | None = None
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first bad step, on the device
+        self.first_bad = torch.full((), self.NO_STEP, dtype=torch.long, device=device)  # on the device
         self.batches: dict[int, torch.Tensor] = {}  # step -> its caption indices, since the last check
 
     def observe(self, losses: list[torch.Tensor], step: int, captions: torch.Tensor) -> bool:
-        """Whether the step's optimizer update may go ahead."""
+        """Whether the step's optimizer update may go ahead (the same answer in every process)."""
         finite = torch.stack([torch.isfinite(loss) for loss in losses]).all()
         if self.eager:
-            if bool(finite):
+            if bool(self.everywhere(finite)):
                 return True
             if not self.skip:
                 self.fail(step, captions)
             self.skipped += 1
             return False
-        self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, step)
+        self.first_bad = torch.where(finite | (self.first_bad != self.NO_STEP), self.first_bad, step)
         self.batches[step] = captions
         return True
 
+    def everywhere(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether the loss is finite in every process."""
+        if self.procs.world == 1:
+            return finite
+        flag = finite.to(torch.int32)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+        return flag.bool()
+
     def check(self) -> None:
-        """Raise if a step since the last check had a non-finite loss (one read from the device)."""
+        """Raise if a step since the last check had a non-finite loss in any process (one read from the device)."""
         if not self.eager:
+            if self.procs.world > 1:
+                torch_dist.all_reduce(self.first_bad, op=torch_dist.ReduceOp.MIN)
             step = int(self.first_bad)
-            if step >= 0:
+            if step != self.NO_STEP:
                 self.fail(step, self.batches[step])
             self.batches.clear()
 
@@ -471,8 +642,9 @@ class Throughput:
         if procs.world > 1:
             torch_dist.all_reduce(totals)
         seconds = time.perf_counter() - self.start
-        record = {"loss": float(totals[0] / totals[1]), "samples_per_s": float(totals[2]) / seconds,
-                  "tokens_per_s": float(totals[1]) / seconds}
+        record = {"samples_per_s": float(totals[2]) / seconds, "tokens_per_s": float(totals[1]) / seconds}
+        if totals[1] > 0:  # not when every step since the last log line was skipped
+            record["loss"] = float(totals[0] / totals[1])
         if self.device.type == "cuda":
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.reset()
@@ -526,19 +698,25 @@ class ValidationSet:
 
 
 class RunLog:
-    """Rank 0's record of a run: JSONL and TensorBoard scalars, and messages printed above the bar."""
+    """Rank 0's record of a run: JSONL and TensorBoard scalars, and messages printed above the bar.
 
-    def __init__(self, files: RunFiles, enabled: bool, fresh: bool):
+    Both start where the run's ``state`` is: a killed run logged steps after its last resume state,
+    which the resumed run logs again, so the JSONL is rewritten from the state's history and
+    TensorBoard drops what it holds past the state's step (for a new run: everything before).
+    """
+
+    def __init__(self, files: RunFiles, enabled: bool, state: dict[str, Any]):
         self.enabled = enabled
         self.path = files.log
         self.writer = None
         if enabled:
             files.folder.mkdir(parents=True, exist_ok=True)
-            if fresh:  # a new run (--overwrite) starts a new log; a resumed one appends
-                self.path.unlink(missing_ok=True)
+            with atomic_write(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(record) + "\n" for record in state["history"]))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(files.folder / "tensorboard" / files.prefix))
+            self.writer = SummaryWriter(str(files.folder / "tensorboard" / files.prefix),
+                                        purge_step=state["global_step"] + 1)
 
     def text(self, message: str) -> None:
         if self.enabled:

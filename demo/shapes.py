@@ -36,16 +36,17 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from clipcap import cli
+from clipcap.annotations import load_references
 from clipcap.captioner import Captioner
 from clipcap.data import load_features
 from clipcap.encoder import OPENAI_CHECKPOINTS
-from clipcap.evaluation import METRIC_KEYS, Evaluation, Scorer, load_references
+from clipcap.evaluation import METRIC_KEYS, PERCENT, Evaluation, Scorer
 from clipcap.extraction import extract
 from clipcap.featureset import FeatureSet, save_original_pickle
 from clipcap.files import ClipCapError, atomic_write, markdown_table, write_json
 from clipcap.model import ClipCapConfig
 from clipcap.runtime import resolve_device
-from clipcap.sources import coco_images, coco_shards
+from clipcap.sources import ImageItem, coco_images, coco_items, coco_shards
 from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
 from clipcap.training import TrainConfig, train
 
@@ -177,8 +178,8 @@ def check_hub() -> None:
 
 def extract_split(annotations: Path, split: str, clip_model: str, store: Path, device: str) -> FeatureSet:
     """One split's CLIP features, as ``parse_coco.py --annotations ... --split ... --feature_store`` makes them."""
-    images = coco_images(annotations, annotations.parent, split)
-    skipped = extract(coco_shards(images), store, clip_model, device=device)
+    shards = coco_shards(coco_images(annotations, split), annotations.parent)
+    skipped = extract(shards, store, clip_model, device=device)
     if skipped:
         raise ClipCapError(f"{store}: {skipped} drawn images could not be encoded; see {store / 'skipped.tsv'}")
     return load_features(store)
@@ -209,8 +210,8 @@ def caption_and_score(checkpoint: str, features: FeatureSet, references: dict, s
 
 
 def exact_match(results: list[dict[str, Any]], references: dict) -> float:
-    """Share of images whose caption is word for word one of their references."""
-    return sum(r["caption"] in references[r["image_id"]] for r in results) / len(results)
+    """Share of images whose caption is word for word one of their references, in percent like the scores."""
+    return PERCENT * sum(r["caption"] in references[r["image_id"]] for r in results) / len(results)
 
 
 # --------------------------------------------------------------------------- 6. the report
@@ -223,25 +224,25 @@ BASELINE_NOTE = ("caption-only baseline: trained and decoded the same way, with 
 def score_rows(scores: dict[str, dict[str, float]]) -> list[list[str]]:
     """Header and one row per system, corpus scores in the paper's units (x100)."""
     keys = [k for k in (*METRIC_KEYS, "exact_match") if k in next(iter(scores.values()))]
-    return [["captions from", *keys]] + [[name, *(f"{100 * s[k]:.1f}" for k in keys)] for name, s in scores.items()]
+    return [["captions from", *keys]] + [[name, *(f"{s[k]:.1f}" for k in keys)] for name, s in scores.items()]
 
 
-def write_gallery(path: Path, images: list[dict[str, Any]], captions: dict[str, dict[Any, str]],
+def write_gallery(path: Path, images: list[ImageItem], captions: dict[str, dict[Any, str]],
                   per_image: dict[Any, dict[str, float]], notes: list[str], rows: list[list[str]]) -> None:
     """An HTML page: the scores, the loss curve, and held-out images (copied beside the page) with
     each system's caption, the references and the image's CIDEr."""
     (path.parent / "images").mkdir(parents=True, exist_ok=True)
     cards = []
     for image in images:
-        name = Path(image["path"]).name
-        shutil.copyfile(image["path"], path.parent / "images" / name)
-        references = [c["caption"] for c in image["captions"]]
-        lines = [f'<p class="{"right" if by_id[image["id"]] in references else "wrong"}"><b>{html.escape(system)}:'
-                 f'</b> {html.escape(by_id[image["id"]])}</p>' for system, by_id in captions.items()]
+        name = Path(image.path).name
+        shutil.copyfile(image.path, path.parent / "images" / name)
+        references = image.captions
+        lines = [f'<p class="{"right" if by_id[image.image_id] in references else "wrong"}"><b>{html.escape(system)}:'
+                 f'</b> {html.escape(by_id[image.image_id])}</p>' for system, by_id in captions.items()]
         lines.append("<p class='refs'><b>references:</b> " + "<br>".join(map(html.escape, references)) + "</p>")
-        if "CIDEr" in per_image[image["id"]]:
-            lines.append(f"<p class='refs'>CIDEr {100 * per_image[image['id']]['CIDEr']:.0f}</p>")
-        cards.append(f'<div class="card"><img src="images/{name}" alt="held-out image {image["id"]}">'
+        if "CIDEr" in per_image[image.image_id]:
+            lines.append(f"<p class='refs'>CIDEr {per_image[image.image_id]['CIDEr']:.0f}</p>")
+        cards.append(f'<div class="card"><img src="images/{name}" alt="held-out image {image.image_id}">'
                      + "".join(lines) + "</div>")
     table = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     page = f"""<!doctype html>
@@ -307,7 +308,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         check_hub()
 
     annotations = make_shapes_dataset(out / "shapes", cfg.n_train, cfg.n_test, cfg.seed)
-    corpus = [c["caption"] for image in coco_images(annotations, annotations.parent, "train") for c in image["captions"]]
+    corpus = [c for image in coco_images(annotations, "train") for c in image.captions]
     recipe = real_recipe() if real else tiny_recipe(out / "backbones", corpus, cfg.seed)
     about = describe(recipe, cfg.n_train)
     print(about)
@@ -339,8 +340,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     shutil.copyfile(runs[MODEL]["loss_plot"], report / "loss.png")
     rows = score_rows(scores)
     notes = [about, BASELINE_NOTE] if cfg.baseline else [about]
-    write_gallery(report / "gallery.html", coco_images(annotations, annotations.parent, "test")[:cfg.gallery_size],
-                  captions, per_image, notes, rows)
+    held_out = coco_items(coco_images(annotations, "test"), annotations.parent)[:cfg.gallery_size]
+    write_gallery(report / "gallery.html", held_out, captions, per_image, notes, rows)
     write_json(report / "captions.json", captions)
     summary = {"backbones": "real" if not recipe.tiny else "tiny random", "about": about,
                "recipe": {**asdict(recipe), "epochs": epochs},

@@ -120,6 +120,67 @@ def test_api_answers_bad_input_with_a_message(client, checkpoint, files, form, s
     assert answer.status_code == status and message in answer.json()["error"]
 
 
+def test_checkpoint_may_be_left_out_when_the_server_offers_one(client, checkpoint, captioner, tmp_path, gpt2_dir,
+                                                              clip_dir):
+    from fastapi.testclient import TestClient
+
+    answer = client.post("/api/caption", data={"sample": "coffee", "strategy": "greedy"})
+    assert answer.status_code == 200, answer.text
+    sample = Image.open(io.BytesIO(client.get("/samples/coffee.png").content))
+    assert answer.json()["captions"] == captioner.caption([sample], strategy="greedy")[0]
+    other = tiny_checkpoint(tmp_path / "other.safetensors", gpt2_dir, clip_dir, seed=1)
+    two = TestClient(create_app([checkpoint, other]))
+    answer = two.post("/api/caption", data={"sample": "coffee"})
+    assert answer.status_code == 400 and answer.json()["error"] == f"no checkpoint chosen; this server offers " \
+                                                                    f"{checkpoint}, {other}"
+
+
+def test_concurrent_uploads_are_bounded_in_decoding_and_pixels(checkpoint, monkeypatch):
+    """Six uploads at once: one image decodes at a time, and two images' pixels at most are held (decoded
+    and waiting to be captioned); the others wait for room. Each request's decoding is held open until the
+    gate shows that state, so nothing here depends on timing."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import clipcap.app
+
+    app = create_app([checkpoint], max_pixels=100_000, decoders=1, pixels_in_flight=2 * 150 * 100)
+    gate = app.state.gate
+    seen, release, inside = [], threading.Event(), []
+    decode = clipcap.app.load_image
+
+    def held_open(*args, **kwargs):
+        inside.append(1)
+        seen.append((len(inside), gate.held))
+        release.wait(60)
+        inside.pop()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(clipcap.app, "load_image", held_open)
+    client = TestClient(app)
+    photo = png(photos.chelsea()[:100, :150])  # 150 x 100 pixels
+    answers = []
+    upload = {"image": ("cat.png", photo, "image/png")}
+
+    def request() -> None:
+        answers.append(post(client, checkpoint, files=upload, strategy="greedy"))
+
+    threads = [threading.Thread(target=request) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not (len(inside) == 1 and gate.held == 2 * 150 * 100 and gate.waiting == 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (len(inside), gate.held, gate.waiting) == (1, 2 * 150 * 100, 4), answers
+    release.set()
+    for thread in threads:
+        thread.join(120)
+    assert [a.status_code for a in answers] == [200] * 6 and len({str(a.json()["captions"]) for a in answers}) == 1
+    assert len(seen) == 6 and all(count == 1 and pixels <= 2 * 150 * 100 for count, pixels in seen)
+    assert (gate.held, gate.waiting) == (0, 0)
+
+
 def test_app_refuses_missing_checkpoints(tmp_path):
     with pytest.raises(ClipCapError, match="absent.safetensors: checkpoint not found"):
         main(["--checkpoint", str(tmp_path / "absent.safetensors")])

@@ -225,7 +225,7 @@ CASES = {
                              "yes.json: config normalize_prefix must be a bool, got 'yes'"),
     "predict gpt2 missing folder": ("predict", lambda d, out: ["--checkpoint", d["prefix_only"], "--features",
                                                                d["good"], "--gpt2", d["root"] + "/no_gpt2"],
-                                    "no_gpt2: cannot load its weights"),
+                                    "no_gpt2: no such folder"),
     # outputs checked before any work, and decoding settings
     "predict out a folder": ("predict", lambda d, out: ["--checkpoint", d["pt"], "--features", d["good"],
                                                         "--out", d["folder"]], "--out " + "{folder}: is a folder"),

@@ -155,3 +155,83 @@ def test_original_format_has_the_released_keys_and_buffers(tmp_path, gpt2_dir, m
     assert float(saved["gpt.transformer.h.0.attn.masked_bias"]) == -1e4
     assert list(saved).index("gpt.transformer.h.0.attn.bias") == list(saved).index("gpt.transformer.h.0.ln_1.bias") + 1
     same_outputs(model, load_checkpoint(tmp_path / "run-000.pt", gpt2=gpt2_dir))  # and it loads back here
+
+
+def with_config(path, **changes):
+    """Rewrite a .safetensors checkpoint's config (as a hand-edited or crafted file would be); returns it."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["clipcap_config"])
+    for key, value in changes.items():
+        if key.startswith("gpt2_config."):
+            config["gpt2_config"][key.removeprefix("gpt2_config.")] = value
+        else:
+            config[key] = value
+    save_file(load_file(str(path)), str(path), metadata={"clipcap_config": json.dumps(config)})
+    return path
+
+
+@pytest.mark.parametrize("only_prefix, changes, message", [  # only_prefix "mlp": a prefix-only MLP
+    (False, {"gpt2_config.n_head": 4}, "gpt2_config n_head 4 disagrees with .*gpt2.*, the GPT-2 these weights were "
+                                       "fine-tuned from, which has 2 heads"),
+    (False, {"gpt2_config.n_head": 3, "gpt2": "/elsewhere/gpt2"}, "gpt2_config n_head 3 does not divide GPT-2's "
+                                                                  "width 32"),
+    (True, {"num_heads": 3}, "config num_heads 3 does not divide the mapper's width 32"),
+    (True, {"num_heads": 10**9}, "config num_heads 1000000000 does not divide the mapper's width 32"),
+    (True, {"prefix_length": 10**12}, "config prefix_length 1000000000000 does not fit the weights, whose shapes "
+                                      "give 4"),
+    (True, {"prefix_length_clip": 7}, "config prefix_length_clip 7 does not fit the weights, whose shapes give 3"),
+    (True, {"num_layers": 10**9}, "config num_layers 1000000000 does not fit the weights, whose shapes give 2"),
+    (True, {"prefix_size": 512}, "config prefix_size 512 does not fit the weights, whose shapes give 16"),
+    (True, {"mapping_type": "mlp"}, "config mapping_type mlp does not fit the weights, whose shapes give transformer"),
+    ("mlp", {"gpt2_config.n_embd": 64}, "the mapper was trained for a GPT-2 of width 64, but .* has width 32; pass "
+                                        "--gpt2 naming the GPT-2 it was trained with"),
+    (False, {"gpt2_config.n_layer": 10**9}, "config gpt2_config n_layer 1000000000 does not fit the weights, whose "
+                                            "shapes give 2"),
+    (False, {"gpt2_config.n_positions": 10**12}, "gpt2_config n_positions 1000000000000 does not fit the weights"),
+    (False, {"gpt2_config.n_embd": 0}, "config gpt2_config n_embd must be a positive integer, got 0"),
+    (False, {"gpt2_config.auto_map": {"AutoModel": "x.Y"}}, "config gpt2_config has an unknown field 'auto_map'"),
+])
+def test_config_that_does_not_fit_its_weights_is_one_line(tmp_path, gpt2_dir, monkeypatch, only_prefix, changes,
+                                                           message):
+    """Head counts are in no tensor shape: checked against the widths they split and, for a fine-tuned GPT-2,
+    against the GPT-2 the config names. Every size is checked against the shapes before anything is built."""
+    import clipcap.checkpoint
+
+    transformer = dict(mapping_type="transformer", prefix_length_clip=3, num_layers=2, num_heads=2)
+    model = tiny(gpt2_dir, only_prefix=True) if only_prefix == "mlp" else tiny(gpt2_dir, **transformer,
+                                                                                only_prefix=only_prefix)
+    path = with_config(save_checkpoint(model, tmp_path / "m.safetensors"), **changes)
+    monkeypatch.setattr(clipcap.checkpoint, "build_model", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(ClipCapError, match=message) as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{path}: ")
+
+
+def test_true_config_still_loads_after_the_checks(tmp_path, gpt2_dir):
+    for only_prefix in (False, True):
+        model = tiny(gpt2_dir, mapping_type="transformer", prefix_length_clip=3, num_layers=2, num_heads=4,
+                     only_prefix=only_prefix)
+        same_outputs(model, load_checkpoint(save_checkpoint(model, tmp_path / f"m{only_prefix}.safetensors")))
+
+
+def test_relative_backbone_paths_are_recorded_absolute(tmp_path, gpt2_dir, clip_dir, monkeypatch):
+    """A checkpoint written in one folder, naming its backbones relative to it, loads from any other."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(gpt2_dir, project / "backbones" / "gpt2")
+    monkeypatch.chdir(project)
+    model = tiny("backbones/gpt2", clip_model=clip_dir, only_prefix=True)
+    assert model.config.gpt2 == str(project / "backbones" / "gpt2")
+    model.config.gpt2 = "backbones/gpt2"  # set after the fact: still recorded absolute
+    save_checkpoint(model, project / "m.safetensors")
+    save_checkpoint(model, project / "m.pt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name in ("m.safetensors", "m.pt"):
+        loaded = load_checkpoint(project / name)
+        assert loaded.config.gpt2 == str(project / "backbones" / "gpt2") and loaded.config.clip_model == clip_dir
+        same_outputs(model, loaded)
+    assert json.loads((project / "m.json").read_text())["gpt2"] == str(project / "backbones" / "gpt2")

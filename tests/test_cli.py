@@ -37,13 +37,25 @@ def venv(tmp_path_factory) -> Path:
     return env
 
 
-def test_every_command_is_a_run_function():
+def test_every_command_is_a_run_function(monkeypatch):
+    """Each installed command is a plain function of clipcap.cli that runs its own module's main."""
+    import importlib
+    import inspect
+
     import clipcap.cli
 
     assert sorted(COMMANDS) == sorted(f"clipcap-{m.removeprefix('run_').replace('_', '-')}"
                                       for m in dir(clipcap.cli) if m.startswith("run_"))
-    assert all(target == f"clipcap.cli:run_{name.removeprefix('clipcap-').replace('-', '_')}"
-               for name, target in COMMANDS.items())
+    for name, target in COMMANDS.items():
+        module = name.removeprefix("clipcap-").replace("-", "_")
+        assert target == f"clipcap.cli:run_{module}"
+        command = getattr(clipcap.cli, f"run_{module}")
+        assert command.__qualname__ == f"run_{module}"  # written out, not made by a factory
+        assert f"from .{module} import main" in inspect.getsource(command)
+        ran = []
+        monkeypatch.setattr(importlib.import_module(f"clipcap.cli.{module}"), "main", lambda: ran.append(module))
+        command()
+        assert ran == [module]
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -1,5 +1,6 @@
 """What training reads: features by path, the token cache, truncation and per-batch padding."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from conftest import caption_corpus, write_feature_pickle
 
 from clipcap.data import CaptionDataset, load_features, max_caption_length, tokenize_captions, tokens_cache_path
+from clipcap.files import ClipCapError
 from clipcap.model import load_tokenizer
 from clipcap.tiny import train_tokenizer
 
@@ -131,3 +133,15 @@ assert cache.is_file() and len(ids) > 0
     assert len(cached) == 1
     assert f"{data} is not writable: caption tokens cached in {cached[0]}" in run.stdout
     assert sorted(p.name for p in data.iterdir()) == ["train.pkl"]
+
+
+def test_blank_captions_are_refused_as_empty_ones(tmp_path, gpt2_dir):
+    """Readers drop empty and whitespace-only captions; a feature file holding one is refused, naming it."""
+    tokenizer = load_tokenizer(gpt2_dir)
+    for blank in ["", " \t\n", "\u3000"]:
+        path = write_feature_pickle(tmp_path / "f.pkl", [["a cat.", blank], ["a dog."]])
+        features = load_features(path)
+        i = features.captions.index(blank)
+        with pytest.raises(ClipCapError, match=re.escape(f"{path}: caption {i} (image id 1000) is empty or only "
+                                                         "whitespace")):
+            CaptionDataset(features, tokenizer, source=path)

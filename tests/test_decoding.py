@@ -1,4 +1,6 @@
 """Batched, cached decoding against the original's loops (clipcap/reference.py) on tiny models."""
+import copy
+
 import pytest
 import torch
 
@@ -187,3 +189,48 @@ def test_max_length_must_fit_the_model(model, embeds, gpt2_dir):
 def test_embedding_width_must_match(model, gpt2_dir):
     with pytest.raises(ClipCapError, match=r"takes \[N, 16\]"):
         caption_embeddings(model, load_tokenizer(gpt2_dir), torch.randn(2, 512))
+
+
+@pytest.mark.parametrize("fields, name, count", [({}, "beam_size", 1),
+                                                 (dict(strategy="sample"), "num_captions", 100_000)])
+def test_options_beyond_the_vocabulary_are_one_line(model, embeds, gpt2_dir, fields, name, count):
+    from clipcap.decoding import check_options
+
+    vocab = model.gpt.config.vocab_size
+    options = DecodingOptions(**fields, **{name: vocab + count})
+    with pytest.raises(ClipCapError) as error:
+        check_options(model, options)
+    assert str(error.value) == f"{name} {vocab + count} is over the model's vocabulary of {vocab} tokens"
+    with pytest.raises(ClipCapError, match=str(error.value)):
+        caption_embeddings(model, load_tokenizer(gpt2_dir), embeds[:1], options)
+    check_options(model, DecodingOptions(**fields, **{name: vocab}))  # the vocabulary itself is allowed
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_draws_on_the_model_device(model, embeds, device):
+    """Each step draws from the tempered nucleus with the generator where the model is (no copy of the
+    [N, vocab] probabilities to the CPU): the same tokens as drawing by hand, one step at a time, without cache."""
+    on_device = copy.deepcopy(model).to(device)
+    samples = sample_tokens(on_device, embeds[:2], num_samples=3, top_p=0.8, temperature=0.7, max_length=8,
+                            generator=torch.Generator(device).manual_seed(5))
+    generator = torch.Generator(device).manual_seed(5)
+    rows = [[] for _ in range(6)]
+    prefix = on_device.prefix(embeds[:2].to(device)).repeat_interleave(3, dim=0)
+    for _ in range(8):
+        going = [i for i, tokens in enumerate(rows) if not tokens or tokens[-1] != 13]
+        if not going:
+            break
+        tokens = torch.tensor([rows[i] for i in going], dtype=torch.long, device=device).view(len(going), -1)
+        inputs = torch.cat((prefix[going], on_device.gpt.transformer.wte(tokens)), dim=1)
+        with torch.no_grad():
+            logits = on_device.gpt(inputs_embeds=inputs).logits[:, -1].float() / 0.7
+        drawn = torch.multinomial(nucleus_filter(logits, 0.8).softmax(-1), 1, generator=generator).squeeze(1)
+        for i, token in zip(going, drawn.tolist()):
+            rows[i].append(token)
+    assert [tokens for image in samples for tokens, _ in image] == rows
+    if device != "cpu":
+        with pytest.raises(ClipCapError, match="needs a generator there"):
+            sample_tokens(on_device, embeds[:1], generator=torch.Generator("cpu"))

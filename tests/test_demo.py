@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipcap.annotations import load_references
 from clipcap.data import load_features
-from clipcap.evaluation import load_references
-from clipcap.sources import coco_images
+from clipcap.sources import coco_images, coco_items
 from demo.shapes import (
     BACKGROUND,
     BASELINE,
@@ -53,10 +53,10 @@ def test_scene_captions_name_what_is_drawn():
 
 def test_dataset_reads_like_karpathy_split_file(tmp_path):
     annotations = make_shapes_dataset(tmp_path, n_train=6, n_test=3, seed=1)
-    train = coco_images(annotations, annotations.parent, "train")
-    test = coco_images(annotations, annotations.parent, "test")
-    assert [image["id"] for image in train] == list(range(6)) and [image["id"] for image in test] == [6, 7, 8]
-    assert all(Path(image["path"]).is_file() and len(image["captions"]) == 2 for image in train + test)
+    train = coco_items(coco_images(annotations, "train"), annotations.parent)
+    test = coco_items(coco_images(annotations, "test"), annotations.parent)
+    assert [image.image_id for image in train] == list(range(6)) and [image.image_id for image in test] == [6, 7, 8]
+    assert all(Path(image.path).is_file() and len(image.captions) == 2 for image in train + test)
     references = load_references(annotations, "test")
     assert list(references) == [6, 7, 8] and all(CAPTION.fullmatch(c) for refs in references.values() for c in refs)
     again = make_shapes_dataset(tmp_path / "again", n_train=6, n_test=3, seed=1)
@@ -93,8 +93,8 @@ def test_held_out_captions_come_from_the_images(demo):
     _, summary = demo
     scores = summary["held_out_scores"]
     from_images, caption_only = scores[MODEL]["CIDEr"], scores[BASELINE]["CIDEr"]
-    assert caption_only < 2.5  # one caption for every image: some of its words are in most references
-    assert from_images > 3.0 and from_images > caption_only + 2.0, scores
+    assert caption_only < 250  # one caption for every image: some of its words are in most references
+    assert from_images > 300 and from_images > caption_only + 200, scores  # the paper's units, x100
     assert scores[MODEL]["exact_match"] > scores[BASELINE]["exact_match"]
 
 

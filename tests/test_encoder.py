@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from skimage import data as photos
 from transformers import CLIPImageProcessorPil, CLIPModel
 
-from clipcap.encoder import Preprocess, load_image, load_image_encoder
+from clipcap.encoder import Preprocess, _to_rgb, load_image, load_image_encoder
 from clipcap.extraction import ImageItem
 from clipcap.files import ClipCapError
 
@@ -71,6 +72,52 @@ def test_load_image_decodes_every_mode_to_rgb(tmp_path):
     assert np.array_equal(np.asarray(load_image(cases["rgba.png"])), np.asarray(rgb))
     cmyk = np.asarray(load_image(cases["cmyk.jpg"]), dtype=float)
     assert np.abs(cmyk - np.asarray(rgb, dtype=float)).mean() < 10  # colours survive the CMYK round trip
+
+
+def float64_conversion(image: Image.Image) -> np.ndarray:
+    """How 16-bit and float images were turned to 8 bits at first (float64 copies): the pixels to keep."""
+    values = np.asarray(image, dtype=np.float64)
+    values = values * 255 if image.mode == "F" else values / 257
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def high_depth_image(mode: str) -> Image.Image:
+    """Every 16-bit value (256x256), or for I and F values around and beyond the range, and every rounding edge."""
+    if mode.startswith("I;16"):
+        values = np.arange(2**16, dtype=np.uint16).reshape(256, 256)
+        return Image.frombytes(mode, (256, 256), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    rng = np.random.default_rng(0)
+    if mode == "I":
+        edges = (257 * np.arange(256) + 128)[:, None] + np.arange(-2, 3)
+        values = np.concatenate([rng.integers(-2**31, 2**31, 4000), rng.integers(-70000, 140000, 4000), edges.ravel()])
+        return Image.fromarray(np.resize(values, (80, 116)).astype(np.int32))
+    edges = (np.arange(256)[:, None] + np.array([0.499, 0.5, 0.501])) / 255
+    values = np.concatenate([rng.uniform(-0.5, 1.5, 5000), edges.ravel(), [0, 1, -np.inf, np.inf, 1e30]])
+    return Image.fromarray(np.resize(values, (100, 60)).astype(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I", "F"])
+def test_high_bit_depth_images_keep_their_pixels(mode):
+    image = high_depth_image(mode)
+    assert image.mode == mode
+    expected = float64_conversion(image)
+    rgb = _to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    assert np.array_equal(np.asarray(rgb), np.repeat(expected[..., None], 3, axis=2))
+
+
+def test_a_16_bit_image_converts_without_float_copies():
+    """A 16-bit PNG decodes small (~75 KB for 40 Mpx) but took ~20 bytes a pixel in float64 copies to convert."""
+    width, height = 4000, 4000
+    image = Image.fromarray(np.tile((np.arange(width) * 16).astype(np.uint16), (height, 1)))
+    tracemalloc.start()
+    try:
+        rgb = _to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(rgb)[7, 1000].tolist() == [62] * 3  # (16000 + 128) // 257
+    assert peak < width * height / 2  # Python and numpy memory: a band of rows at a time, never the whole image
 
 
 def test_load_image_reads_file_objects():

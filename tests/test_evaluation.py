@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from clipcap import toolkit
+from clipcap.annotations import load_references
 from clipcap.cli.evaluate import main as evaluate
-from clipcap.evaluation import Scorer, load_references, load_results, match_images, pair_up, score
+from clipcap.evaluation import Scorer, load_results, match_images, pair_up, score
 from clipcap.files import ClipCapError
 from clipcap.toolkit import spice_problem
 
@@ -99,11 +101,11 @@ def test_scores_equal_coco_eval_cap(all_metrics, tmp_path, monkeypatch):
 
     keys = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
     assert list(ours.scores) == keys
-    assert ours.scores == {k: direct.eval[k] for k in keys}  # equal, not close
+    assert ours.scores == {k: 100 * direct.eval[k] for k in keys}  # the paper's units; equal, not close
     assert [row["image_id"] for row in ours.per_image] == [42, 7, 1000, 3]  # the references' order
     for row in ours.per_image:
-        assert row == {"image_id": row["image_id"], **{k: direct.imgToEval[row["image_id"]][k] for k in keys}}
-    assert 0 < ours.scores["Bleu_4"] < ours.scores["Bleu_1"] < 1 and ours.scores["CIDEr"] > 0
+        assert row == {"image_id": row["image_id"], **{k: 100 * direct.imgToEval[row["image_id"]][k] for k in keys}}
+    assert 1 < ours.scores["Bleu_4"] < ours.scores["Bleu_1"] < 100 and ours.scores["CIDEr"] > 1
 
 
 @pytest.mark.java
@@ -173,8 +175,8 @@ def test_bleu_and_cider_match_a_hand_computation():
     scores = score([{"image_id": i, "caption": hyp} for i, (hyp, _) in enumerate(pairs)],
                    {i: refs for i, (_, refs) in enumerate(pairs)}, metrics=("Bleu", "CIDEr"))
     assert correct[3] > 0 and penalty < 1  # every term of the formulas is exercised
-    assert [scores[f"Bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-6)
-    assert scores["CIDEr"] == pytest.approx(cider, rel=1e-9)
+    assert [scores[f"Bleu_{n}"] for n in range(1, 5)] == pytest.approx([100 * b for b in bleu], rel=1e-6)
+    assert scores["CIDEr"] == pytest.approx(100 * cider, rel=1e-9)
 
 
 def test_java_missing_is_a_clear_error(tmp_path, monkeypatch):
@@ -288,7 +290,7 @@ def test_karpathy_split_file(tmp_path):
 def test_coco_format_and_plain_lists(tmp_path):
     coco = write_coco(tmp_path / "captions.json")
     assert load_references(coco) == IMAGES and list(load_references(coco)) == [42, 7, 1000, 3]
-    with pytest.raises(ClipCapError, match="--split applies to Karpathy's dataset_coco.json only"):
+    with pytest.raises(ClipCapError, match="--split applies to Karpathy's split files only"):
         load_references(coco, "test")
     flat = tmp_path / "test_caption.json"
     flat.write_text(json.dumps([{"image_id": "12", "caption": "a"}, {"image_id": 3, "caption": "b"},
@@ -345,7 +347,7 @@ def test_evaluate_script_writes_metrics_and_table(tmp_path):
     assert metrics == expected
     header, _, row = run.stdout.splitlines()[:3]
     assert header == "| images | Bleu_1 | Bleu_2 | Bleu_3 | Bleu_4 | ROUGE_L | CIDEr |"
-    assert row == "| 4 | " + " | ".join(f"{100 * v:.2f}" for v in expected.values()) + " |"
+    assert row == "| 4 | " + " | ".join(f"{v:.2f}" for v in expected.values()) + " |"  # as in the file
     per_image = json.loads((tmp_path / "per_image.json").read_text())
     assert [r["image_id"] for r in per_image] == [42, 7, 1000, 3]
     assert sum(r["CIDEr"] for r in per_image) / 4 == pytest.approx(metrics["CIDEr"], rel=1e-12)
@@ -354,6 +356,47 @@ def test_evaluate_script_writes_metrics_and_table(tmp_path):
     run = run_evaluate("--results", results, "--annotations", annotations, "--metrics", "CIDEr", cwd=tmp_path)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "--only_common_images" in run.stderr
+
+
+def test_evaluate_refuses_before_any_work(tmp_path, monkeypatch, capsys):
+    """An output that is one of the inputs (after links), or a --metrics that names none, is refused before
+    Java starts; without --out nothing is written, the table alone is printed."""
+    from clipcap.cli import evaluate as cli_evaluate
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scoring started")
+
+    annotations = write_coco(tmp_path / "captions_test.json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(results_for(IMAGES)))
+    (tmp_path / "link.json").symlink_to(results)
+    (tmp_path / "images").mkdir()
+    photo = tmp_path / "images" / "photo.jpg"
+    photo.write_bytes(b"not read")
+    inputs = {path: path.read_bytes() for path in (annotations, results, photo)}
+    common = ["--results", str(results), "--annotations", str(annotations)]
+    monkeypatch.setattr(cli_evaluate, "Scorer", no_scoring)
+    for argv, message in [
+            ([*common, "--out", str(results)], r"^--out .*results.json: is the input --results .*results.json; "
+                                                r"writing it would destroy the input"),
+            ([*common, "--out", str(tmp_path / "link.json")], "--out .*link.json: is the input --results"),
+            ([*common, "--per_image", str(annotations)], "--per_image .*captions_test.json: is the input --annotations"),
+            ([*common, "--clipscore", "--features", str(photo), "--out", str(photo)], "is the input --features"),
+            (["--checkpoint", str(photo), "--features", str(results), "--annotations", str(annotations),
+              "--save_captions", str(photo)], "--save_captions .*photo.jpg: is the input --checkpoint"),
+            ([*common, "--metrics", ","], r"^--metrics ',': names no metric; choose from Bleu, METEOR, ROUGE_L, "
+                                          r"CIDEr, SPICE, or leave it out for all$"),
+            ([*common, "--metrics", " , "], "--metrics ' , ': names no metric")]:
+        with pytest.raises(ClipCapError, match=message):
+            evaluate(argv)
+    assert {path: path.read_bytes() for path in inputs} == inputs
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    evaluate([*common, "--metrics", "CIDEr"])
+    assert sorted(tmp_path.rglob("*")) == before  # no metrics.json in the current folder
+    assert capsys.readouterr().out.splitlines()[:1] == ["| images | CIDEr |"]
 
 
 @pytest.mark.java
@@ -421,7 +464,7 @@ def write_nocaps(path: Path) -> Path:
 
 @pytest.mark.java
 def test_nocaps_domains_are_separate_runs(tmp_path):
-    from clipcap.evaluation import load_annotations
+    from clipcap.annotations import load_annotations
 
     references, images = load_annotations(write_nocaps(tmp_path / "nocaps_val_4500_captions.json"))
     assert references == NOCAPS and {k: v["domain"] for k, v in images.items()} == DOMAIN_OF
@@ -459,7 +502,7 @@ def test_evaluate_script_reports_nocaps_domains(tmp_path):
                                           metrics=("Bleu", "CIDEr"))
     lines = run.stdout.splitlines()
     assert lines[0] == "| subset | images | " + " | ".join(keys) + " |"
-    assert lines[2] == "| entire | 6 | " + " | ".join(f"{100 * metrics['entire'][k]:.2f}" for k in keys) + " |"
+    assert lines[2] == "| entire | 6 | " + " | ".join(f"{metrics['entire'][k]:.2f}" for k in keys) + " |"
     assert [line.split(" | ")[:2] for line in lines[3:6]] == [["| in-domain", "2"], ["| near-domain", "2"],
                                                               ["| out-domain", "2"]]
     per_image = json.loads((tmp_path / "per_image.json").read_text())
@@ -542,25 +585,79 @@ def test_java_version_of_the_real_java_and_an_old_one(tmp_path, monkeypatch):
         Scorer(["SPICE"], spice_jars=folder)
 
 
+# CoreNLP's SemgrexPattern, which SPICE's scene-graph parser calls first: this one records the patterns it
+# is given, and whether java.lang is open to it (SPICE's cache needs --add-opens on Java 9+).
+SEMGREX_STAND_IN = """package edu.stanford.nlp.semgraph.semgrex;
+
+public class SemgrexPattern {
+    public static SemgrexPattern compile(String pattern) {
+        boolean open = Object.class.getModule().isOpen("java.lang", SemgrexPattern.class.getModule());
+        try (java.io.FileWriter marker = new java.io.FileWriter(System.getenv("CLIPCAP_TEST_MARKER"), true)) {
+            marker.write("java.lang open: " + open + "\\t" + pattern.replace("\\n", " ") + "\\n");
+        } catch (java.io.IOException e) {
+            throw new RuntimeException(e);
+        }
+        return new SemgrexPattern();
+    }
+}
+"""
+
+
+def stand_in_corenlp(folder: Path) -> Path:
+    """CoreNLP's two jars, the main one holding only the compiled stand-in above (the real ones cannot be
+    downloaded here)."""
+    import zipfile
+
+    if shutil.which("javac") is None:
+        pytest.skip("javac (a JDK) is needed to compile the stand-in CoreNLP class")
+    source = folder / "src" / "edu/stanford/nlp/semgraph/semgrex/SemgrexPattern.java"
+    source.parent.mkdir(parents=True)
+    source.write_text(SEMGREX_STAND_IN)
+    subprocess.run(["javac", "-d", str(folder / "classes"), str(source)], check=True, capture_output=True)
+    corenlp, models = (folder / jar for jar in toolkit.SPICE_JARS)
+    make_jar(corenlp, "stand-in")
+    with zipfile.ZipFile(corenlp, "a") as jar:
+        for path in (folder / "classes").rglob("*.class"):
+            jar.write(path, path.relative_to(folder / "classes").as_posix())
+    make_jar(models, "stand-in")
+    return folder
+
+
 @pytest.mark.java
-def test_spice_gets_its_jars_in_the_working_copy_and_its_java_the_add_opens(tmp_path, capfd):
-    """SPICE's real Java process starts with --add-opens (the jars here are empty, so it then fails)."""
-    folder = corenlp_folder(tmp_path / "jars")
-    installed = toolkit.installed_toolkit() / "spice" / "lib"
+def test_spice_loads_its_corenlp_jars_and_reports_javas_own_error(tmp_path, monkeypatch):
+    """The real SPICE reaches the CoreNLP class of --spice_jars, with java.lang opened, and when it then fails
+    (the stand-in has no other class) the error is Java's own last line, not a guess."""
+    folder = stand_in_corenlp(tmp_path / "jars")
+    marker = tmp_path / "marker.txt"
+    monkeypatch.setenv("CLIPCAP_TEST_MARKER", str(marker))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     scorer = Scorer(["SPICE"], spice_jars=folder)  # offline: pycocoevalcap would download, were the jars not found
-    lib = Path(list(toolkit.toolkit().__path__)[0]) / "spice" / "lib"
-    for jar in toolkit.SPICE_JARS:
-        assert (lib / jar).resolve() == (folder / jar).resolve() and not (installed / jar).exists()
-    capfd.readouterr()
-    with pytest.raises(ClipCapError, match=r"^SPICE \(Java\) failed with exit status \d+ \(see its output above\)"):
+    with pytest.raises(ClipCapError, match=r"^SPICE \(Java\) failed with exit status 1: Caused by: "
+                                           r"java.lang.ClassNotFoundException: edu.stanford.nlp.pipeline.Annotation$"):
         scorer(results_for([42, 7]), {k: IMAGES[k] for k in (42, 7)})
-    err = capfd.readouterr().err
-    assert err.count("Picked up JDK_JAVA_OPTIONS: --add-opens java.base/java.lang=ALL-UNNAMED") == 1  # SPICE, not PTB
-    assert "JDK_JAVA_OPTIONS" not in os.environ
+    calls = marker.read_text().splitlines()
+    assert len(calls) > 5 and all(call.startswith("java.lang open: true\t") for call in calls)
+    assert any(">nsubj" in call for call in calls)  # SPICE's own scene-graph patterns
+    installed = toolkit.installed_toolkit() / "spice"
+    assert not any((installed / "lib" / jar).exists() for jar in toolkit.SPICE_JARS)  # site-packages untouched
+    assert not (installed / "tmp").exists() and not (installed / "cache").exists()
+
+
+def test_javas_own_error_line():
+    from clipcap.toolkit import java_error
+
+    trace = ('Exception in thread "main" java.lang.NoClassDefFoundError: a/B\n\tat x.Y.z(Y.java:72)\n'
+             "Caused by: java.lang.ClassNotFoundException: a.B\n\tat java.base/C.d(C.java:641)\n\t... 6 more\n")
+    assert java_error(trace) == "Caused by: java.lang.ClassNotFoundException: a.B"
+    assert java_error("Error occurred during initialization of VM\nCould not reserve enough space for object heap\n"
+                      "Error: Could not create the Java Virtual Machine.\n"
+                      "Error: A fatal exception has occurred. Program will exit.\n") == \
+        "Could not reserve enough space for object heap"
+    assert java_error("") == "it printed no error"
 
 
 def test_image_files_of_karpathy_and_coco_references(tmp_path):
-    from clipcap.evaluation import image_files, load_annotations
+    from clipcap.annotations import image_files, load_annotations
 
     karpathy = tmp_path / "dataset_coco.json"
     karpathy.write_text(json.dumps({"images": [

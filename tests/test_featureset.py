@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import write_feature_pickle
 
-from clipcap.featureset import load_original_pickle, save_original_pickle
+from clipcap import store
+from clipcap.data import load_features
+from clipcap.featureset import FeatureSet, load_original_pickle, save_original_pickle
 from clipcap.files import ClipCapError
 
 
@@ -65,3 +67,17 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ClipCapError, match="refusing to load"):
         load_original_pickle("evil.pkl")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_embeddings_without_width_are_refused(tmp_path):
+    """[N, 0] embeddings: nothing to train on, however well-formed the file."""
+    path = tmp_path / "f.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"clip_embedding": torch.zeros(2, 0),
+                     "captions": [{"image_id": 1, "caption": "a dog.", "clip_embedding": 1}]}, f)
+    with pytest.raises(ClipCapError, match=r"f\.pkl: the embeddings are 0-dimensional \(\[2, 0\]\)"):
+        load_original_pickle(path)
+    features = FeatureSet(np.zeros((2, 0), np.float16), ["a dog."], np.array([1]), [1])
+    store.write(features, tmp_path / "store")
+    with pytest.raises(ClipCapError, match=r"store: the embeddings are 0-dimensional \(\[2, 0\]\)"):
+        load_features(tmp_path / "store")

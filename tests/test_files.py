@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from clipcap import files, toolkit
+from clipcap import files
 from clipcap.files import atomic_write, remove_stale_temp_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,17 +59,3 @@ def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
         temporary = str(tmp)
     assert synced == [temporary, str(tmp_path)]
     assert (tmp_path / "f.txt").read_text() == "data"
-
-
-def test_evaluation_mirrors_of_dead_processes_are_removed():
-    root = Path(tempfile.gettempdir())
-    dead = Path(tempfile.mkdtemp(prefix=f"{toolkit.MIRROR_PREFIX}{dead_pid()}-"))
-    live = Path(tempfile.mkdtemp(prefix=f"{toolkit.MIRROR_PREFIX}{os.getpid()}-"))
-    (dead / "bleu").mkdir()
-    try:
-        toolkit.remove_stale_mirrors()  # what toolkit() does first
-        assert not dead.exists() and live.is_dir()
-        mirror = Path(toolkit.toolkit().__path__[0])
-        assert mirror.parent == root and mirror.name.startswith(f"{toolkit.MIRROR_PREFIX}{os.getpid()}-")
-    finally:
-        live.rmdir()

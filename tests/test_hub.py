@@ -166,8 +166,61 @@ def test_convert_released_mlp_weights(tmp_path, gpt2_dir, capsys):
     captioner = Captioner(model, load_tokenizer(gpt2_dir), "ViT-B/32")
     same_captions(captioner, Captioner.from_pretrained(out), dim=512)
     assert "CLIP ViT-B/32" in capsys.readouterr().out
-    with pytest.raises(ClipCapError, match="already holds a model.safetensors"):
-        convert([str(tmp_path / "coco_weights.pt"), str(out)])
+    convert([str(tmp_path / "coco_weights.pt"), str(out), "--gpt2", gpt2_dir, "--dataset", "COCO again"])
+    assert "replaced the model in" in capsys.readouterr().out  # its own earlier output is replaced
+    assert "| training data | COCO again |" in (out / "README.md").read_text()
+    with pytest.raises(ClipCapError, match="model.safetensors: is the input checkpoint"):
+        convert([str(out / "model.safetensors"), str(out)])
+
+
+@pytest.mark.parametrize("foreign", ["README.md", "config.json", "model.safetensors"])
+def test_writing_a_model_never_replaces_a_foreign_file(tmp_path, gpt2_dir, foreign):
+    """clipcap-convert and save_pretrained into a folder holding someone's README.md (a project's root,
+    say), config.json or weights: refused, the file untouched."""
+    state, _ = released_state(gpt2_dir, prefix_size=16, prefix_length=4)
+    torch.save(state, tmp_path / "coco_weights.pt")
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / foreign).write_text("# My project\n" if foreign == "README.md" else '{"model_type": "bert"}')
+    before = (folder / foreign).read_bytes()
+    message = f"{folder / foreign}: exists and is not a ClipCap model's"
+    with pytest.raises(ClipCapError, match=message):
+        convert([str(tmp_path / "coco_weights.pt"), str(folder), "--gpt2", gpt2_dir])
+    with pytest.raises(ClipCapError, match=message):
+        tiny_captioner(gpt2_dir).save_pretrained(folder)
+    assert (folder / foreign).read_bytes() == before and len(list(folder.iterdir())) == 1
+
+
+def test_convert_names_an_unknown_clip_unknown(tmp_path, gpt2_dir):
+    """A 128-d checkpoint comes from no CLIP we know: recorded as unknown, never as ViT-B/32, until named."""
+    state, _ = released_state(gpt2_dir, prefix_size=128, prefix_length=4)
+    torch.save(state, tmp_path / "mine.pt")
+    out = convert([str(tmp_path / "mine.pt"), str(tmp_path / "mine"), "--gpt2", gpt2_dir])
+    assert json.loads((out / "config.json").read_text())["clip_model"] == "unknown"
+    card = (out / "README.md").read_text()
+    assert "| CLIP image encoder | unknown (128-d embeddings; name it with `clipcap-convert --clip_model NAME`) |" \
+        in card
+    assert "ViT-B/32" not in card
+    with pytest.raises(ClipCapError, match="does not name the CLIP of its 128-d embeddings: name it with --clip_model"):
+        Captioner.from_pretrained(out).embed([])
+    named = convert([str(tmp_path / "mine.pt"), str(tmp_path / "named"), "--gpt2", gpt2_dir, "--clip_model", "my-clip"])
+    assert json.loads((named / "config.json").read_text())["clip_model"] == "my-clip"
+
+
+def test_convert_records_backbones_that_load_anywhere(tmp_path, gpt2_dir, monkeypatch, capsys):
+    """A relative --gpt2 is recorded absolute, and the command says the folder is not for uploading."""
+    state, _ = released_state(gpt2_dir, prefix_size=16, prefix_length=4)
+    torch.save(state, tmp_path / "coco_weights.pt")
+    shutil.copytree(gpt2_dir, tmp_path / "backbones" / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    out = convert(["coco_weights.pt", "converted", "--gpt2", "backbones/gpt2"])
+    recorded = str(tmp_path / "backbones" / "gpt2")
+    assert json.loads((out / "config.json").read_text())["gpt2"] == recorded
+    assert f"`{recorded}`" in (out / "README.md").read_text()
+    note = f"note: {recorded} is a local path, which load on this machine only: do not upload this folder"
+    assert note in capsys.readouterr().out
+    monkeypatch.chdir(out)
+    assert Captioner.from_pretrained(".").model.config.gpt2 == recorded
 
 
 def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
@@ -190,7 +243,7 @@ def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
 def test_model_card_fields(tmp_path, gpt2_dir):
     captioner = tiny_captioner(gpt2_dir, only_prefix=True)
     captioner.model.config.gpt2 = "gpt2"  # as a real model records it: a Hub name
-    metrics = {"Bleu_4": 0.3215, "METEOR": 0.271, "CIDEr": 1.0835, "SPICE": 0.2012}
+    metrics = {"Bleu_4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12}  # evaluate.py's units
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     card = model_card(captioner.model.config, dataset="Flickr30k", recipe="recipes/coco_mlp.sh",
                       metrics=json.loads((tmp_path / "metrics.json").read_text()), repo_id="me/clipcap")
@@ -224,7 +277,99 @@ def test_push_to_hub_uploads_a_loadable_folder(tmp_path, gpt2_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     captioner = tiny_captioner(gpt2_dir, only_prefix=True)
-    assert captioner.push_to_hub("me/clipcap", dataset="COCO") == "https://huggingface.co/me/clipcap/commit/abc"
+    with pytest.raises(ClipCapError, match=rf"^me/clipcap: not pushed: its gpt2 '{gpt2_dir}' would load for no one "
+                                           r'else; name the Hugging Face Hub id it stands for: push_to_hub\(\.\.\., '
+                                           r'gpt2="gpt2"\)$'):
+        captioner.push_to_hub("me/clipcap", dataset="COCO")
+    assert calls == []
+    captioner.clip_model = str(tmp_path)
+    with pytest.raises(ClipCapError, match="its clip_model .* would load for no one else"):
+        captioner.push_to_hub("me/clipcap", gpt2="gpt2")
+    assert captioner.push_to_hub("me/clipcap", dataset="COCO", gpt2="gpt2", clip_model="ViT-B/32") == \
+        "https://huggingface.co/me/clipcap/commit/abc"
     assert calls == [("create_repo", "me/clipcap", True), ("upload_folder", "me/clipcap", None)]
     assert 'from_pretrained("me/clipcap")' in (tmp_path / "uploaded" / "README.md").read_text()
-    same_captions(captioner, Captioner.from_pretrained(tmp_path / "uploaded"))
+    assert json.loads((tmp_path / "uploaded" / "config.json").read_text())["gpt2"] == "gpt2"
+    same_captions(captioner, Captioner.from_pretrained(tmp_path / "uploaded", gpt2=gpt2_dir))
+
+
+@pytest.fixture(params=["refused", "silent"])
+def unreachable_hub(request, tmp_path, monkeypatch):
+    """HF_ENDPOINT at a local port that refuses connections, or at one whose backlog is full, so that a
+    connection hangs as behind a firewall that drops packets; offline mode not set; an empty cache."""
+    import socket
+
+    from clipcap import hub_access
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    filler = None
+    if request.param == "silent":
+        server.listen(0)
+        filler = socket.create_connection(server.getsockname())  # takes the one place in the backlog
+    else:
+        server.close()
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_access, "_unreachable", None)
+    monkeypatch.setattr(hub_access, "PROBE_SECONDS", 1.0)
+    yield cache
+    if filler is not None:
+        filler.close()
+    server.close()
+
+
+def test_unreachable_hub_fails_fast_and_the_cache_still_loads(tmp_path, gpt2_dir, unreachable_hub, capsys):
+    """One short probe instead of minutes of retries: then offline, so a cached model loads and the rest fails
+    at once, saying why."""
+    from clipcap.model import build_model
+
+    hint = r"the Hugging Face Hub \(http://127\.0\.0\.1:\d+\) (is unreachable \(.*\)|did not answer within 1 s)"
+    with pytest.raises(ClipCapError, match=rf"^GPT-2 someone/gpt2-mini: no such folder, .*; {hint}, so only the local "
+                                           r"cache was searched: load it once where the Hub is reachable"):
+        load_tokenizer("someone/gpt2-mini")
+    assert capsys.readouterr().err.startswith("note: the Hugging Face Hub")
+    with pytest.raises(ClipCapError, match=rf"^GPT-2 someone/gpt2-mini: cannot load its config .*; {hint}"):
+        build_model(ClipCapConfig(gpt2="someone/gpt2-mini"))
+    with pytest.raises(ClipCapError, match=rf"^someone/clipcap-mini: no such local file or folder, .*; {hint}"):
+        Captioner.from_pretrained("someone/clipcap-mini")
+    original = tiny_captioner(gpt2_dir, only_prefix=True)
+    fake_hub_cache(unreachable_hub, "someone/clipcap-tiny", original.save_pretrained(tmp_path / "model"))
+    same_captions(original, Captioner.from_pretrained("someone/clipcap-tiny"))
+
+
+def test_nothing_a_checkpoint_names_runs_code(tmp_path, gpt2_dir, monkeypatch):
+    """A checkpoint whose config names GPT-2 and CLIP folders that carry code (``auto_map`` and a module, as
+    Hub repos with custom code do): loading and captioning never run it, nor ask whether to (transformers
+    asks on a terminal; here the question is answered yes, which would run it)."""
+    marker = tmp_path / "code ran"
+    module = (f"open({str(marker)!r}, 'w').close()\nfrom transformers import PretrainedConfig\n\n\n"
+              "class Custom(PretrainedConfig):\n    model_type = 'custom'\n")
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(gpt2_dir, gpt2)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for folder in (gpt2, clip):
+        (folder / "custom.py").write_text(module)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "custom.Custom",
+                                                                         "AutoModelForCausalLM": "custom.Custom"}}))
+    (clip / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {"AutoConfig": "custom.Custom"}}))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    for only_prefix in (True, False):
+        captioner = tiny_captioner(str(gpt2), only_prefix=only_prefix, clip_model=str(clip))
+        folder = captioner.save_pretrained(tmp_path / f"model-{only_prefix}")
+        loaded = Captioner.from_pretrained(folder)
+        assert loaded.caption_embeddings(torch.zeros(1, 16), max_length=4)
+        with pytest.raises(ClipCapError, match=rf"^{clip}: not a CLIP checkpoint name or directory"):
+            loaded.embed([])
+    assert not marker.exists()

@@ -133,3 +133,26 @@ def test_normalize_prefix_scales_out(gpt2_dir):
     model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=2, normalize_prefix=True))
     clip = torch.randn(2, 16)
     torch.testing.assert_close(model.prefix(clip), model.prefix(clip * 7.5))
+
+
+def test_heads_that_do_not_divide_the_width_are_one_line_before_gpt2_loads(gpt2_dir, monkeypatch):
+    """``--num_heads 3`` with GPT-2's width 32: refused before GPT-2's weights load, naming a divisor to use."""
+    from clipcap.files import ClipCapError
+
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda *a, **k: pytest.fail("GPT-2 loaded first"))
+    config = ClipCapConfig(gpt2=gpt2_dir, mapping_type="transformer", prefix_size=16, prefix_length=4, num_heads=3)
+    with pytest.raises(ClipCapError, match=r"^num_heads 3 does not divide the mapper's width 32 \(GPT-2's .*\): "
+                                           r"choose a divisor of 32, such as 8$"):
+        build_model(config)
+    with pytest.raises(ClipCapError, match="^num_heads 5 does not divide the mapper's width 768"):
+        meta_model(mapping_type="transformer", num_heads=5)  # built directly, as from a checkpoint
+    assert meta_model(mapping_type="transformer", num_heads=3).clip_project.transformer.layers[0].attn.num_heads == 3
+
+
+def test_backbone_paths_are_absolute_in_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "backbones" / "gpt2").mkdir(parents=True)
+    config = ClipCapConfig(gpt2="backbones/gpt2", clip_model="ViT-B/32")
+    assert config.gpt2 == str(tmp_path / "backbones" / "gpt2") and config.clip_model == "ViT-B/32"  # a Hub name stays
+    config.clip_model = "backbones"
+    assert config.to_dict()["clip_model"] == str(tmp_path / "backbones")

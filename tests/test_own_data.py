@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+from clipcap.annotations import load_references
 from clipcap.checkpoint import save_checkpoint
 from clipcap.cli.evaluate import main as evaluate
 from clipcap.cli.parse_captions import main as parse_captions
 from clipcap.data import load_features
 from clipcap.encoder import load_image, load_image_encoder
-from clipcap.evaluation import load_references
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 
@@ -168,7 +168,7 @@ def test_bad_sources_are_one_line(tmp_path):
     with pytest.raises(ClipCapError, match=r"folder: folder has no metadata\.jsonl or metadata\.csv"):
         load_references(tmp_path / "folder")
     write_csv(tmp_path / "d.csv", ("image", "caption"))
-    with pytest.raises(ClipCapError, match=r"d\.csv: --split applies to Karpathy's Flickr files only"):
+    with pytest.raises(ClipCapError, match=r"d\.csv: --split applies to Karpathy's split files only"):
         load_references(tmp_path / "d.csv", "test")
     # Conceptual Captions' caption<TAB>url TSV keeps its own reader: ids are row numbers
     (tmp_path / "cc.tsv").write_text("a dog on a bench\thttps://example.com/1.jpg\n")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
-from clipcap import store
+from clipcap import sources, store
 from clipcap.cli.parse_conceptual import parse_args
 from clipcap.data import load_features
 from clipcap.encoder import load_image, load_image_encoder
@@ -104,6 +104,33 @@ def test_parse_coco_test_split_writes_store_and_references(coco, clip_dir, tmp_p
     assert len(references["annotations"]) == 10
 
 
+def test_parse_coco_checks_and_writes_the_references_before_encoding(coco, clip_dir, tmp_path, monkeypatch, capsys):
+    """A --references_path that cannot be written is refused before any work; the references need no
+    features, so they are written first, and a run killed while writing them leaves nothing a rerun refuses."""
+    out, refs = tmp_path / "test.pkl", tmp_path / "refs.json"
+    args = ["--annotations", coco / "dataset_coco.json", "--images_root", coco, "--split", "test",
+            "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_script("parse_coco.py", *args, "--references_path", tmp_path / "folder", monkeypatch=monkeypatch)
+    assert exit_.value.code == 2 and not out.exists() and not (tmp_path / "test.pkl.parts").exists()
+    error = capsys.readouterr().err
+    assert error == f"error: --references_path {tmp_path / 'folder'}: is a folder, expected a file name\n"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    write_json = sources.write_json
+    monkeypatch.setattr(sources, "write_json", killed)
+    with pytest.raises(SystemExit) as exit_:
+        run_script("parse_coco.py", *args, "--references_path", refs, monkeypatch=monkeypatch)
+    assert exit_.value.code == 130
+    monkeypatch.setattr(sources, "write_json", write_json)
+    run_script("parse_coco.py", *args, "--references_path", refs, monkeypatch=monkeypatch)
+    assert json.loads(refs.read_text())["images"] == [{"id": 4}, {"id": 5}]
+    assert sorted(set(load_original_pickle(out).image_ids)) == [4, 5]
+
+
 def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, monkeypatch, capsys):
     # The original's train_caption.json: a list of captions; image 4 exists only under val2014/.
     annotations = [{"image_id": i, "id": 100 * i + j, "caption": f"caption {j} of {i}"} for i in (4, 1) for j in range(2)]
@@ -118,11 +145,10 @@ def test_parse_coco_reads_the_original_annotations(coco, clip_dir, tmp_path, mon
 
     # Run again by mistake: the finished pickle is kept, not encoded over.
     before = out.stat().st_mtime_ns
-    with pytest.raises(SystemExit) as exit_:
-        run_script("parse_coco.py", "--annotations", tmp_path / "train_caption.json", "--images_root", coco,
-                   "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
-    assert exit_.value.code == 2 and out.stat().st_mtime_ns == before
-    assert f"{out}: already exists from a finished run" in capsys.readouterr().err
+    run_script("parse_coco.py", "--annotations", tmp_path / "train_caption.json", "--images_root", coco,
+               "--clip_model_type", clip_dir, "--out_path", out, "--num_workers", 0, monkeypatch=monkeypatch)
+    assert out.stat().st_mtime_ns == before
+    assert f"{out}: kept as a finished run wrote it" in capsys.readouterr().out
 
 
 def test_add_period_as_the_original():
@@ -330,6 +356,8 @@ def test_parse_conceptual_skips_fifos_instead_of_waiting_on_them(clip_dir, tmp_p
     (files / "00000" / "000000002.txt").unlink()
     os.mkfifo(files / "00000" / "000000002.txt")  # a caption nobody will ever write
     os.mkfifo(webdataset / "00002.tar")
+    for stats in (webdataset / "00000_stats.json", files / "00001_stats.json"):  # img2dataset's, read for a count
+        os.mkfifo(stats)
     for layout, images in (("files", files), ("webdataset", webdataset)):
         out = tmp_path / f"{layout}.pkl"
         run = subprocess.run([sys.executable, "parse_conceptual.py", "--split", "val", "--images", str(images),

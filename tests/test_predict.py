@@ -151,7 +151,7 @@ def test_bad_image_is_skipped_with_one_line(checkpoint, image_dir, tmp_path, cap
 
 
 @pytest.mark.parametrize("case", ["empty folder", "no match", "not clipcap", "not a checkpoint", "width",
-                                  "no readable image"])
+                                  "no readable image", "beams over vocabulary", "samples over vocabulary"])
 def test_bad_input_is_one_line_error(case, checkpoint, gpt2_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -171,10 +171,56 @@ def test_bad_input_is_one_line_error(case, checkpoint, gpt2_dir, tmp_path, capsy
         "width": (["--checkpoint", checkpoint, "--features", wide],
                   f"{wide}: features are 512-d, but the checkpoint takes 16-d"),
         "no readable image": (["--checkpoint", checkpoint, "--images", text], "none of the 1 images could be read"),
+        "beams over vocabulary": (["--checkpoint", checkpoint, "--features", wide, "--beam_size", 100_000],
+                                  "beam_size 100000 is over the model's vocabulary of"),
+        "samples over vocabulary": (["--checkpoint", checkpoint, "--features", wide, "--sample", "--num_captions",
+                                     100_000], "num_captions 100000 is over the model's vocabulary of"),
     }[case]
     run_predict(*args, expect_exit=2)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and expected in err[-1]
+
+
+@pytest.mark.parametrize("out", ["features", "checkpoint", "image", "paired config", "link to checkpoint",
+                                 "folder's weights"])
+def test_out_never_replaces_an_input(out, model, checkpoint, image_dir, tmp_path, capsys):
+    """--out naming one of predict's inputs (after links) is refused before any work, and the input stays."""
+    features = write_feature_pickle(tmp_path / "f.pkl", [["a cat."]])
+    original = save_checkpoint(model, tmp_path / "run-001.pt")  # and its config, run-001.json
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(checkpoint)
+    (tmp_path / "link.safetensors").symlink_to(checkpoint)
+    image = image_dir / "rocket.jpg"
+    args, target = {
+        "features": (["--checkpoint", checkpoint, "--features", features], features),
+        "checkpoint": (["--checkpoint", checkpoint, "--features", features], checkpoint),
+        "image": (["--checkpoint", checkpoint, "--images", image_dir], image),
+        "paired config": (["--checkpoint", original, "--features", features], tmp_path / "run-001.json"),
+        "link to checkpoint": (["--checkpoint", tmp_path / "link.safetensors", "--features", features], checkpoint),
+        "folder's weights": (["--checkpoint", folder, "--features", features], checkpoint),
+    }[out]
+    before = target.read_bytes()
+    run_predict(*args, "--out", target, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {target}: is the input --")
+    assert target.read_bytes() == before
+
+
+def test_printed_lines_escape_tabs_and_newlines_in_names(checkpoint, image_dir, tmp_path, capsys):
+    """Without --out, each caption is one line of two tab-separated fields, whatever the file names hold."""
+    names = ["a\nb.jpg", "tab\there.jpg", "back\\slash\r.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes((image_dir / "rocket.jpg").read_bytes())
+    paths = [tmp_path / name for name in names]
+    run_predict("--checkpoint", checkpoint, "--images", *paths, "--greedy", "--max_length", 8)
+    lines = capsys.readouterr().out.split("\n")
+    assert lines.pop() == "" and len(lines) == 3
+    unescape = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
+    fields = [line.split("\t") for line in lines]
+    assert all(len(f) == 2 for f in fields)
+    assert [re.sub(r"\\[\\tnr]", lambda m: unescape[m[0]], f[0]) for f in fields] == [str(p) for p in paths]
+    assert fields[0][0].endswith("a\\nb.jpg") and fields[2][0].endswith("back\\\\slash\\r.jpg")
 
 
 def test_resnet_clip_offline_is_a_clear_error(gpt2_dir, image_dir, tmp_path, offline_openai_clip):

@@ -250,6 +250,20 @@ def test_a_changed_setting_changes_the_fingerprints_of_what_depends_on_it():
                              for stage in ("features", "train", "score")} | {("nocaps", "score")}
 
 
+def test_nocaps_scores_the_transformer_runs_that_coco_transformer_left(tmp_path):
+    """nocaps.sh needs no K of its own: it scores the runs coco_transformer.sh wrote, whatever their K."""
+    env = {**{k: v for k, v in os.environ.items() if k != "K"}, "GPUS": "1", "PY": "python", "RUNS": str(tmp_path)}
+
+    def scored(**more):
+        return [s.flag("--checkpoint") for s in read_plan("nocaps", {**env, **more}).stage_steps("score")]
+
+    mlp, k10 = (f"{tmp_path}/{run}/{run}_best.safetensors" for run in ("coco_mlp", "coco_transformer_k10"))
+    assert scored() == [mlp, k10]  # none yet: the run coco_transformer.sh makes by default
+    (tmp_path / "coco_transformer_k40").mkdir()
+    assert scored() == [mlp, f"{tmp_path}/coco_transformer_k40/coco_transformer_k40_best.safetensors"]
+    assert scored(K="10") == [mlp, k10]
+
+
 def test_a_row_brings_along_the_rows_whose_models_it_needs(tmp_path, capsys):
     from clipcap.reproduce import ROWS, with_dependencies
 
@@ -444,12 +458,12 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
         gallery = rows[row]["galleries"][row]
         references = 1 if row.startswith("conceptual") else 2  # CC has one caption per image
         assert len(gallery["images"]) == 3 and all(len(i["references"]) == references for i in gallery["images"])
-        assert 0 <= gallery["clipscore"]["CLIP-S"] <= 2.5 and gallery["clipscore"]["images"] == len(scored)
+        assert 0 <= gallery["clipscore"]["CLIP-S"] <= 250 and gallery["clipscore"]["images"] == len(scored)
     for model, run in (("coco_mlp", "coco_mlp"), ("coco_transformer", "coco_transformer_k3")):
         scores = json.loads((root / "runs" / run / "metrics_nocaps.json").read_text())
         assert set(scores) == {"entire", "in-domain", "near-domain", "out-domain"}
         assert all("CIDEr" in s for s in scores.values())
-        assert rows["nocaps"]["ours"][model]["near-domain"]["CIDEr"] == 100 * scores["near-domain"]["CIDEr"]
+        assert rows["nocaps"]["ours"][model]["near-domain"]["CIDEr"] == scores["near-domain"]["CIDEr"]
     assert rows["coco_transformer"]["stages"]["train"]["seconds"] > 0 and report["total_seconds"] > 0
 
     # A changed setting: only what depends on it is to run again.

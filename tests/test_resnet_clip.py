@@ -7,19 +7,23 @@ a traced TorchScript archive, with ``input_resolution``, ``context_length`` and 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import http.server
 import importlib.metadata
 import importlib.util
+import pickle
 import threading
+import zipfile
+from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clipcap import resnet_clip
+from clipcap import resnet_clip, torchscript
 from clipcap.encoder import Preprocess, load_image_encoder
 from clipcap.extraction import model_tag
 from clipcap.files import ClipCapError
@@ -28,7 +32,8 @@ from clipcap.tiny import make_tiny_resnet_clip
 # (vision_layers, vision_width, image_resolution, vision_patch_size): OpenAI's CLIP arguments
 # OpenAI's code traced and saved the TorchScript way, whose warnings are not this test's concern.
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.(save|trace_method)` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.(save|trace_method|script)` is deprecated"
+                                         ":DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
 RESNETS = [((1, 2, 1, 1), 8, 64, None), ((2, 1, 1, 1), 16, 96, None)]
 VIT = (2, 64, 32, 16)
@@ -96,6 +101,125 @@ def test_openai_files_give_openai_embeddings(openai_model, tmp_path, arch):
         got = ours(images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got[0], got[1], atol=1e-3)  # a real comparison, not of constants
+
+
+@pytest.mark.parametrize("arch", [RESNETS[0], VIT], ids=["rn", "vit"])
+def test_archives_are_read_as_torch_jit_load_reads_them(openai_model, tmp_path, arch):
+    """Without running the archive: its tensors, names and dtypes from the zip alone, as torch's loader gives them."""
+    path = tmp_path / "clip.pt"
+    openai_clip(openai_model, path, *arch)
+    expected = torch.jit.load(path).state_dict()
+    state = torchscript.read_state_dict(path)
+    assert list(state) == list(expected) and "input_resolution" in state
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    assert {t.dtype for t in state.values()} == {torch.float16, torch.float32, torch.int64}
+
+
+class Probe(torch.nn.Module):
+    """A TorchScript module whose loading writes into the file it names, as the probe's archive did."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return self.target, self.weight, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        written = torch.from_file(state[0], shared=True, size=8, dtype=torch.uint8).fill_(65)  # "AAAAAAAA"
+        self.weight = state[1] + written[:2].float() * 0
+        self.training = state[2]
+
+
+def with_data_pkl(source, target, data: bytes):
+    """A copy of the archive ``source`` whose ``data.pkl`` is ``data``."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, data if info.filename.endswith("/data.pkl") else src.read(info))
+    return target
+
+
+class Opens:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_an_archive_that_would_run_code_is_refused_unrun(openai_model, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"0123456789")
+    archive = tmp_path / "probe.pt"
+    torch.jit.save(torch.jit.script(Probe(str(victim))), str(archive))
+    torch.jit.load(archive)  # the proof that it is hostile: torch's loader runs its __setstate__
+    assert victim.read_bytes() == b"AAAAAAAA89"
+    victim.write_bytes(b"0123456789")
+    with pytest.raises(ClipCapError) as error:
+        load_image_encoder(str(archive))
+    assert victim.read_bytes() == b"0123456789"
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{archive}: refused as a TorchScript archive: class __torch__.")
+    assert str(error.value).endswith("Probe defines __setstate__, which torch.jit.load would run")
+
+    # An OpenAI file whose pickle calls a function: pickle would run it, this reader names it.
+    marker = tmp_path / "marker"
+    hostile = pickle.dumps(Opens(marker), protocol=2)
+    pickle.loads(hostile)
+    assert marker.exists()
+    marker.unlink()
+    openai_clip(openai_model, tmp_path / "clip.pt", *RESNETS[0])
+    path = with_data_pkl(tmp_path / "clip.pt", tmp_path / "hostile.pt", hostile)
+    with pytest.raises(ClipCapError, match=f"^{path}: refused as a TorchScript archive: its pickle calls io.open$"):
+        load_image_encoder(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", [RESNETS[0], VIT], ids=["rn-64px", "vit-32px"])
+def test_half_precision_casts_what_openai_casts(openai_model, tmp_path, arch):
+    """fp16 as OpenAI runs it: its convert_weights' cast set (BatchNorm, LayerNorm, embeddings stay float32),
+    and the fp16 tower's embeddings against OpenAI's fp16 model on this CPU."""
+    path = tmp_path / "clip.pt"
+    openai_half = copy.deepcopy(openai_clip(openai_model, path, *arch))
+    openai_model.convert_weights(openai_half)
+    ours = resnet_clip.load(str(path), dtype=torch.float16)
+    expected = {k.removeprefix("visual."): v.dtype for k, v in openai_half.state_dict().items()
+                if k.startswith("visual.")}
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == expected
+    assert {torch.float16, torch.float32} <= set(expected.values())
+    images = random_images(arch[2])
+    with torch.no_grad():
+        try:
+            reference = openai_half.encode_image(images)
+        except RuntimeError as e:  # an fp16 kernel this CPU build lacks
+            pytest.skip(f"OpenAI's fp16 tower does not run on this CPU ({e})")
+        got = ours(images.half())
+        full = resnet_clip.load(str(path))(images)
+    assert got.dtype == reference.dtype == torch.float16
+    torch.testing.assert_close(got.float(), reference.float(), rtol=0, atol=3e-3 * full.abs().max().item())
+
+
+def test_half_precision_keeps_batchnorm_statistics_beyond_its_range(openai_model, tmp_path):
+    """A running mean and variance over float16's 65504 stay float32: finite embeddings, those of float32."""
+    path = tmp_path / "clip.pt"
+    openai_clip(openai_model, path, *RESNETS[0], traced=False)
+    state = torch.load(path, weights_only=True)
+    state["visual.bn1.running_mean"][0], state["visual.bn1.running_var"][0] = 7e4, 1e10
+    torch.save(state, path)
+    images = random_images(RESNETS[0][2])
+    with torch.no_grad():
+        full = resnet_clip.load(str(path))(images)
+        half = resnet_clip.load(str(path), dtype=torch.float16)(images.half()).float()
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, full, rtol=0, atol=3e-3 * full.abs().max().item())
 
 
 def test_plain_state_dicts_load_too(openai_model, tmp_path):

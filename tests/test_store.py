@@ -1,6 +1,11 @@
 """The feature store: round trips with the original's pickle, on-demand reads, clear errors."""
 from __future__ import annotations
 
+import ast
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +110,73 @@ def test_the_features_clip_survives_pickle_and_store(feature_pickle, tmp_path):
     assert load_store(tmp_path / "store").clip_model == "RN50x4"
     store.to_pickle(tmp_path / "store", tmp_path / "b.pkl")
     assert load_original_pickle(tmp_path / "b.pkl").clip_model == "RN50x4"
+
+
+def test_the_store_command_lives_with_the_commands(feature_pickle, tmp_path, capsys):
+    """store.py is a library: its conversion command is clipcap-store (clipcap/cli/store.py), so no import climbs up."""
+    from clipcap.cli.store import main
+
+    tree = ast.parse(Path(store.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in imported if m == "cli" or m.startswith(("cli.", "clipcap.cli"))], imported
+    main([str(feature_pickle), str(tmp_path / "store")])
+    main([str(tmp_path / "store"), str(tmp_path / "back.pkl")])
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'store'}", f"wrote {tmp_path / 'back.pkl'}"]
+    assert load_original_pickle(tmp_path / "back.pkl").captions == load_original_pickle(feature_pickle).captions
+    with pytest.raises(ClipCapError, match="one side must be a .pkl file"):
+        main([str(tmp_path / "store"), str(tmp_path / "other")])
+
+
+def test_damaged_store_folders_are_one_line_errors(feature_pickle, tmp_path):
+    path = store.write(load_original_pickle(feature_pickle), tmp_path / "store", shard_rows=3)
+    meta = json.loads((path / "store.json").read_text())
+
+    def refused(store_json, match: str) -> None:
+        (path / "store.json").write_text(json.dumps(store_json))
+        with pytest.raises(ClipCapError, match=match) as error:
+            store.load_store(path)
+        assert "\n" not in str(error.value)
+
+    listing = "'shards' must be a list of {\"name\": ..., \"rows\": ...}"
+    refused({k: v for k, v in meta.items() if k != "shards"}, re.escape(f"{path / 'store.json'}: {listing}"))
+    refused({**meta, "shards": "00000"}, re.escape(listing))
+    refused({**meta, "shards": [{"name": "00000"}]}, re.escape(listing) + ".*entry 0")
+    refused({**meta, "shards": [*meta["shards"][:2], {"name": 2, "rows": 2}]}, re.escape(listing) + ".*entry 2")
+    refused({**meta, "shards": [*meta["shards"][:2], {"name": "00002", "rows": -2}]}, ".*entry 2")
+    for name in ("../../../etc/passwd", "/etc/passwd", "..", "a/b", ""):
+        refused({**meta, "shards": [{"name": name, "rows": 2}]}, re.escape(f"shard name {name!r} is not a file name"))
+    refused([1, 2], "not a version-1 clipcap-feature-store file")
+    (path / "store.json").write_text(json.dumps(meta))
+    (path / "shards" / "00001.npy").rename(tmp_path / "away.npy")
+    with pytest.raises(ClipCapError, match=re.escape(f"{path / 'shards' / '00001.npy'}: missing (store.json lists "
+                                                     "shard 00001)")):
+        store.load_store(path)
+    (path / "shards" / "00001.npy").write_bytes(b"not an array")
+    with pytest.raises(ClipCapError, match=re.escape(f"{path / 'shards' / '00001.npy'}: not a .npy file")):
+        store.load_store(path)
+
+
+def test_image_ids_go_into_a_store_as_integers_or_as_text(feature_pickle, tmp_path):
+    features = load_original_pickle(feature_pickle)
+    ids = list(features.image_ids)
+    for name, image_ids, match in [
+            ("mixed", ids[:3] + [str(ids[3])] + ids[4:], rf"image ids must be all integers or all text: caption 0 has "
+                                                         rf"int {ids[0]}, caption 3 str '{ids[3]}'"),
+            ("huge", ids[:5] + [2**64] + ids[6:], f"caption 5 has image id {2**64}, beyond 64-bit integers"),
+            ("bool", [True] + ids[1:], "caption 0 has bool True as image id"),
+            ("float", ids[:2] + [1.5] + ids[3:], "caption 2 has float 1.5 as image id")]:
+        features.image_ids = image_ids
+        with pytest.raises(ClipCapError, match=re.escape(f"{tmp_path / name}: ") + match):
+            store.write(features, tmp_path / name)
+        assert not (tmp_path / name).exists()  # refused before writing anything
+    store.write_shard(tmp_path / "two_kinds", "a", np.zeros((1, 4)), ["a cat."], [7], [0])
+    store.write_shard(tmp_path / "two_kinds", "b", np.zeros((1, 4)), ["a dog."], ["x"], [0])
+    with pytest.raises(ClipCapError, match="two_kinds: shard a has int64 image ids, shard b string; a store's "
+                                           "image ids are all integers or all text"):
+        store.merge(tmp_path / "two_kinds", ["a", "b"])
+    for name, image_ids in [("text", [f"image {i}" for i in ids]), ("numpy", list(np.array(ids, dtype=np.int32))),
+                            ("big", [i + 2**62 for i in ids])]:
+        features.image_ids = image_ids
+        store.write(features, tmp_path / name, shard_rows=3)
+        assert list(load_store(tmp_path / name).image_ids) == [i.item() if hasattr(i, "item") else i
+                                                                 for i in image_ids]

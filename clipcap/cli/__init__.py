@@ -11,7 +11,6 @@ Hub id. The ``run_*`` functions at the bottom are the installed commands (``clip
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -123,23 +122,65 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     return DecodingOptions(strategy="greedy" if args.greedy else "sample" if sample else "beam", **given)
 
 
-def _command(module: str) -> Callable[[], None]:
-    def command() -> None:
-        run(importlib.import_module(f"{__name__}.{module}").main)
-
-    command.__name__ = f"run_{module}"
-    return command
+# The installed commands (clipcap-train ...; pyproject.toml's [project.scripts]) and the top-level scripts.
+# Each imports its module when it runs, so that one command's --help does not load every other's imports.
 
 
-# The installed commands (clipcap-train ...) and the top-level scripts call these.
-run_train = _command("train")
-run_predict = _command("predict")
-run_evaluate = _command("evaluate")
-run_parse_coco = _command("parse_coco")
-run_parse_conceptual = _command("parse_conceptual")
-run_parse_nocaps = _command("parse_nocaps")
-run_parse_captions = _command("parse_captions")
-run_convert = _command("convert")
-run_app = _command("app")
-run_reproduce = _command("reproduce")
-run_fetch = _command("fetch")
+def run_train() -> None:
+    from .train import main
+    run(main)
+
+
+def run_predict() -> None:
+    from .predict import main
+    run(main)
+
+
+def run_evaluate() -> None:
+    from .evaluate import main
+    run(main)
+
+
+def run_parse_coco() -> None:
+    from .parse_coco import main
+    run(main)
+
+
+def run_parse_conceptual() -> None:
+    from .parse_conceptual import main
+    run(main)
+
+
+def run_parse_nocaps() -> None:
+    from .parse_nocaps import main
+    run(main)
+
+
+def run_parse_captions() -> None:
+    from .parse_captions import main
+    run(main)
+
+
+def run_convert() -> None:
+    from .convert import main
+    run(main)
+
+
+def run_store() -> None:
+    from .store import main
+    run(main)
+
+
+def run_app() -> None:
+    from .app import main
+    run(main)
+
+
+def run_reproduce() -> None:
+    from .reproduce import main
+    run(main)
+
+
+def run_fetch() -> None:
+    from .fetch import main
+    run(main)

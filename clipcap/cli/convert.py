@@ -6,18 +6,22 @@
 
 The config is inferred from the tensor shapes as for loading (:func:`clipcap.checkpoint.load_checkpoint`):
 the CLIP by embedding width (ViT-B/32 for the MLP files, RN50x4 for ``transformer_weights.pt``,
-whose embeddings are L2-normalised as at inference). A prefix-only model keeps only its mapper;
-its GPT-2, frozen in training, is loaded by name. The training data is inferred from the file name
-(``coco``, ``conceptual``, the released ``transformer_weights.pt``) unless ``--dataset`` names it.
+whose embeddings are L2-normalised as at inference; "unknown" for a width no known CLIP gives,
+until --clip_model names it). A prefix-only model keeps only its mapper; its GPT-2, frozen in
+training, is loaded by name. The training data is inferred from the file name (``coco``,
+``conceptual``, the released ``transformer_weights.pt``) unless ``--dataset`` names it.
+An existing folder is written into only if what it holds is an earlier model of this command
+(or of save_pretrained), which is then replaced.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
-from ..files import ClipCapError
-from ..hub import WEIGHTS_NAME, infer_dataset, save_pretrained
+from .. import hub_access
+from ..checkpoint import UNKNOWN_CLIP, load_checkpoint
+from ..files import check_outputs
+from ..hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_folder, checkpoint_files, infer_dataset, save_pretrained
 from . import add_clip_model, run
 
 
@@ -38,17 +42,25 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    if (out / WEIGHTS_NAME).exists():
-        raise ClipCapError(f"{out}: already holds a {WEIGHTS_NAME}; choose another folder or delete it")
+    check_folder(out)
+    check_outputs({f"out ({name})": out / name for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)},
+                  {"checkpoint": checkpoint_files(args.checkpoint), "--metrics": args.metrics})
+    replacing = (out / WEIGHTS_NAME).exists()
     overrides = {k: v for k, v in (("clip_model", args.clip_model), ("normalize_prefix", args.normalize_prefix))
                  if v is not None}
     model = load_checkpoint(args.checkpoint, "cpu", gpt2=args.gpt2, **overrides)
     save_pretrained(model, out, dataset=args.dataset or infer_dataset(args.checkpoint), recipe=args.recipe,
                     metrics=args.metrics, source=Path(args.checkpoint).name, repo_id=args.repo_id)
     c = model.config
-    print(f"wrote {out}: {c.mapping_type} mapper, K={c.prefix_length}, CLIP {c.clip_model}"
-          f"{' (normalised)' if c.normalize_prefix else ''}, GPT-2 {c.gpt2} "
+    clip = f"unknown ({c.prefix_size}-d; name it with --clip_model)" if c.clip_model == UNKNOWN_CLIP else c.clip_model
+    print(f"{'replaced the model in' if replacing else 'wrote'} {out}: {c.mapping_type} mapper, K={c.prefix_length}, "
+          f"CLIP {clip}{' (normalised)' if c.normalize_prefix else ''}, GPT-2 {c.gpt2} "
           f"{'loaded by name' if c.only_prefix else 'stored'}")
+    local = [name for name in (c.gpt2, c.clip_model) if hub_access.is_local(name)]
+    if local:
+        print(f"note: {' and '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}, which "
+              "load on this machine only: do not upload this folder; to share it, convert with --gpt2 / --clip_model "
+              "naming the Hugging Face Hub ids instead")
     return out
 
 

@@ -2,42 +2,43 @@
 
     python evaluate.py --results captions.json --annotations data/coco/dataset_coco.json --split test
     python evaluate.py --checkpoint coco_train/coco_prefix-009.safetensors \\
-        --features data/coco/oscar_split_ViT-B_32_test.pkl --annotations data/coco/dataset_coco.json --split test
+        --features data/coco/oscar_split_ViT-B_32_test.pkl --annotations data/coco/dataset_coco.json --split test \\
+        --out coco_train/metrics.json
     python evaluate.py --checkpoint coco_train/coco_prefix-009.safetensors --images data/nocaps/val \\
         --annotations data/nocaps/nocaps_val_4500_captions.json --clipscore
 
 References: Karpathy's dataset_coco.json (with --split), COCO-format annotations, a JSON list of
 {image_id, caption}, or the Conceptual Captions validation TSV (image id = 0-based row number).
 When the images carry a nocaps ``domain``, the entire set and each domain are scored, each as a
-run of its own. Prints the scores in the paper's units (x100) and writes them, in pycocoevalcap's
-units and key names, to --out. Needs Java; SPICE also needs Stanford CoreNLP jars (--spice_jars).
+run of its own. Every score, printed or written, is in the paper's units: pycocoevalcap's x100
+(CIDEr 108.35), CLIP-S and RefCLIP-S alike. The table is always printed; --out also writes the
+scores as JSON (pycocoevalcap's key names). Images that cannot be read are skipped, named, and left
+out of the scores. Needs Java; SPICE also needs Stanford CoreNLP jars (--spice_jars).
 --clipscore adds CLIP-S and RefCLIP-S (Hessel et al., 2021).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
+from ..annotations import image_files, image_key, load_annotations
+from ..clipscore import CLIPScorer, add_clip_scores
 from ..data import load_features
 from ..evaluation import (
     ENTIRE,
     SCORERS,
-    Evaluation,
     Scorer,
-    domain_table,
-    image_files,
-    image_key,
-    load_annotations,
     load_results,
     match_images,
+    parse_metrics,
+    scores_table,
     write_scores,
 )
-from ..files import ClipCapError, check_output_path, write_json
+from ..files import ClipCapError, check_outputs, write_json
+from ..runtime import Processes, pick_device
 from ..toolkit import SPICE_JARS_ENV
-from ..runtime import resolve_device
 from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
 
 
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "filepath/filename): captioned with --checkpoint; read by --clipscore")
     p.add_argument("--annotations", required=True, help="reference captions (formats above)")
     p.add_argument("--split", choices=["test", "val"], help="Karpathy split (dataset_coco.json only)")
-    add_out(p, default="metrics.json", help="metrics JSON (pycocoevalcap's key names and units)")
-    p.add_argument("--per_image", help="also write per-image scores to this JSON")
+    add_out(p, help="also write the scores to this JSON, in the paper's units (x100) under pycocoevalcap's key "
+                    "names (default: only print the table)")
+    p.add_argument("--per_image", help="also write per-image scores to this JSON (the same units)")
     p.add_argument("--only_common_images", action="store_true",
                    help="score only the images that have both a caption and references, ignoring the others "
                         "(without it, any mismatch is an error)")
@@ -79,123 +81,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Every file this run will write can be written, checked before any captioning or scoring."""
-    outputs = {"--out": args.out, "--per_image": args.per_image, "--save_captions": args.save_captions}
-    for flag, path in outputs.items():
-        if path is not None:
-            check_output_path(path, flag)
-    named = [path for path in outputs.values() if path is not None]
-    if len(set(named)) < len(named):
-        raise ClipCapError(f"{', '.join(outputs)} must name different files")
+def read_references(args: argparse.Namespace) -> tuple[dict, dict, dict[Any, Path]]:
+    """The references of --annotations, their images' nocaps domains, and with --images their image files
+    (with --only_common_images, only the images found there are scored)."""
+    references, images = load_annotations(args.annotations, args.split)
+    domains = {k: info["domain"] for k, info in images.items() if "domain" in info}
+    paths = image_files(references, images, args.images, args.only_common_images, args.annotations) \
+        if args.images else {}
+    return references, domains, paths
 
 
-@dataclass
-class Run:
-    """The captions to score and, when the run has them, CLIP image embeddings of their images."""
+def check_files(args: argparse.Namespace, paths: dict[Any, Path]) -> None:
+    """Every output can be written and none is an input, checked before any work."""
+    def files_of(path: str | None) -> list[str | Path]:  # a folder input (a feature store, a saved model): its files
+        if path is None or not Path(path).is_dir():
+            return [path] if path else []
+        return [path, *(p for p in Path(path).rglob("*") if p.is_file())]
 
-    results: list[dict]
-    source: str  # for messages: where the captions come from
-    clip_model: str | None = None  # the CLIP that made ``embeddings``, when known
-    embeddings: dict = field(default_factory=dict)  # image id -> embedding
+    check_outputs({"--out": args.out, "--per_image": args.per_image, "--save_captions": args.save_captions},
+                  {"--results": args.results, "--annotations": args.annotations, "--images": list(paths.values()),
+                   "--features": files_of(args.features), "--checkpoint": files_of(args.checkpoint),
+                   "--spice_jars": files_of(args.spice_jars), "--clipscore_model": files_of(args.clipscore_model)})
 
 
 def feature_embeddings(features) -> dict:
     """Image id -> the embedding of a feature set (its first row per image)."""
     image_ids, rows = features.first_rows()
-    return dict(zip(map(image_key, image_ids), features.embeddings_at(rows)))
-
-
-def captioner_for(args: argparse.Namespace):
-    from ..captioner import Captioner
-
-    return Captioner.from_checkpoint(args.checkpoint, **model_options(args))
-
-
-def caption_features(args: argparse.Namespace, references: dict) -> Run:
-    """Caption every image of --features with --checkpoint, after checking the images match the references."""
-    features = load_features(args.features)
-    match_images(list(dict.fromkeys(features.image_ids)), references, args.only_common_images,
-                 args.features, args.annotations)  # fail before hours of decoding, not after
-    results = captioner_for(args).caption_features(features, decoding_options(args), args.batch_size,
-                                                   source=args.features)
-    return Run(results, f"captions of {args.features}", features.clip_model, feature_embeddings(features))
-
-
-def caption_images(args: argparse.Namespace, references: dict, images: dict) -> Run:
-    """Caption the references' images found in --images with --checkpoint; results keyed by the references' ids."""
-    from tqdm import tqdm
-
-    paths = image_files(references, images, args.images, args.only_common_images, args.annotations)
-    captioner, options = captioner_for(args), decoding_options(args)
-    ids, results, embeddings = list(paths), [], {}
-    for start in tqdm(range(0, len(ids), args.batch_size), desc="captioning", unit="batch",
-                      disable=len(ids) <= args.batch_size):
-        batch = ids[start:start + args.batch_size]
-        embeds = captioner.embed([paths[k] for k in batch])
-        captions = captioner.caption_embeddings(embeds, options, args.batch_size)
-        results += [{"image_id": k, "caption": c[0]} for k, c in zip(batch, captions)]
-        embeddings.update(zip(batch, embeds.float().cpu()))
-    return Run(results, f"captions of {args.images}", captioner.clip_model, embeddings)
-
-
-def add_clipscore(args: argparse.Namespace, run: Run, evaluations: dict[str, Evaluation], references: dict,
-                  images: dict) -> None:
-    """CLIP-S and RefCLIP-S of every scored image into ``evaluations`` (means) and their per-image rows.
-
-    Image embeddings come from the run when its CLIP is the CLIPScore model, else from --images."""
-    from ..clipscore import KEYS, CLIPScorer
-    from ..encoder import same_clip
-
-    ids = [row["image_id"] for row in evaluations[ENTIRE].per_image]
-    scorer = CLIPScorer(args.clipscore_model, resolve_device(args.device))
-    if same_clip(run.clip_model, args.clipscore_model) and all(k in run.embeddings for k in ids):
-        image_embeds = torch.stack([run.embeddings[k] for k in ids])
-    elif args.images:
-        paths = image_files({k: references[k] for k in ids}, images, args.images, False, args.annotations)
-        image_embeds = scorer.embed_images([paths[k] for k in ids])
-    else:
-        problem = "the run has no image embeddings" if not run.embeddings else \
-            f"the run's image embeddings are made by {run.clip_model or 'an unrecorded CLIP'}, not {args.clipscore_model}"
-        raise ClipCapError(f"--clipscore: {problem}; pass --images FOLDER to embed the images")
-    captions = {r["image_id"]: r["caption"] for r in run.results}
-    values = scorer({k: captions[k] for k in ids}, {k: references[k] for k in ids}, image_embeds)
-    for evaluation in evaluations.values():
-        for row in evaluation.per_image:
-            row.update(values[row["image_id"]])
-        for key in KEYS:
-            evaluation.scores[key] = float(np.mean([values[row["image_id"]][key] for row in evaluation.per_image]))
+    return dict(zip(image_ids, features.embeddings_at(rows)))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_outputs(args)
-    references, images = load_annotations(args.annotations, args.split)
-    domains = {k: info["domain"] for k, info in images.items() if "domain" in info}
-    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics, options = parse_metrics(args.metrics), decoding_options(args)
+    references, domains, paths = read_references(args)
+    total = len(references)
+    check_files(args, paths)
+    device = pick_device(args.device, Processes())  # as training's validation picks it, TF32 included: one score
+    clip_scorer = CLIPScorer(args.clipscore_model, device) if args.clipscore else None
+    features = load_features(args.features) if args.features else None
+    if args.images:  # with --only_common_images, the images not found are not scored
+        references = {k: v for k, v in references.items() if k in paths}
+    if args.checkpoint and features is not None:  # fail before hours of decoding, not after
+        match_images(list(dict.fromkeys(features.image_ids)), references, args.only_common_images, args.features,
+                     args.annotations)
+    captioner = None
+    if args.checkpoint:
+        from ..captioner import Captioner  # imported here: it loads transformers, which scoring needs not
+
+        captioner = Captioner.from_checkpoint(args.checkpoint, **{**model_options(args), "device": device})
+    own_clip = features.clip_model if features is not None else captioner.clip_model if captioner else None
+    read_images = clip_scorer is not None and clip_scorer.needs_images(
+        own_clip, has_embeddings=features is not None or captioner is not None, has_images=bool(paths))
+
+    skipped: list[str] = []
     with Scorer(metrics, args.spice_jars) as scorer:  # METEOR's Java loads while the captions are made
-        if args.results:
-            run = Run(load_results(args.results), args.results)
-            if args.features:
-                features = load_features(args.features)
-                run.clip_model, run.embeddings = features.clip_model, feature_embeddings(features)
-        elif args.features:
-            run = caption_features(args, references)
+        if captioner is None:
+            results, source = load_results(args.results), args.results
+            embeddings = feature_embeddings(features) if features is not None else {}
         else:
-            run = caption_images(args, references, images)
-        if args.save_captions and not args.results:
-            write_json(args.save_captions, run.results)
-        if domains:
-            evaluations = scorer.by_domain(run.results, references, domains, args.only_common_images, run.source,
-                                           args.annotations)
-        else:
-            evaluations = {ENTIRE: scorer(run.results, references, args.only_common_images, run.source,
-                                          args.annotations)}
-    if args.clipscore:
-        add_clipscore(args, run, evaluations, references, images)
-    entire = evaluations[ENTIRE]
-    if len(entire.per_image) < len(references):
-        print(f"scored {len(entire.per_image)} of the {len(references)} reference images (--only_common_images)")
-    print(domain_table(evaluations) if domains else entire.table(), flush=True)  # first: a failed write cannot take them
+            run = captioner.caption_all(features if features is not None else paths, options, args.batch_size,
+                                        skip_unreadable=True, source=args.features or "features")
+            results, source, embeddings, skipped = run.results, f"captions of {args.features or args.images}", \
+                run.embeddings, run.skipped
+            for problem in skipped:
+                print(f"skipped {problem}", file=sys.stderr)
+            if not results:
+                raise ClipCapError(f"{args.images} (--images): none of the {len(paths)} images could be read")
+            if args.images:  # the unreadable images are not scored
+                references = {k: v for k, v in references.items() if k in run.captions}
+            if args.save_captions:
+                write_json(args.save_captions, results)
+        evaluations = scorer.by_domain(results, references, domains, args.only_common_images, source, args.annotations)
+    if clip_scorer is not None:
+        add_clip_scores(evaluations, {image_key(r["image_id"]): r["caption"] for r in results}, references,
+                        clip_scorer, None if read_images else {image_key(k): v for k, v in embeddings.items()}, paths)
+    print(scores_table(evaluations), flush=True)  # first: a failed write cannot take them
+    if (scored := len(evaluations[ENTIRE].per_image)) < total:
+        print(f"scored {scored} of the {total} reference images"
+              + (f" ({len(skipped)} unreadable, skipped)" if skipped else ""))
     write_scores(evaluations, args.out, args.per_image)
-    print(f"wrote {args.out}" + (f" and {args.per_image}" if args.per_image else ""))
+    if args.out or args.per_image:
+        print("wrote " + " and ".join(filter(None, (args.out, args.per_image))))

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 
 from ..encoder import MAX_PIXELS, OPENAI_CHECKPOINTS, OPENAI_RESNETS
-from ..extraction import Shard, extract_to, model_tag
+from ..extraction import extract_to, model_tag
+from ..sources import Shard
 from . import add_batch_size, add_clip_model, add_device, add_out, positive
 
 

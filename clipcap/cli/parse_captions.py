@@ -8,7 +8,8 @@ Sources:
 - a folder in Hugging Face's imagefolder layout: metadata.jsonl or metadata.csv with file_name and
   text (or caption: one caption, a JSONL list of several, or several rows per image);
 - a CSV, JSONL or TSV file with an image column (file_name, image, path) and a caption column
-  (text, caption); a TSV may be headerless path<TAB>caption; paths relative to the file or --images_root;
+  (text, caption); a TSV may be headerless path<TAB>caption and has no quoting; paths relative to the file
+  or --images_root;
 - Karpathy's dataset_flickr30k.json / dataset_flickr8k.json, by --split (train = train + restval).
 
 Image ids are Karpathy's imgid, else the image path as the file writes it; the same source is the
@@ -20,7 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..sources import KARPATHY_SPLITS, caption_shards
+from ..annotations import KARPATHY_SPLITS
+from ..sources import caption_shards
 from .extraction import add_extraction_arguments, output, run_extraction
 
 

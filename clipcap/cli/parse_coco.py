@@ -10,8 +10,11 @@ kept (delete it to encode again).
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..sources import KARPATHY_SPLITS, coco_images, coco_shards, write_coco_references
+from ..annotations import KARPATHY_SPLITS
+from ..files import check_outputs
+from ..sources import coco_images, coco_shards, write_coco_references
 from .extraction import add_extraction_arguments, output, run_extraction
 
 
@@ -28,11 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     add_extraction_arguments(parser, "./data/coco/oscar_split_{clip model}_{split}.pkl")
     args = parser.parse_args(argv)
 
-    images = coco_images(args.annotations, args.images_root, args.split, include_restval=not args.no_restval)
     out = output(args, "./data/coco/oscar_split_", f"_{args.split}")
-    written = run_extraction(args, coco_shards(images, args.shard_size), out, split=args.split,
-                             annotations=args.annotations)
-    if written is not None and args.split in ("val", "test"):
+    references = None
+    if args.split in ("val", "test"):
         references = args.references_path or f"./data/coco/karpathy_{args.split}_references.json"
-        write_coco_references(images, references)
+        check_outputs({"--references_path": references}, {"--annotations": args.annotations, "--out": out})
+    images = coco_images(args.annotations, args.split, include_restval=not args.no_restval)
+    if references is not None and int(os.environ.get("RANK", "0")) == 0:
+        write_coco_references(images, references)  # first: they need no features, and a failed run keeps them
         print(f"wrote {references}")
+    run_extraction(args, coco_shards(images, args.images_root, args.shard_size), out, split=args.split,
+                   annotations=args.annotations)

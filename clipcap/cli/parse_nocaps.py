@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..sources import coco_format_images, coco_shards
+from ..sources import coco_format_shards
 from .extraction import add_extraction_arguments, output, run_extraction
 
 
@@ -26,6 +26,5 @@ def main(argv: list[str] | None = None) -> None:
     add_extraction_arguments(parser, "./data/nocaps/nocaps_val_{clip model}.pkl")
     args = parser.parse_args(argv)
 
-    images = coco_format_images(args.annotations, args.images)
-    run_extraction(args, coco_shards(images, args.shard_size), output(args, "./data/nocaps/nocaps_val_"),
-                   annotations=args.annotations, images=args.images)
+    run_extraction(args, coco_format_shards(args.annotations, args.images, args.shard_size),
+                   output(args, "./data/nocaps/nocaps_val_"), annotations=args.annotations, images=args.images)

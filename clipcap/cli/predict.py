@@ -1,4 +1,4 @@
-"""Caption images (or cached CLIP features) with a ClipCap checkpoint, ours or the original's.
+r"""Caption images (or cached CLIP features) with a ClipCap checkpoint, ours or the original's.
 
     python predict.py --checkpoint coco_weights.pt --images photos/ --out captions.json
     python predict.py --checkpoint coco_weights.pt --images cat.jpg --greedy
@@ -8,17 +8,30 @@
 
 The output is the COCO results format ``[{"image_id": ..., "caption": ...}]`` (image_id is the
 file path with --images, the feature file's image id with --features); without --out the
-captions are printed, one per line, after their image id and a tab.
+captions are printed, one per line, after their image id and a tab. In those lines a backslash,
+tab, newline or carriage return inside a name or caption is written \\, \t, \n or \r, so that
+every line is one image id, one tab and one caption.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ..captioner import Captioner, image_paths
 from ..data import load_features
-from ..files import ClipCapError, check_output_path, write_json
+from ..decoding import check_options
+from ..files import ClipCapError, check_outputs, write_json
+from ..hub import checkpoint_files
 from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
+
+# What a printed line escapes, so that it stays one line of two tab-separated fields.
+ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def line(image_id: Any, caption: str) -> str:
+    """``image_id<TAB>caption``, each with :data:`ESCAPES` applied."""
+    return f"{str(image_id).translate(ESCAPES)}\t{caption.translate(ESCAPES)}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,18 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files, folders or glob patterns (quote them)")
     source.add_argument("--features", help="CLIP features: the original's pickle or a feature store folder")
-    add_out(parser, help="write the captions here as JSON (default: print them)")
+    add_out(parser, help="write the captions here as JSON (default: print them, one 'image TAB caption' per line, "
+                         "with backslash, tab, newline and carriage return written as \\\\, \\t, \\n and \\r)")
     add_batch_size(parser, 16, "images decoded together")
     add_model_options(parser)
     add_decoding(parser)
     args = parser.parse_args(argv)
 
     options = decoding_options(args)
-    if args.out:
-        check_output_path(args.out, "--out")  # now, not after captioning everything
     paths = image_paths(args.images) if args.images else None
+    check_outputs({"--out": args.out}, {"--checkpoint": checkpoint_files(args.checkpoint), "--images": paths,
+                                        "--features": args.features})  # now, not after captioning everything
     features = load_features(args.features) if args.features else None
     captioner = Captioner.from_checkpoint(args.checkpoint, **model_options(args))
+    check_options(captioner.model, options)
     problems: list[str] = []
     if paths is not None:
         results, problems = captioner.caption_files(paths, options, args.batch_size)
@@ -50,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         results = captioner.caption_features(features, options, args.batch_size, source=args.features)
     if not args.out:
         for r in results:
-            print(f"{r['image_id']}\t{r['caption']}")
+            print(line(r["image_id"], r["caption"]))
         return
     write_json(args.out, results)
     images = len({r["image_id"] for r in results})
