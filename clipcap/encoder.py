@@ -186,6 +186,9 @@ def processor_transform(processor: Any, name: str, torchvision_rounding: bool = 
                             "shortest side then a centre crop, or to a fixed size) and normalise are supported")
 
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+    if getattr(processor, "max_num_patches", None):
+        raise refuse("resizes each image to its own number of patches (SigLIP 2's NaFlex); the fixed-resolution "
+                     "SigLIP 2 checkpoints (google/siglip2-base-patch16-224...) work")
     if not getattr(processor, "do_resize", False) or size is None:
         raise refuse("does not resize images to one size")
     if getattr(processor, "do_pad", False) or getattr(processor, "rescale_offset", False):
