@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from skimage import data as photos
-from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessorPil
+from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessorPil, Siglip2ImageProcessorPil
 
 from clipcap import encoder as encoder_module
 from clipcap.captioner import Captioner
@@ -76,10 +76,11 @@ def test_processors_and_models_it_cannot_follow_are_refused(clip_dir, gpt2_dir, 
         ("padded", CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32, do_pad=True), "pads"),
         ("scaled", CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32, rescale_factor=1 / 127.5),
          "scales pixels by 0.00784"),
+        ("naflex", Siglip2ImageProcessorPil(), "its own number of patches"),
     ]:
         folder = shutil.copytree(clip_dir, tmp_path / name)
         processor.save_pretrained(folder)
-        with pytest.raises(ClipCapError, match=f"{name}: its image processor \\(CLIPImageProcessorPil\\) .*{problem}"):
+        with pytest.raises(ClipCapError, match=f"{name}: its image processor \\({type(processor).__name__}\\) .*{problem}"):
             load_image_encoder(str(folder))
     with pytest.raises(ClipCapError, match="a gpt2 model has no get_image_features"):
         load_image_encoder(gpt2_dir)
