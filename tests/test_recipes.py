@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from clipcap.tiny import make_tiny_resnet_clip
+from clipcap.data import load_features
+from clipcap.tiny import make_tiny_clip, make_tiny_resnet_clip
 
 pytestmark = pytest.mark.java  # every recipe scores with the Java metrics
 
@@ -122,6 +124,28 @@ def test_paper_row_recipe_runs_end_to_end(workspace, row, best, only_prefix):
     assert config["clip_model"] == env["CLIP"]  # the features' CLIP, recorded without a flag
     assert config["only_prefix"] is only_prefix
     assert config["mapping_type"] == ("transformer" if "transformer" in row else "mlp")
+
+
+def test_capdec_recipe_trains_on_captions_alone_and_scores_the_test_images(workspace, tmp_path):
+    """CapDec's COCO row on a copy of the COCO layout without its train images: their captions are all it reads
+    of them. A tiny CLIP with a tokenizer, for its text tower."""
+    root, env = workspace
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    shutil.copy(root / "coco" / "dataset_coco.json", coco)
+    shutil.copytree(root / "coco" / "val2014", coco / "val2014")
+    words = [f"a {colour} {shape}. a {shape} that is {colour}." for colour in COLOURS for shape in SHAPES]
+    clip = str(make_tiny_clip(tmp_path / "clip", corpus=words))
+    run_recipe("capdec_coco.sh", {**env, "COCO": str(coco), "RUNS": str(tmp_path / "runs"), "CLIP": clip,
+                                  "TAG": "tiny"})
+    text = load_features(coco / "oscar_split_tiny_text_train.pkl")
+    assert text.modality == "text" and len(text) == 24 and text.clip_model == clip  # train + restval, 2 captions each
+    run = tmp_path / "runs" / "capdec_coco"
+    config = checkpoint_config(run / "capdec_coco-001.safetensors")
+    assert (config["noise_variance"], config["normalize_prefix"], config["clip_model"]) == (0.016, True, clip)
+    assert (config["mapping_type"], config["prefix_length"], config["only_prefix"]) == ("transformer", 3, False)
+    assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(json.loads((run / "metrics.json").read_text()))
+    assert len(json.loads((run / "captions_test.json").read_text())) == 4
 
 
 def test_nocaps_recipe_scores_both_coco_models_per_domain(workspace):
