@@ -40,10 +40,10 @@ class ClipCapConfig:
     num_heads: int = setting(8, "transformer mapper: attention heads")
     only_prefix: bool = setting(False, "freeze GPT-2: train and save the mapper only")
     normalize_prefix: bool = setting(False, "L2-normalise CLIP embeddings, in training and inference alike")
-    noise_variance: float = setting(0.0, "training only: add Gaussian noise of this variance per dimension to every "
-                                         "CLIP embedding at every step, after the L2 normalisation and followed by "
-                                         "another, as CapDec does (its text-only training: 0.016, with "
-                                         "--normalize_prefix)")
+    noise_variance: float = setting(0.0, "training only: Gaussian noise of this variance per coordinate on every CLIP "
+                                         "embedding at every step; with --normalize_prefix added between two L2 "
+                                         "normalisations, as CapDec's code adds it, so that its 0.016 (text-only "
+                                         "training) means the same here")
     gpt2: str = setting("gpt2", "GPT-2 and its tokenizer: a Hugging Face name or a local folder")
     clip_model: str = setting("ViT-B/32", "the CLIP that made the features (what captioning images loads)")
     gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2's architecture, filled on build

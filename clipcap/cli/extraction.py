@@ -16,8 +16,9 @@ from . import add_batch_size, add_clip_model, add_device, add_out, positive
 def add_extraction_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
     """``--out`` (alias ``--out_path``) and the extraction flags, added last as the original's scripts had them."""
     add_out(parser, "--out_path", default=None, help=f"default: {out_default} (no .pkl with --feature_store)")
-    add_clip_model(parser, default="ViT-B/32", help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, a Hugging "
-                                                    "Face CLIP or directory, or an OpenAI CLIP file (.pt)")
+    add_clip_model(parser, default="ViT-B/32", help=f"{', '.join([*OPENAI_CHECKPOINTS, *OPENAI_RESNETS])}, an OpenAI "
+                                                    "CLIP file (.pt), or a Hugging Face name or directory of an "
+                                                    "image-text model (any CLIP, SigLIP...)")
     parser.add_argument("--feature_store", action="store_true",
                         help="write a feature store directory (float16 shards + Parquet index) instead of the pickle")
     add_batch_size(parser, 256, "images (or captions) per CLIP batch")
