@@ -6,7 +6,9 @@ two kinds of embedding share one space:
 - a transformers image-text model (OpenAI's ``ViT-B/32``..., any CLIP, SigLIP...): its
   ``get_text_features`` (CLIP's projected text embedding, SigLIP's pooled one) with its own
   tokenizer, every text padded to the tower's context length (77 for CLIP, 64 for SigLIP, which was
-  trained on such padding) and cut to it, its end token kept;
+  trained on such padding) and cut to it, its end token kept. SigLIP's ids go in without the
+  attention mask transformers 5's tokenizers add: it was trained attending to its padding (big_vision
+  has no mask there), and transformers' conversion of it was checked that way;
 - an OpenAI CLIP file (the ResNet CLIPs): the text transformer the file holds
   (:func:`clipcap.resnet_clip.load_text`), with OpenAI's BPE through transformers' ``CLIPTokenizer``
   (the files of ``openai/clip-vit-base-patch32``, which are OpenAI's vocabulary and merges).
@@ -27,6 +29,8 @@ from .files import ClipCapError
 
 # OpenAI's BPE (vocabulary and merges) as transformers' CLIPTokenizer reads it: the tokenizer of OpenAI's files.
 OPENAI_TOKENIZER = "openai/clip-vit-base-patch32"
+# Text towers trained attending to their padding: their ids go in without an attention mask.
+UNMASKED = ("siglip", "siglip2")
 
 
 @dataclass
@@ -81,7 +85,7 @@ def load_text_encoder(name: str = "ViT-B/32", device: str | torch.device = "cpu"
             embed = lambda tokens: pooled(model.get_text_features(**tokens))  # noqa: E731
         tok = _tokenizer(tokenizer or hub_source(name), name, text_config.vocab_size)
     accepted = set(inspect.signature(model.forward if config.model_type == "clip" else model.get_text_features)
-                   .parameters)
+                   .parameters) - ({"attention_mask"} if config.model_type in UNMASKED else set())
     encoder = TextEncoder(lambda tokens: embed({k: v for k, v in tokens.items() if k in accepted}), tok,
                           text_config.max_position_embeddings, 0, name, device, dtype)
     model.to(device)

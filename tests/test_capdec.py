@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from clipcap import store
 from clipcap.captioner import Captioner
-from clipcap.checkpoint import read_checkpoint
+from clipcap.checkpoint import parse_config, read_checkpoint
 from clipcap.cli.evaluate import main as evaluate
 from clipcap.cli.parse_captions import main as parse_captions
 from clipcap.cli.predict import main as predict
@@ -43,10 +44,13 @@ def towers(tmp_path_factory) -> dict[str, str]:
 
 
 def text_features(folder: str, captions: list[str]) -> torch.Tensor:
-    """The model's get_text_features of its tokenizer's ids, padded to the text tower's length (as SigLIP needs)."""
+    """The model's get_text_features of its tokenizer's ids, padded to the text tower's length (as SigLIP needs);
+    SigLIP's without an attention mask, as it was trained (and as transformers 4's SigLIP tokenizer gave them)."""
     model = AutoModel.from_pretrained(folder)
     tokens = AutoTokenizer.from_pretrained(folder)(captions, padding="max_length", truncation=True, return_tensors="pt",
                                                     max_length=model.config.text_config.max_position_embeddings)
+    if model.config.model_type == "siglip":
+        tokens.pop("attention_mask")
     with torch.no_grad():
         return model.get_text_features(**tokens).pooler_output
 
@@ -59,6 +63,12 @@ def test_text_features_are_the_models_get_text_features(towers, tower):
     assert encoder.dim == expected.shape[1] and encoder.context_length == 16
     assert torch.allclose(encoder(captions), expected, atol=1e-5)
     assert (expected[0] - expected[1]).abs().max() > 0.1
+    if tower == "siglip":  # SigLIP's own tokenizer class, whose attention mask would change the embeddings
+        assert type(encoder.tokenizer).__name__ == "SiglipTokenizer"
+        tokens = encoder.tokenize(captions)
+        with torch.no_grad():
+            masked = AutoModel.from_pretrained(towers[tower]).get_text_features(**tokens).pooler_output
+        assert not torch.allclose(masked, expected, atol=1e-3)
 
 
 def write_source(root: Path, layout: str) -> tuple[list[str], dict[int | str, list[str]]]:
@@ -70,8 +80,8 @@ def write_source(root: Path, layout: str) -> tuple[list[str], dict[int | str, li
         return [str(root / "captions.txt")], {1: [lines[0]], 2: [lines[1]], 4: [lines[2]], 5: [lines[3]],
                                               6: [lines[4]]}
     if layout == "karpathy_coco":  # test images are left out by --split train
-        images = [{"filepath": "train2014", "filename": f"{k}.jpg", "cocoid": k, "split": "train" if k < 3 else "restval",
-                   "sentences": [{"raw": c} for c in cs]} for k, cs in CAPTIONS.items()]
+        images = [{"filepath": "train2014", "filename": f"{k}.jpg", "cocoid": k, "sentences": [{"raw": c} for c in cs],
+                   "split": "train" if k < 3 else "restval"} for k, cs in CAPTIONS.items()]
         images.append({"filepath": "val2014", "filename": "9.jpg", "cocoid": 9, "split": "test",
                        "sentences": [{"raw": "a test caption."}]})
         (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
@@ -101,8 +111,8 @@ def test_text_only_encodes_the_captions_of_any_source(towers, tmp_path, layout):
     assert [(i, c) for i, c in zip(features.image_ids, features.captions)] == \
         [(i, c) for i, cs in expected.items() for c in cs]
     assert list(features.image_index) == list(range(len(features)))  # one embedding per caption
-    assert torch.allclose(features.embeddings_at(features.image_index), text_features(towers["clip"], features.captions),
-                          atol=1e-2)  # stored in float16
+    expected = text_features(towers["clip"], features.captions)
+    assert torch.allclose(features.embeddings_at(features.image_index), expected, atol=1e-2)  # stored in float16
 
 
 def test_the_text_file_is_the_originals_layout_marked_as_text(towers, tmp_path):
@@ -155,7 +165,8 @@ def test_noise_is_capdecs_in_training_only():
 def test_text_only_training_records_its_settings_and_captions_images(towers, gpt2_dir, tmp_path, capsys):
     arguments, _ = write_source(tmp_path, "txt")
     parse_captions([*arguments, "--text_only", "--clip_model", towers["siglip"], "--out", str(tmp_path / "t.pkl")])
-    flags = ["--data", str(tmp_path / "t.pkl"), "--gpt2", gpt2_dir, "--epochs", "1", "--bs", "2", "--prefix_length", "2"]
+    flags = ["--data", str(tmp_path / "t.pkl"), "--gpt2", gpt2_dir, "--epochs", "1", "--bs", "2",
+             "--prefix_length", "2"]
     capsys.readouterr()
     train([*flags, "--out_dir", str(tmp_path / "plain")])
     warnings = [line for line in capsys.readouterr().out.splitlines() if "text embeddings" in line]
@@ -184,12 +195,22 @@ def test_text_embeddings_are_never_captioned_as_images(towers, gpt2_dir, tmp_pat
     with pytest.raises(ClipCapError, match=refusal):
         predict(["--checkpoint", checkpoint, "--features", str(text)])
     with pytest.raises(ClipCapError, match=refusal):
-        evaluate(["--checkpoint", checkpoint, "--features", str(text), "--annotations", arguments[0], "--split", "test"])
+        evaluate(["--checkpoint", checkpoint, "--features", str(text), "--annotations", arguments[0],
+                  "--split", "test"])
     with pytest.raises(ClipCapError, match=refusal):
         Captioner.from_pretrained(checkpoint).caption_features(load_features(text), source=text)
     with pytest.raises(ClipCapError, match=f"--val_data {text} \\(captioned for --val_captions\\): holds CLIP text"):
         train(["--data", str(text), "--val_data", str(text), "--val_captions", "2", "--gpt2", gpt2_dir,
                "--out_dir", str(tmp_path / "run")])
+
+
+def test_a_checkpoints_noise_variance_is_a_number_of_at_least_0():
+    assert parse_config({"noise_variance": 0}, "c.json").noise_variance == 0.0  # JSON written by hand
+    assert parse_config({}, "c.json").noise_variance == 0.0  # checkpoints from before it existed
+    for bad in (-0.5, True, "0.016", None):
+        with pytest.raises(ClipCapError, match=f"c.json: config noise_variance must be a number of at least 0, got "
+                                               f"{re.escape(repr(bad))}"):
+            parse_config({"noise_variance": bad}, "c.json")
 
 
 @pytest.mark.parametrize("arguments, message", [

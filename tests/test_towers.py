@@ -43,7 +43,8 @@ def reference(folder: str, images: list[Image.Image]) -> torch.Tensor:
     """The model's own processor (its PIL implementation) followed by its get_image_features."""
     processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
     with torch.no_grad():
-        return AutoModel.from_pretrained(folder).get_image_features(**processor(images, return_tensors="pt")).pooler_output
+        model = AutoModel.from_pretrained(folder)
+        return model.get_image_features(**processor(images, return_tensors="pt")).pooler_output
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
@@ -80,7 +81,8 @@ def test_processors_and_models_it_cannot_follow_are_refused(clip_dir, gpt2_dir, 
     ]:
         folder = shutil.copytree(clip_dir, tmp_path / name)
         processor.save_pretrained(folder)
-        with pytest.raises(ClipCapError, match=f"{name}: its image processor \\({type(processor).__name__}\\) .*{problem}"):
+        kind = type(processor).__name__
+        with pytest.raises(ClipCapError, match=f"{name}: its image processor \\({kind}\\) .*{problem}"):
             load_image_encoder(str(folder))
     with pytest.raises(ClipCapError, match="a gpt2 model has no get_image_features"):
         load_image_encoder(gpt2_dir)

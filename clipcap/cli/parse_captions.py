@@ -21,7 +21,8 @@ same CLIP, one embedding per caption, and reads no image. SOURCE is then any ann
 project reads (also COCO's dataset_coco.json, a COCO-format captions file, the original's
 train_caption.json, Conceptual Captions' TSV) or a .txt of one caption a line:
 
-    python parse_captions.py data/coco/dataset_coco.json --text_only --split train   # -> data/coco/dataset_coco_ViT-B_32_text_train.pkl
+    python parse_captions.py data/coco/dataset_coco.json --text_only --split train
+        # -> data/coco/dataset_coco_ViT-B_32_text_train.pkl
     python train.py --data data/coco/dataset_coco_ViT-B_32_text_train.pkl --normalize_prefix --noise_variance 0.016
 
 The file is marked as text embeddings (its "modality"), so that nothing captions them as images.
@@ -39,8 +40,8 @@ from .extraction import add_extraction_arguments, output, run_extraction
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="image folder with metadata.jsonl/csv, a CSV/TSV/JSONL file, or Karpathy's Flickr "
-                                       "JSON; with --text_only also any annotation file or a .txt of captions")
+    parser.add_argument("source", help="image folder with metadata.jsonl/csv, a CSV/TSV/JSONL file, or Karpathy's "
+                                       "Flickr JSON; with --text_only also any annotation file or a .txt of captions")
     parser.add_argument("--images_root", default=None, help="where image paths start (default: the source's folder)")
     parser.add_argument("--split", default=None, choices=list(KARPATHY_SPLITS), help="Karpathy's files only")
     parser.add_argument("--text_only", action="store_true",
