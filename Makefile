@@ -1,8 +1,9 @@
-# Two commands for a fresh clone: `make demo` and `make test`. Both build .venv if missing.
+# Two commands for a fresh clone: `make demo` and `make test`; on a GPU machine, `make gpu-check`.
+# Each builds .venv if missing.
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: demo test gpu-check clean
 
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -17,6 +18,9 @@ demo: .venv/.installed
 
 test: .venv/.installed
 	$(PY) -m pytest -q tests
+
+gpu-check: .venv/.installed  # every GPU path on tiny data, in minutes: a table in gpu_check_out/
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
 
 clean:
 	rm -rf .venv demo_out

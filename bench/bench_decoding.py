@@ -29,15 +29,22 @@ from clipcap.reference import original_beam, original_greedy
 PERIOD = 13  # GPT-2's "."
 
 
+def end_captions(model: ClipCap, stop_slope: float, stop_token: int = PERIOD) -> ClipCap:
+    """Bias a random GPT-2 towards ``stop_token`` more with every caption position: add to each position
+    embedding after the prefix a component along the stop token's embedding that grows with the position."""
+    k = model.config.prefix_length
+    with torch.no_grad():
+        wpe, stop = model.gpt.transformer.wpe.weight, model.gpt.transformer.wte.weight[stop_token]
+        steps = torch.arange(1, wpe.shape[0] - k + 1, dtype=wpe.dtype, device=wpe.device)[:, None]
+        wpe[k:] += stop_slope * steps * stop / stop.norm()
+    return model
+
+
 def random_clipcap(stop_slope: float, seed: int = 0) -> ClipCap:
     """GPT-2 small with random weights, MLP mapper K=10 / D=512, biased to end captions with "."."""
     torch.manual_seed(seed)
     model = ClipCap(ClipCapConfig(prefix_length=10, prefix_size=512), GPT2LMHeadModel(GPT2Config())).eval()
-    with torch.no_grad():
-        wpe, period = model.gpt.transformer.wpe.weight, model.gpt.transformer.wte.weight[PERIOD]
-        steps = torch.arange(1, wpe.shape[0] - 10 + 1, dtype=wpe.dtype)[:, None]
-        wpe[10:] += stop_slope * steps * period / period.norm()
-    return model
+    return end_captions(model, stop_slope)
 
 
 def timed(fn: Callable[[], list]) -> tuple[list, float, float]:

@@ -2,7 +2,8 @@
 
 Runs clipcap.training.train on synthetic features (COCO-like caption lengths) with a randomly
 initialised GPT-2, for the paper's two rows: MLP mapper + GPT-2 fine-tuning (K=10, bs 40) and
-the prefix-only transformer mapper (K=10, 8 layers). Needs no network.
+the prefix-only transformer mapper (K=10, 8 layers). Needs no network. Each mode trains in a folder
+of its own and prints its row as soon as it is measured, with the GPU memory peak of that mode alone.
 
     python bench/bench_train_throughput.py                      # GPU: GPT-2 small, bs 40, bf16
     python bench/bench_train_throughput.py --device cpu         # CPU: the same figures at a small size
@@ -11,12 +12,18 @@ the prefix-only transformer mapper (K=10, 8 layers). Needs no network.
 Needs torch, transformers, tokenizers, safetensors, tensorboard, matplotlib and tqdm, nothing else.
 
 The paper: 7 h (MLP + GPT-2 tuning) and 6 h (transformer) for 10 COCO epochs on one GTX1080.
+bench/gpu_check.py projects all four Table 1 rows with :func:`measure`.
 """
+from __future__ import annotations
+
 import argparse
+import gc
+import pickle
 import platform
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,25 +47,65 @@ def coco_like_caption(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(max(5, round(rng.gauss(10.5, 2.5))))) + "."
 
 
-def make_run_files(root: Path, size: str, n_captions: int) -> tuple[str, str]:
-    """A random GPT-2 (vocabulary of 50,257 like the real one) and a feature pickle of synthetic captions."""
-    import pickle
+def coco_like_captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [coco_like_caption(rng) for _ in range(n)]
 
-    rng = random.Random(0)
-    captions = [coco_like_caption(rng) for _ in range(n_captions)]
-    tokenizer = train_tokenizer(captions[:2000] + [" ".join(WORDS)], vocab_size=600)
+
+def make_gpt2(folder: Path, size: str) -> str:
+    """A random GPT-2 of ``SIZES[size]`` (vocabulary of 50,257 like the real one), with a small BPE tokenizer."""
+    tokenizer = train_tokenizer(coco_like_captions(2000) + [" ".join(WORDS)], vocab_size=600)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, **SIZES[size])).save_pretrained(root / "gpt2")
-    tokenizer.save_pretrained(root / "gpt2")
-    n_images = n_captions // 5
-    with open(root / "features.pkl", "wb") as f:
-        pickle.dump({"clip_embedding": torch.randn(n_images, 512).half(),
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, **SIZES[size])).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_features(path: Path, captions: list[str], dim: int, captions_per_image: int = 5) -> str:
+    """The original's feature pickle: random fp16 embeddings [N / captions_per_image, dim] and the captions."""
+    n_images = max(1, len(captions) // captions_per_image)
+    with open(path, "wb") as f:
+        pickle.dump({"clip_embedding": torch.randn(n_images, dim, generator=torch.Generator().manual_seed(0)).half(),
                      "captions": [{"image_id": i % n_images, "caption": c, "clip_embedding": i % n_images}
                                   for i, c in enumerate(captions)]}, f)
-    return str(root / "gpt2"), str(root / "features.pkl")
+    return str(path)
 
 
-def main() -> None:
+@dataclass
+class Measured:
+    """One mode's figures: speeds after the first log window (warm-up, compilation), the GPU memory peak."""
+
+    samples_per_s: float
+    tokens_per_s: float
+    peak_gb: float | None  # None on the CPU
+    losses: list[float]
+    seconds: float
+
+    @property
+    def coco_hours(self) -> float:
+        """10 epochs of COCO's Karpathy train + restval at this speed."""
+        return 10 * COCO_CAPTIONS / self.samples_per_s / 3600
+
+
+def measure(cfg: TrainConfig) -> Measured:
+    """Train ``cfg`` (log_every at most half its max_steps) and measure it; the memory peak is this run's own."""
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.init()  # the allocator's statistics exist once CUDA is initialised
+        gc.collect()  # the previous mode's model and optimizer state, if still referenced by a cycle
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+    start = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - start
+    history = [r for r in result["history"] if "loss" in r]
+    timed = history[1:] or history  # the first window holds warm-up (and compilation)
+    return Measured(samples_per_s=sum(r["samples_per_s"] for r in timed) / len(timed),
+                    tokens_per_s=sum(r["tokens_per_s"] for r in timed) / len(timed),
+                    peak_gb=torch.cuda.max_memory_allocated(cfg.device) / 2**30 if cuda else None,
+                    losses=[r["loss"] for r in history], seconds=seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -67,12 +114,11 @@ def main() -> None:
     p.add_argument("--size", choices=SIZES, default=None, help="default: small (GPT-2 small) on GPU, cpu on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (train.py's default: 0)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     precision = args.precision or ("bf16" if gpu else "fp32")
     bs, steps = args.bs or (40 if gpu else 8), args.steps or (150 if gpu else 12)
     size = args.size or ("small" if gpu else "cpu")
-    log_every = max(1, steps // 6)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -81,23 +127,21 @@ def main() -> None:
           f"{steps} steps per mode{', compiled' if args.compile else ''}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        gpt2, data = make_run_files(Path(tmp), size, bs * (steps + 1))
-        for mode, settings in MODES.items():
-            start = time.perf_counter()
-            model = ClipCapConfig(gpt2=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
-            result = train(TrainConfig(model=model, data=data, out_dir=str(Path(tmp) / "out"), batch_size=bs, epochs=1,
-                                       max_steps=steps, log_every=log_every, precision=precision,
-                                       device=args.device, compile=args.compile, num_workers=args.num_workers,
-                                       warmup=100))
-            timed = result["history"][1:]  # the first window holds warm-up (and compilation)
-            samples_per_s = sum(r["samples_per_s"] for r in timed) / len(timed)
-            tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
-            memory = max((r.get("gpu_mem_gb", 0.0) for r in timed), default=0.0)
-            hours = 10 * COCO_CAPTIONS / samples_per_s / 3600
-            rows.append((mode, samples_per_s, tokens_per_s, memory, hours, time.perf_counter() - start))
-    print(f"\n{'mode':<26} {'samples/s':>10} {'tokens/s':>10} {'GPU GB':>7} {'10 COCO epochs':>15} {'bench s':>8}")
-    for mode, sps, tps, mem, hours, spent in rows:
-        print(f"{mode:<26} {sps:>10.1f} {tps:>10.0f} {mem:>7.1f} {hours * 60:>11.1f} min {spent:>8.0f}")
+        gpt2 = make_gpt2(Path(tmp) / "gpt2", size)
+        data = write_features(Path(tmp) / "features.pkl", coco_like_captions(bs * (steps + 1)), 512)
+        try:
+            for k, (mode, settings) in enumerate(MODES.items()):
+                model = ClipCapConfig(gpt2=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
+                m = measure(TrainConfig(model=model, data=data, out_dir=str(Path(tmp) / f"mode{k}"), batch_size=bs,
+                                        epochs=1, max_steps=steps, log_every=max(1, steps // 6), precision=precision,
+                                        device=args.device, compile=args.compile, num_workers=args.num_workers,
+                                        warmup=100))
+                memory = "-" if m.peak_gb is None else f"{m.peak_gb:.1f}"
+                rows.append(f"{mode:<26} {m.samples_per_s:>10.1f} {m.tokens_per_s:>10.0f} {memory:>7} "
+                            f"{m.coco_hours * 60:>11.1f} min {m.seconds:>8.0f}")
+        finally:  # the figures measured so far, even when a later mode fails
+            print(f"\n{'mode':<26} {'samples/s':>10} {'tokens/s':>10} {'GPU GB':>7} {'10 COCO epochs':>15} "
+                  f"{'bench s':>8}", *rows, sep="\n")
     print(f"(projection: 10 x {COCO_CAPTIONS:,} captions / samples/s; paper: 7 h and 6 h on a GTX1080)")
 
 
