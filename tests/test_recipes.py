@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from clipcap.tiny import make_tiny_resnet_clip
+from clipcap.data import load_features
+from clipcap.tiny import make_tiny_clip, make_tiny_resnet_clip
 
 pytestmark = pytest.mark.java  # every recipe scores with the Java metrics
 
@@ -124,6 +126,28 @@ def test_paper_row_recipe_runs_end_to_end(workspace, row, best, only_prefix):
     assert config["mapping_type"] == ("transformer" if "transformer" in row else "mlp")
 
 
+def test_capdec_recipe_trains_on_captions_alone_and_scores_the_test_images(workspace, tmp_path):
+    """CapDec's COCO row on a copy of the COCO layout without its train images: their captions are all it reads
+    of them. A tiny CLIP with a tokenizer, for its text tower."""
+    root, env = workspace
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    shutil.copy(root / "coco" / "dataset_coco.json", coco)
+    shutil.copytree(root / "coco" / "val2014", coco / "val2014")
+    words = [f"a {colour} {shape}. a {shape} that is {colour}." for colour in COLOURS for shape in SHAPES]
+    clip = str(make_tiny_clip(tmp_path / "clip", corpus=words))
+    run_recipe("capdec_coco.sh", {**env, "COCO": str(coco), "RUNS": str(tmp_path / "runs"), "CLIP": clip,
+                                  "TAG": "tiny"})
+    text = load_features(coco / "oscar_split_tiny_text_train.pkl")
+    assert text.modality == "text" and len(text) == 24 and text.clip_model == clip  # train + restval, 2 captions each
+    run = tmp_path / "runs" / "capdec_coco"
+    config = checkpoint_config(run / "capdec_coco-001.safetensors")
+    assert (config["noise_variance"], config["normalize_prefix"], config["clip_model"]) == (0.016, True, clip)
+    assert (config["mapping_type"], config["prefix_length"], config["only_prefix"]) == ("transformer", 3, False)
+    assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(json.loads((run / "metrics.json").read_text()))
+    assert len(json.loads((run / "captions_test.json").read_text())) == 4
+
+
 def test_nocaps_recipe_scores_both_coco_models_per_domain(workspace):
     root, env = workspace
     for row in ("coco_mlp", "coco_transformer"):
@@ -136,15 +160,21 @@ def test_nocaps_recipe_scores_both_coco_models_per_domain(workspace):
         assert all("CIDEr" in s for s in scores.values())
 
 
-def test_nocaps_scores_the_transformer_run_that_coco_transformer_made(tmp_path):
-    """nocaps.sh needs no K of its own: it scores the run coco_transformer.sh wrote, whatever K that had.
-    The scripts run with a stand-in Python that records each command (and makes train.py's run folder)."""
+def stand_in_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in Python that records each command a recipe runs (and makes train.py's run folder), and its record."""
     calls = tmp_path / "calls.txt"
     stand_in = tmp_path / "python"
     stand_in.write_text(f"#!{sys.executable}\nimport os, sys\nwith open({str(calls)!r}, 'a') as f:\n"
                         "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
                         "if sys.argv[1] == 'train.py':\n    os.makedirs(sys.argv[sys.argv.index('--out_dir') + 1])\n")
     stand_in.chmod(0o755)
+    return stand_in, calls
+
+
+def test_nocaps_scores_the_transformer_run_that_coco_transformer_made(tmp_path):
+    """nocaps.sh needs no K of its own: it scores the run coco_transformer.sh wrote, whatever K that had.
+    The scripts run with a stand-in Python that records each command."""
+    stand_in, calls = stand_in_python(tmp_path)
     env = {**{k: v for k, v in os.environ.items() if k != "K"}, "PY": str(stand_in), "RUNS": str(tmp_path / "runs"),
            "COCO": str(tmp_path / "coco"), "NOCAPS": str(tmp_path / "nocaps")}
     run_recipe("coco_mlp.sh", env)
@@ -159,3 +189,27 @@ def test_nocaps_scores_the_transformer_run_that_coco_transformer_made(tmp_path):
     done = subprocess.run(["bash", str(REPO / "recipes" / "nocaps.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr == (f"error: no run {tmp_path / 'runs'}/coco_transformer_k*: "
                                                     "run recipes/coco_transformer.sh first\n")
+
+
+def test_the_modern_pair_recipe_runs_its_tower_language_model_and_adapters(tmp_path):
+    """coco_siglip2_qwen.sh, through the stand-in Python: SigLIP 2 features of the three splits, Qwen2.5-0.5B with
+    LoRA trained on them, its best epoch scored on test; and the environment's overrides reach the commands."""
+    stand_in, calls = stand_in_python(tmp_path)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CLIP", "TAG", "GPT2", "EPOCHS", "BS", "LR")},
+           "PY": str(stand_in), "RUNS": str(tmp_path / "runs"), "COCO": str(tmp_path / "coco")}
+    run_recipe("coco_siglip2_qwen.sh", env)
+    commands = calls.read_text().splitlines()
+    features = tmp_path / "coco" / "oscar_split_google_siglip2-so400m-patch14-224"
+    assert [c.split()[0] for c in commands] == ["parse_coco.py"] * 3 + ["train.py", "evaluate.py"]
+    assert all("--clip_model_type google/siglip2-so400m-patch14-224" in c for c in commands[:3])
+    train = commands[3]
+    for flags in (f"--data {features}_train.pkl", "--epochs 4", "--bs 40", "--gpt2 Qwen/Qwen2.5-0.5B",
+                  "--lm_dtype bf16 --lora_rank 16 --lr 1e-4 --normalize_prefix"):
+        assert flags in train
+    run = tmp_path / "runs" / "coco_siglip2_qwen"
+    assert f"--checkpoint {run}/coco_siglip2_qwen_best.safetensors --features {features}_test.pkl" in commands[4]
+    calls.write_text("")
+    shutil.rmtree(run)
+    run_recipe("coco_siglip2_qwen.sh", {**env, "GPT2": "HuggingFaceTB/SmolLM2-360M", "LORA_RANK": "8", "EPOCHS": "2"})
+    train = next(c for c in calls.read_text().splitlines() if c.startswith("train.py"))
+    assert "--epochs 2" in train and "--gpt2 HuggingFaceTB/SmolLM2-360M" in train and "--lora_rank 8" in train
