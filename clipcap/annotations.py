@@ -12,7 +12,9 @@ The layouts (told apart by the file itself):
   row, as the original names its downloads ``{row:08d}.jpg``;
 - your own data: a folder in Hugging Face's ``imagefolder`` layout (``metadata.jsonl`` or
   ``metadata.csv`` with ``file_name`` and ``text``), or a CSV, JSONL or TSV of image path and caption
-  (a TSV may be headerless ``path<TAB>caption``); the image id is the path as the file writes it.
+  (a TSV may be headerless ``path<TAB>caption``); the image id is the path as the file writes it;
+- captions alone, for text-only training: a ``.txt`` file of one caption a line; a caption's id is
+  its line number.
 
 The same reading serves extraction (:mod:`clipcap.sources` makes shards of it) and evaluation
 (:func:`load_annotations`), so that features and references agree on every id. What a file gets
@@ -83,7 +85,7 @@ class Annotations:
     """An annotation file read whole: its layout and every image it lists, in its order."""
 
     path: Path
-    layout: str  # karpathy_coco, karpathy_flickr, caption_list, coco_format, conceptual_tsv, or own data's
+    layout: str  # karpathy_coco, karpathy_flickr, caption_list, coco_format, conceptual_tsv, text, or own data's
     images: list[AnnotatedImage]
     root: Path  # where the images' relative files start unless told otherwise
 
@@ -127,6 +129,8 @@ def read_annotations(path: str | Path) -> Annotations:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".jsonl"):
         return Annotations(path, suffix[1:], _table_images(path, suffix[1:]), path.parent)
+    if suffix == ".txt":
+        return Annotations(path, "text", _text_lines(path), path.parent)
     if suffix == ".tsv":
         lines = _lines(path)
         first = next(lines, (1, ""))[1].split("\t")
@@ -291,6 +295,18 @@ def conceptual_captions(path: str | Path) -> list[str]:
         captions.append(caption)
     if not captions:
         raise ClipCapError(f"{path}: empty file")
+    return captions
+
+
+def _text_lines(path: Path) -> list[AnnotatedImage]:
+    """A caption per line, stripped; blank lines are no caption. Each is an image of its own, with no file."""
+    captions = []
+    for number, line in _lines(path):
+        if line.strip():
+            captions.append(AnnotatedImage(number, f"line {number}"))
+            captions[-1].add(line.strip())
+    if not captions:
+        raise ClipCapError(f"{path}: no captions (one a line)")
     return captions
 
 

@@ -122,6 +122,7 @@ class Captioner:
         run. An unreadable file raises ClipCapError, or with ``skip_unreadable`` is left out and reported
         in the result's ``skipped``. Every other captioning method of this class comes here."""
         if isinstance(images, FeatureSet):
+            images.check_images(source)
             if images.dim != self.model.config.prefix_size:
                 raise ClipCapError(f"{source}: features are {images.dim}-d, but the checkpoint takes "
                                    f"{self.model.config.prefix_size}-d CLIP embeddings ({self.model.config.clip_model})")

@@ -73,6 +73,10 @@ def parse_config(values: Any, source: str | Path) -> ClipCapConfig:
             value = parse_gpt2_config(value, source)
         elif kind is int and not is_count(value, minimum=0 if name == "num_layers" else 1):
             raise ClipCapError(f"{source}: config {name} must be a positive integer, got {value!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ClipCapError(f"{source}: config {name} must be a number of at least 0, got {value!r}")
+            value = float(value)
         elif kind is not int and not isinstance(value, kind):
             raise ClipCapError(f"{source}: config {name} must be a {kind.__name__}, got {value!r}")
         checked[name] = value

@@ -8,6 +8,9 @@ in turn, so that every GPU has work until the end however few the shards. Finish
 disk, so a killed run resumes (a rerun of another job is refused); rank 0 joins each shard's
 pieces at the end. The store is the same, byte for byte, whatever the number of processes or
 interruptions. One job at a time writes an output: its lock (:mod:`clipcap.locking`) refuses a second.
+
+With ``text=True`` the same machinery encodes captions with CLIP's text tower instead (text-only
+training, CapDec): each item is one caption, which becomes one embedding row.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .encoder import MAX_PIXELS, ImageEncoder, Preprocess, default_dtype, load_i
 from .files import ClipCapError, remove_stale_temp_files, write_json
 from .runtime import Processes, pick_device, start_processes
 from .sources import ImageItem, Shard
+from .text_encoder import TextEncoder, load_text_encoder
 
 JOB_FILE = "job.json"  # in a store: what made it (see _check_job)
 # A shard is cut into at most this many pieces, the units that torchrun ranks share out.
@@ -89,7 +93,32 @@ def _list(shard: Shard, batch_size: int) -> _Listing:
     return _Listing(items, skipped, pieces, hashlib.sha256(listing.encode()).hexdigest()[:16])
 
 
-def _encode_pieces(shard: Shard, listing: _Listing, mine: list[int], encoder: ImageEncoder, store: Path,
+# A batch's item indices, their embeddings (None if none was made), and its failures as (index, reason).
+_Embedded = tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]
+
+
+def _embedded(items: Sequence[ImageItem], batches: list[list[int]], encoder: ImageEncoder | TextEncoder,
+              num_workers: int, max_pixels: int) -> Iterator[_Embedded]:
+    """Batch by batch: the indices of the items encoded, their embeddings (None if none was), and the
+    failures as (index, reason). Images are decoded and cropped in DataLoader workers and normalised on
+    the encoder's device; captions (one per item) are tokenised here, which takes little time."""
+    if isinstance(encoder, TextEncoder):
+        for batch in batches:
+            yield batch, encoder([items[i].captions[0] for i in batch]), []
+        return
+    if not batches:
+        return
+    loader = DataLoader(_Images(items, encoder.transform, max_pixels), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
+                        prefetch_factor=4 if num_workers else None)
+    for indices, pixels, failures in loader:
+        embeddings = None
+        if pixels is not None:
+            embeddings = encoder.encode(encoder.transform.normalize(pixels.to(encoder.device, non_blocking=True)))
+        yield indices, embeddings, failures
+
+
+def _encode_pieces(shard: Shard, listing: _Listing, mine: list[int], encoder: ImageEncoder | TextEncoder, store: Path,
                    batch_size: int, num_workers: int, max_pixels: int, progress: tqdm, written_by: str) -> None:
     """Encode pieces ``mine`` of the shard, one DataLoader for all of them; each piece is written when done.
 
@@ -102,18 +131,15 @@ def _encode_pieces(shard: Shard, listing: _Listing, mine: list[int], encoder: Im
         todo = [i for i in range(start, stop) if items[i].captions]
         batches += [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
         ends.append(len(batches))
-    loader = iter(DataLoader(_Images(items, encoder.transform, max_pixels), batch_sampler=batches,
-                             num_workers=num_workers, collate_fn=_collate, pin_memory=encoder.device.type == "cuda",
-                             prefetch_factor=4 if num_workers else None)) if batches else iter(())
+    embedded = _embedded(items, batches, encoder, num_workers, max_pixels)
     done = 0
     for k, end in zip(mine, ends):
         start, stop = listing.pieces[k]
         failed: list[tuple[int, str]] = [(i, "no caption") for i in range(start, stop) if not items[i].captions]
         kept, chunks = [], []
-        for indices, pixels, failures in (next(loader) for _ in range(done, end)):
+        for indices, embeddings, failures in (next(embedded) for _ in range(done, end)):
             failed += failures
-            if pixels is not None:
-                embeddings = encoder.encode(encoder.transform.normalize(pixels.to(encoder.device, non_blocking=True)))
+            if embeddings is not None:
                 finite = torch.isfinite(embeddings).all(dim=1).tolist()
                 failed += [(i, "non-finite embedding") for i, ok in zip(indices, finite) if not ok]
                 kept += [i for i, ok in zip(indices, finite) if ok]
@@ -157,10 +183,12 @@ def _difference(key: str, before: Any, now: Any) -> str:
 
 
 def _job(shards: Sequence[Shard], clip_model: str, dtype: torch.dtype, max_pixels: int,
-         settings: dict[str, Any] | None) -> dict[str, Any]:
-    """What defines an extraction's output: the shards' images, the CLIP, dtype, pixel limit and ``settings``."""
+         settings: dict[str, Any] | None, text: bool = False) -> dict[str, Any]:
+    """What defines an extraction's output: the shards' items, the CLIP (and which of its towers), dtype,
+    pixel limit and ``settings``."""
     return {"clip_model": clip_model, "clip_files": _clip_fingerprint(clip_model),
-            "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels, **(settings or {}),
+            "dtype": str(dtype).removeprefix("torch."), "max_pixels": max_pixels,
+            **({"modality": "text"} if text else {}), **(settings or {}),
             "shards": {s.name: s.fingerprint for s in shards}}
 
 
@@ -212,7 +240,7 @@ def writing(out: str | Path) -> Iterator[Processes]:
 def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B/32", *, device: str = "auto",
             dtype: torch.dtype | None = None, batch_size: int = 256, num_workers: int | None = None,
             max_pixels: int = MAX_PIXELS, meta: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
-            procs: Processes | None = None) -> int | None:
+            procs: Processes | None = None, text: bool = False) -> int | None:
     """Encode every shard's images once into the feature store ``store``; returns the number skipped.
 
     Resumable: finished pieces and shards are kept on a rerun of the same job (the shards'
@@ -220,11 +248,14 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
     another job is refused. Under torchrun the ranks share out every shard's pieces; after a barrier
     rank 0 joins them and merges the index (other ranks return None). ``procs`` is the session of
     an enclosing :func:`writing` of the output; by default this call holds its own, on ``store``.
+    With ``text``, each item's one caption is encoded by the CLIP's text tower instead of its image,
+    and the store says its embeddings are of text (``modality``).
     """
     if procs is None:
         with writing(store) as procs:
             return extract(shards, store, clip_model, device=device, dtype=dtype, batch_size=batch_size,
-                           num_workers=num_workers, max_pixels=max_pixels, meta=meta, settings=settings, procs=procs)
+                           num_workers=num_workers, max_pixels=max_pixels, meta=meta, settings=settings, procs=procs,
+                           text=text)
     _check_options(batch_size, num_workers, max_pixels)
     store = Path(store)
     names = [s.name for s in shards]
@@ -234,16 +265,18 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
     if num_workers is None:
         num_workers = max(1, min(8, (os.cpu_count() or 1) // procs.local_world - 1))
     dtype = dtype or default_dtype(device)
-    _check_job(store / JOB_FILE, _job(shards, clip_model, dtype, max_pixels, settings), store)
+    modality = {"modality": "text"} if text else {}  # image stores say nothing, as every older one
+    _check_job(store / JOB_FILE, _job(shards, clip_model, dtype, max_pixels, settings, text), store)
     remove_stale_temp_files(store)  # what killed runs left
     remove_stale_temp_files(store / feature_store.SHARD_DIR)
     todo = [s for s in shards if not feature_store.shard_done(store, s.name)]
     sizes = [s.size for s in todo]
     rank = f"rank {procs.rank}/{procs.world}"
     pieces, encoder, turn, kinds = {}, None, 0, {}  # each shard's pieces, for rank 0 to join
-    desc = f"CLIP {clip_model}" + (f" {rank}" if procs.world > 1 else "")
-    with tqdm(total=-(-sum(sizes) // procs.world) if None not in sizes else None, unit="img", desc=desc,
-              disable=procs.local_rank != 0) as progress:
+    desc = f"CLIP {clip_model}" + (" text" if text else "") + (f" {rank}" if procs.world > 1 else "")
+    load_encoder = load_text_encoder if text else load_image_encoder
+    with tqdm(total=-(-sum(sizes) // procs.world) if None not in sizes else None, unit="caption" if text else "img",
+              desc=desc, disable=procs.local_rank != 0) as progress:
         for shard in todo:  # every rank lists every shard; piece `turn` of them all is rank turn % world's
             listing = _list(shard, batch_size)
             pieces[shard.name] = [listing.piece(k) for k in range(len(listing.pieces))]
@@ -253,7 +286,7 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
             turn += len(listing.pieces)
             if mine:
                 remove_stale_temp_files(store / feature_store.PIECE_DIR / shard.name / listing.key)
-                encoder = encoder or load_image_encoder(clip_model, device, dtype)
+                encoder = encoder or load_encoder(clip_model, device, dtype)
                 _encode_pieces(shard, listing, mine, encoder, store, batch_size, num_workers, max_pixels, progress,
                                rank)
     procs.barrier()
@@ -261,7 +294,7 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
         return None
     for name, names_of_pieces in pieces.items():
         feature_store.join_pieces(store, name, names_of_pieces)
-    return feature_store.merge(store, names, {"clip_model": clip_model, **(meta or {})})
+    return feature_store.merge(store, names, {"clip_model": clip_model, **modality, **(meta or {})})
 
 
 def _check_id_kinds(shard: Shard, items: list[ImageItem], kinds: dict[str, str]) -> None:
@@ -298,7 +331,7 @@ def extract_to(shards: Sequence[Shard], out: str | Path, clip_model: str = "ViT-
         if not as_store and out.exists() and not work.exists():
             dtype = options.get("dtype") or default_dtype(pick_device(options.get("device", "auto"), procs))
             _check_job(job_file, _job(shards, clip_model, dtype, options.get("max_pixels", MAX_PIXELS),
-                                      options.get("settings")), out, finished=True)
+                                      options.get("settings"), options.get("text", False)), out, finished=True)
             if procs.main:
                 print(f"{out}: kept as a finished run wrote it (delete it to encode the images again)")
             return out if procs.main else None
@@ -313,6 +346,9 @@ def extract_to(shards: Sequence[Shard], out: str | Path, clip_model: str = "ViT-
             shutil.copyfile(work / JOB_FILE, job_file)
             report = shutil.copyfile(report, out.with_name(out.stem + "_skipped.tsv")) if skipped else None
             shutil.rmtree(work)
+    if written.get("modality") == "text":
+        print(f"wrote {out}: text embeddings of {written['num_captions']} captions")
+        return out
     print(f"wrote {out}: {written['num_images']} images, {written['num_captions']} captions; {skipped} images skipped"
           + (f", listed in {report}" if skipped else ""))
     return out

@@ -3,6 +3,10 @@
 The original's ``parse_coco.py`` writes ``{"clip_embedding": [N, D], "captions": [{..., "clip_embedding": row}]}``;
 it is read here without running pickled code, and checked (indices in range, embeddings finite,
 captions text) so that bad data fails in one line instead of training to NaN.
+
+Text-only training (CapDec) uses the same layout for CLIP *text* embeddings, one per caption; such
+a file says so (``"modality": "text"``, a key the original's train.py ignores), so that they are
+never captioned as if they were images.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import torch
 
 from .files import ClipCapError, atomic_write, examples
 
+# What a feature file's embeddings are of: images (every file that does not say), or captions (CapDec).
+MODALITIES = ("image", "text")
+
 
 @dataclass
 class FeatureSet:
@@ -27,6 +34,7 @@ class FeatureSet:
     image_index: np.ndarray  # caption i describes embeddings[image_index[i]]
     image_ids: Sequence[Any]  # caption i's image id (COCO id, file key, ...)
     clip_model: str | None = None  # the CLIP that made the embeddings, when the file records it
+    modality: str = "image"  # "text": CLIP text embeddings of the captions themselves, one per caption
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -51,9 +59,18 @@ class FeatureSet:
                 first[image_id] = int(row)
         return list(first), np.fromiter(first.values(), dtype=np.int64, count=len(first))
 
+    def check_images(self, source: str | Path) -> None:
+        """Refuse text embeddings where image embeddings are needed: a caption of a text embedding would
+        be scored as a caption of an image."""
+        if self.modality == "text":
+            raise ClipCapError(f"{source}: holds CLIP text embeddings of captions (parse_captions.py --text_only), "
+                               "not image embeddings: caption images, or features made from images")
+
     def validate(self, source: str | Path) -> None:
         """Check that the embeddings have a width, the caption -> embedding indices and that every embedding
         is finite, naming the first bad ones: a NaN row would otherwise train to NaN weights without a word."""
+        if self.modality not in MODALITIES:
+            raise ClipCapError(f"{source}: modality {self.modality!r} is neither of {', '.join(MODALITIES)}")
         n = int(self.embeddings.shape[0])
         if n and self.dim == 0:
             raise ClipCapError(f"{source}: the embeddings are 0-dimensional ([{n}, 0]): no image features to train on")
@@ -127,7 +144,7 @@ def load_original_pickle(path: str | Path) -> FeatureSet:
         ids.append(image_id)
         index[i] = row
     clip_model = data.get("clip_model") if isinstance(data.get("clip_model"), str) else None
-    features = FeatureSet(embeddings, captions, index, ids, clip_model)
+    features = FeatureSet(embeddings, captions, index, ids, clip_model, data.get("modality", "image"))
     features.validate(path)
     return features
 
@@ -156,7 +173,7 @@ def _check_caption_entry(entry: Any, i: int, path: Path) -> tuple[str, Any, int]
 
 def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
     """Write the original's pickle layout (readable by the original's train.py, which ignores the
-    extra ``clip_model`` key), atomically."""
+    extra ``clip_model`` and ``modality`` keys), atomically."""
     embeddings = features.embeddings if isinstance(features.embeddings, torch.Tensor) \
         else torch.as_tensor(np.asarray(features.embeddings))
     captions = [{"image_id": image_id, "caption": caption, "clip_embedding": int(row)}
@@ -164,5 +181,7 @@ def save_original_pickle(features: FeatureSet, path: str | Path) -> None:
     data = {"clip_embedding": embeddings, "captions": captions}
     if features.clip_model is not None:
         data["clip_model"] = features.clip_model
+    if features.modality != "image":
+        data["modality"] = features.modality
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(data, f)

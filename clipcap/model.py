@@ -40,6 +40,10 @@ class ClipCapConfig:
     num_heads: int = setting(8, "transformer mapper: attention heads")
     only_prefix: bool = setting(False, "freeze GPT-2: train and save the mapper only")
     normalize_prefix: bool = setting(False, "L2-normalise CLIP embeddings, in training and inference alike")
+    noise_variance: float = setting(0.0, "training only: Gaussian noise of this variance per coordinate on every CLIP "
+                                         "embedding at every step; with --normalize_prefix added between two L2 "
+                                         "normalisations, as CapDec's code adds it, so that its 0.016 (text-only "
+                                         "training) means the same here")
     gpt2: str = setting("gpt2", "GPT-2 and its tokenizer: a Hugging Face name or a local folder")
     clip_model: str = setting("ViT-B/32", "the CLIP that made the features (what captioning images loads)")
     gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2's architecture, filled on build
@@ -200,10 +204,19 @@ class ClipCap(nn.Module):
         return self.gpt.config.n_embd
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """CLIP embeddings [B, D] -> prefix embeddings [B, K, E] (normalised first if configured)."""
+        """CLIP embeddings [B, D] -> prefix embeddings [B, K, E] (normalised first if configured).
+
+        In training, ``noise_variance`` adds N(0, variance) to each coordinate, between two normalisations
+        when ``normalize_prefix`` is on, as CapDec's noise injection does: its 0.016 is a variance on
+        unit-length embeddings, and the mapper sees unit-length ones in training as at inference.
+        """
         clip_embeds = clip_embeds.to(self.clip_project_dtype)
         if self.config.normalize_prefix:
             clip_embeds = clip_embeds / clip_embeds.norm(dim=-1, keepdim=True)
+        if self.training and self.config.noise_variance > 0:
+            clip_embeds = clip_embeds + torch.randn_like(clip_embeds) * self.config.noise_variance ** 0.5
+            if self.config.normalize_prefix:
+                clip_embeds = clip_embeds / clip_embeds.norm(dim=-1, keepdim=True)
         return self.clip_project(clip_embeds)
 
     @property

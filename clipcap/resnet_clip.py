@@ -1,12 +1,13 @@
-"""OpenAI's CLIP image towers read straight from OpenAI's published files: no ``clip`` package needed.
+"""OpenAI's CLIP towers read straight from OpenAI's published files: no ``clip`` package needed.
 
 The ResNet CLIPs (RN50 ... RN50x64) exist only as OpenAI's own files: TorchScript archives
-holding fp16 weights named ``visual.*`` (plus the text tower and three scalars,
-``input_resolution``, ``context_length`` and ``vocab_size``). This module rebuilds the image
-tower those names describe, OpenAI's "modified ResNet" (three-convolution stem, anti-aliased
-average-pool strides, attention pooling), and also their ViT, so that any OpenAI CLIP file
-loads strictly. The architecture is inferred from the weights, as OpenAI's ``build_model``
-does; the archives are read by :mod:`clipcap.torchscript`, which runs none of their code.
+holding fp16 weights named ``visual.*``, the text tower's (``token_embedding``, ``transformer.*``...)
+and three scalars, ``input_resolution``, ``context_length`` and ``vocab_size``. This module rebuilds
+the image tower those names describe, OpenAI's "modified ResNet" (three-convolution stem,
+anti-aliased average-pool strides, attention pooling), and also their ViT, so that any OpenAI CLIP
+file loads strictly; and the text transformer beside it, for text-only training. The architecture
+is inferred from the weights, as OpenAI's ``build_model`` does; the archives are read by
+:mod:`clipcap.torchscript`, which runs none of their code.
 Files are fetched from OpenAI's URLs into the ``clip`` package's cache (``~/.cache/clip``), so
 earlier downloads are reused, and checked against their SHA256.
 """
@@ -19,6 +20,7 @@ import urllib.request
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,18 +140,28 @@ class QuickGELU(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(),
                                              c_proj=nn.Linear(width * 4, width)))
         self.ln_2 = LayerNorm(width)
+        self.causal = causal  # the text tower's: each token sees those before it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
+        mask = None
+        if self.causal:  # OpenAI's mask: -inf above the diagonal, in the activations' precision
+            mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), device=x.device).triu(1).to(x.dtype)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
+
+
+def _resblocks(width: int, layers: int, heads: int, causal: bool = False) -> nn.ModuleDict:
+    """OpenAI's ``Transformer``: its blocks under ``resblocks``, the names its weights have."""
+    return nn.ModuleDict({"resblocks": nn.Sequential(*[ResidualAttentionBlock(width, heads, causal)
+                                                       for _ in range(layers)])})
 
 
 class VisionTransformer(nn.Module):
@@ -163,8 +175,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = nn.ModuleDict({"resblocks": nn.Sequential(*[ResidualAttentionBlock(width, heads)
-                                                                       for _ in range(layers)])})
+        self.transformer = _resblocks(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -174,6 +185,29 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
         x = self.transformer["resblocks"](x)
         return self.ln_post(x[:, 0]) @ self.proj
+
+
+# --------------------------------------------------------------------------- the text transformer
+
+
+class TextTransformer(nn.Module):
+    """OpenAI's text tower: BPE ids [B, context_length] (start, text, end, padding) -> embeddings [B, output_dim],
+    read where each text ends: at its end-of-text token, the vocabulary's highest id."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, output_dim: int):
+        super().__init__()
+        self.context_length, self.output_dim = context_length, output_dim
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = _resblocks(width, layers, heads, causal=True)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        dtype = self.text_projection.dtype  # the precision OpenAI's convert_weights gave the tower
+        x = self.token_embedding(tokens).to(dtype) + self.positional_embedding.to(dtype)
+        x = self.ln_final(self.transformer["resblocks"](x)).to(dtype)
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
 
 
 # --------------------------------------------------------------------------- building and loading
@@ -194,6 +228,16 @@ def build(visual: dict[str, torch.Tensor]) -> ModifiedResNet | VisionTransformer
         return ModifiedResNet(layers, visual["attnpool.c_proj.weight"].shape[0], width * 32 // 64, grid * 32, width)
 
 
+def build_text(text: dict[str, torch.Tensor]) -> TextTransformer:
+    """The text tower (on the meta device) of the shape that ``text`` (an OpenAI file's weights outside
+    ``visual.``) describes, inferred as OpenAI's ``build_model`` does: heads of 64 channels."""
+    with torch.device("meta"):
+        vocab_size, width = text["token_embedding.weight"].shape
+        layers = len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")})
+        return TextTransformer(vocab_size, text["positional_embedding"].shape[0], width, layers, max(1, width // 64),
+                               text["text_projection"].shape[1])
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an OpenAI CLIP file: a TorchScript archive (as OpenAI ships them; read, never run) or a
     plain state dict."""
@@ -212,30 +256,56 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
          ) -> ModifiedResNet | VisionTransformer:
     """OpenAI's image tower by name (``RN50x4``: fetched and cached) or from a file, frozen, its weights in
     ``dtype`` as OpenAI casts them (:func:`convert_weights`); it takes pixels in ``dtype``."""
-    path = fetch(URLS[name]) if name in URLS else Path(name)
-    state = read_state_dict(path)
+    path, state = _read(name)
     visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    try:
-        model = build(visual)
-    except KeyError as e:
-        raise ClipCapError(f"{path}: not an OpenAI CLIP file (no visual.{e.args[0]} weights)") from None
-    try:
-        model.load_state_dict(visual, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ClipCapError(f"{path}: weights do not fit OpenAI's CLIP image tower "
-                           f"({' '.join(str(e).split())[:300]})") from None
+    model = _fill(path, build, visual, "visual.", "image")
     if "input_resolution" in state and int(state["input_resolution"]) != model.input_resolution:
         raise ClipCapError(f"{path}: input_resolution is {int(state['input_resolution'])}, but the weights "
                            f"are for {model.input_resolution}-pixel images")
     return convert_weights(model.eval().requires_grad_(False).to(device, torch.float32), dtype)
 
 
+def load_text(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TextTransformer:
+    """The text tower of OpenAI's CLIP ``name`` (or file), frozen, in ``dtype`` as OpenAI casts it; it takes
+    OpenAI's BPE ids, as ``clip.tokenize`` gives them."""
+    path, state = _read(name)
+    text = {k: v for k, v in state.items() if not k.startswith("visual.") and k not in _SCALARS}
+    model = _fill(path, build_text, text, "", "text")
+    if "context_length" in state and int(state["context_length"]) != model.context_length:
+        raise ClipCapError(f"{path}: context_length is {int(state['context_length'])}, but the weights are for "
+                           f"{model.context_length} tokens")
+    return convert_weights(model.eval().requires_grad_(False).to(device, torch.float32), dtype)
+
+
+# Saved beside OpenAI's weights; logit_scale is the contrastive loss's, no tower's.
+_SCALARS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
+
+
+def _read(name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = fetch(URLS[name]) if name in URLS else Path(name)
+    return path, read_state_dict(path)
+
+
+def _fill(path: Path, builder: Any, weights: dict[str, torch.Tensor], prefix: str, tower: str) -> nn.Module:
+    """The tower ``builder`` infers from ``weights``, holding them exactly (strictly loaded)."""
+    try:
+        model = builder(weights)
+    except KeyError as e:
+        raise ClipCapError(f"{path}: not an OpenAI CLIP file (no {prefix}{e.args[0]} weights)") from None
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ClipCapError(f"{path}: weights do not fit OpenAI's CLIP {tower} tower "
+                           f"({' '.join(str(e).split())[:300]})") from None
+    return model
+
+
 def convert_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast what OpenAI's ``convert_weights`` casts to half (convolution, linear and attention weights, the
-    ViT's ``proj``) to ``dtype``; BatchNorm, LayerNorm and the embeddings stay float32, as OpenAI runs them
-    (a running variance over 65504 is inf in float16)."""
+    ViT's ``proj``, the text tower's ``text_projection``) to ``dtype``; BatchNorm, LayerNorm and the
+    embeddings stay float32, as OpenAI runs them (a running variance over 65504 is inf in float16)."""
     for module in model.modules():
-        names = ["proj"]
+        names = ["proj", "text_projection"]
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             names += ["weight", "bias"]
         elif isinstance(module, nn.MultiheadAttention):

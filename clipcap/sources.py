@@ -13,6 +13,8 @@ encodes. It lists files, it decodes nothing.
   ``{split}/{row:08d}.jpg``).
 - Your own data (an imagefolder, a CSV/JSONL/TSV, Karpathy's Flickr file): the images under the
   paths the file writes, relative to its folder or to ``images_root``.
+- Captions alone, for text-only training (:func:`text_shards`): every caption of any of these
+  annotation files, or of a ``.txt`` of one caption a line, as an item of its own; no image is read.
 """
 from __future__ import annotations
 
@@ -74,11 +76,11 @@ def _present(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple[str, s
             [(item.name, "not downloaded") for item, ok in zip(items, there) if not ok])
 
 
-def chunked(items: list[ImageItem], shard_size: int) -> list[Shard]:
+def chunked(items: list[ImageItem], shard_size: int, files: bool = True) -> list[Shard]:
     """Fixed-size shards of an image list known up front, named by position, fingerprinted by their images;
-    missing files are skipped."""
+    missing files are skipped (unless ``files`` is False: items without files, text-only training's)."""
     parts = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
-    return [Shard(f"{k:05d}", lambda part=part: _present(part), len(part),
+    return [Shard(f"{k:05d}", lambda part=part: _present(part) if files else (part, []), len(part),
                   _digest([(item.image_id, item.path, item.span, item.captions) for item in part]))
             for k, part in enumerate(parts)]
 
@@ -302,3 +304,19 @@ def caption_shards(source: str | Path, images_root: str | Path | None = None, sp
     images = read.select(split)
     _require_files(source, images, "Karpathy's format: filepath, filename")
     return file_shards(images, images_root if images_root is not None else read.root, shard_size)
+
+
+# --------------------------------------------------------------------------- captions alone
+
+
+def text_shards(source: str | Path, split: str | None = None, shard_size: int = 10_000) -> list[Shard]:
+    """Shards of the captions of any annotation file (``split`` for Karpathy's files, train = train + restval)
+    or of a ``.txt`` of one caption a line: one item per caption, with its image's id (a ``.txt`` line's
+    number), and no image file. Conceptual Captions' get the period that parse_conceptual adds."""
+    read = read_annotations(source)
+    tidy = add_period if read.layout == "conceptual_tsv" else str
+    items = [ImageItem(image.image_id, [tidy(caption)], "", name=f"{source} {image.entry}")
+             for image in read.select(split) for caption in image.captions]
+    if not items:
+        raise ClipCapError(f"{source}: no captions")
+    return chunked(items, shard_size, files=False)

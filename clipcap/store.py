@@ -3,7 +3,8 @@
 The original keeps every embedding and caption in one pickle held in RAM and rewritten whole
 every 10,000 captions. A store is a directory instead::
 
-    store.json              format, CLIP model, embedding width, the shards in row order
+    store.json              format, CLIP model, embedding width, the shards in row order; "modality":
+                            "text" for CLIP text embeddings of the captions (one row per caption)
     captions.parquet        caption, image_id, image_index (row of the caption's image embedding)
     skipped.tsv             images that could not be decoded: path TAB reason
     shards/NAME.npy         float16 [rows, D]: one row per image
@@ -224,7 +225,7 @@ def load_store(store: str | Path) -> FeatureSet:
                            f"{'missing (null)' if captions.null_count else captions.type}, not text")
     clip_model = meta.get("clip_model") if isinstance(meta.get("clip_model"), str) else None
     features = FeatureSet(embeddings, ArrowSequence(captions), image_index.astype(np.int64, copy=False),
-                          ArrowSequence(image_ids), clip_model)
+                          ArrowSequence(image_ids), clip_model, meta.get("modality", "image"))
     features.validate(store)
     return features
 
@@ -391,6 +392,8 @@ def write(features: FeatureSet, store: str | Path, shard_rows: int = 100_000, **
                       "image_index": pa.array(image_index)})
     if features.clip_model is not None:
         meta.setdefault("clip_model", features.clip_model)
+    if features.modality != "image":
+        meta.setdefault("modality", features.modality)
     _finish(store, names, index, [], meta)
     return store
 

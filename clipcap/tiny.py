@@ -96,6 +96,39 @@ def make_tiny_clip(out_dir: str | Path, image_size: int = 32, patch_size: int = 
     return out_dir
 
 
+def make_tiny_siglip(out_dir: str | Path, image_size: int = 32, patch_size: int = 8, width: int = 32,
+                     seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
+    """Save a random SigLIP (both towers) and its image processor into ``out_dir``; returns it.
+
+    The processor is SigLIP's: the whole image resized to ``image_size`` square, no crop, mean =
+    std = 0.5. With ``corpus``, also SigLIP's tokenizer class over a SentencePiece model trained on it
+    (padding and end of text ``</s>``, id 1), for the text tower. At SigLIP's initialisation the
+    embeddings already tell images apart.
+    """
+    import io
+
+    import sentencepiece
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
+
+    out_dir = Path(out_dir)
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(tower, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = SiglipConfig(text_config=text, vision_config=dict(tower, image_size=image_size, patch_size=patch_size))
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(out_dir)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    if corpus is not None:
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(list(corpus)), model_writer=model,
+                                                 vocab_size=text["vocab_size"] - 40, hard_vocab_limit=False, pad_id=0,
+                                                 eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+        (out_dir / "spiece.model").write_bytes(model.getvalue())
+        SiglipTokenizer(str(out_dir / "spiece.model"), model_max_length=text["max_position_embeddings"]
+                        ).save_pretrained(out_dir)
+    return out_dir
+
+
 def make_tiny_resnet_clip(path: str | Path, image_size: int = 64, width: int = 8, output_dim: int = 24,
                           layers: tuple[int, int, int, int] = (1, 1, 1, 1), seed: int = 0) -> Path:
     """Save a random ResNet CLIP image tower as an OpenAI CLIP file (``visual.*`` weights and the

@@ -127,6 +127,8 @@ class TrainConfig:
             raise ClipCapError(f"--lr must be a positive number, got {self.lr}")
         if not (self.clip_grad >= 0 and np.isfinite(self.clip_grad)):
             raise ClipCapError(f"--clip_grad must be a non-negative number, got {self.clip_grad}")
+        if not (self.model.noise_variance >= 0 and np.isfinite(self.model.noise_variance)):
+            raise ClipCapError(f"--noise_variance must be a non-negative number, got {self.model.noise_variance}")
         if not 0 <= self.seed < 2**64:
             raise ClipCapError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.prefix in ("", "..") or Path(self.prefix).name != self.prefix:
@@ -191,6 +193,24 @@ def features_clip(cfg: TrainConfig, features: FeatureSet, val_features: FeatureS
                        "embeddings (--clip_model names another)")
     return guess, (f"{cfg.data} does not name its CLIP and no known CLIP gives {features.dim}-d embeddings: "
                    f"recording {guess}; pass --clip_model to name the right one")
+
+
+def modality_notes(cfg: TrainConfig, features: FeatureSet, val_features: FeatureSet | None) -> list[str]:
+    """Text embeddings (parse_captions.py --text_only) train as image embeddings do (CapDec); validation
+    CIDEr, which captions the validation embeddings as images, refuses them. Lines of warning for text
+    embeddings trained on without noise or without normalisation, which caption images poorly."""
+    if val_features is not None and cfg.val_captions:
+        val_features.check_images(f"--val_data {cfg.val_data} (captioned for --val_captions)")
+    if features.modality != "text":
+        return []
+    notes = []
+    if cfg.model.noise_variance == 0:
+        notes.append(f"{cfg.data}: text embeddings without --noise_variance: the model learns text embeddings "
+                     "alone and will caption images poorly (CapDec: --noise_variance 0.016)")
+    if not cfg.model.normalize_prefix:
+        notes.append(f"{cfg.data}: text embeddings without --normalize_prefix: images will be captioned from raw "
+                     "image embeddings, whose lengths differ from text ones' (CapDec normalises both)")
+    return notes
 
 
 # --------------------------------------------------------------------------- resuming a run
@@ -388,6 +408,7 @@ def setup(cfg: TrainConfig, procs: Processes) -> Run:
     features = load_features(cfg.data)
     val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
     clip_model, clip_note = features_clip(cfg, features, val_features)
+    notes = modality_notes(cfg, features, val_features)
     tokenizer = load_tokenizer(cfg.model.gpt2)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     config = dataclasses.replace(cfg.model, prefix_size=features.dim, clip_model=clip_model, gpt2_config={})
@@ -417,7 +438,7 @@ def setup(cfg: TrainConfig, procs: Processes) -> Run:
     step_model = step_module(model, procs, device, cfg.compile)
     val = ValidationSet(cfg, val_features, tokenizer, max_positions) if val_features is not None else None
     log = RunLog(files, procs.main, state)
-    for note in (clip_note, warmup_note):
+    for note in (clip_note, warmup_note, *notes):
         if note:
             log.text(note)
     if procs.main:

@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from clipcap import fetch, paper
 from clipcap.cli.reproduce import main
+from clipcap.data import load_features
 from clipcap.files import ClipCapError
 from clipcap.report import collect, read_metrics
 from clipcap.stages import Fingerprints, read_plan
@@ -279,6 +280,28 @@ def test_a_row_brings_along_the_rows_whose_models_it_needs(tmp_path, capsys):
     assert with_dependencies(["nocaps"], plans) == ["coco_transformer", "nocaps"]
 
 
+def test_the_modern_pair_recipe_plans_its_tower_language_model_and_adapters(tmp_path):
+    """coco_siglip2_qwen.sh's plan: SigLIP 2 features of the three splits, Qwen2.5-0.5B with LoRA trained on them, its
+    best epoch scored on test; and the environment's overrides reach the commands."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CLIP", "TAG", "GPT2", "EPOCHS", "BS", "LR")},
+           "GPUS": "1", "PY": "python", "RUNS": str(tmp_path / "runs"), "COCO": str(tmp_path / "coco")}
+    steps = read_plan("coco_siglip2_qwen", env).steps
+    features = tmp_path / "coco" / "oscar_split_google_siglip2-so400m-patch14-224"
+    assert [s.script() for s in steps] == ["parse_coco.py"] * 3 + ["train.py", "evaluate.py"]
+    assert all(s.flag("--clip_model_type") == "google/siglip2-so400m-patch14-224" for s in steps[:3])
+    train = steps[3].text()
+    for flags in (f"--data {features}_train.pkl", "--epochs 4", "--bs 40", "--gpt2 Qwen/Qwen2.5-0.5B",
+                  "--lm_dtype bf16 --lora_rank 16 --lr 1e-4 --normalize_prefix"):
+        assert flags in train
+    run = tmp_path / "runs" / "coco_siglip2_qwen"
+    assert (steps[4].flag("--checkpoint"), steps[4].flag("--features")) == (
+        f"{run}/coco_siglip2_qwen_best.safetensors", f"{features}_test.pkl")
+    steps = read_plan("coco_siglip2_qwen", {**env, "GPT2": "HuggingFaceTB/SmolLM2-360M", "LORA_RANK": "8",
+                                            "EPOCHS": "2"}).steps
+    assert (steps[3].flag("--epochs"), steps[3].flag("--gpt2"), steps[3].flag("--lora_rank")) == (
+        "2", "HuggingFaceTB/SmolLM2-360M", "8")
+
+
 # --------------------------------------------------------------------------- the paper's numbers
 
 
@@ -303,7 +326,7 @@ def test_report_readme_and_recipes_state_the_papers_numbers_exactly(tmp_path):
     assert [row["row"] for row in data["rows"]] == [row.name for row in paper.ROWS]
     for row in data["rows"]:
         assert row["paper"] == paper.BY_NAME[row["row"]].scores and row["status"] == "skipped"
-    tables = {tuple(t[0]): t[1:] for t in readme_tables()}
+    tables = {tuple(t[0]): t[1:] for t in readme_tables() if t[0][0] == "Table 1 row"}
     stated = {}
     for header, rows in tables.items():
         for cells in rows:
@@ -525,3 +548,30 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
             page.screenshot(path=os.environ["CLIPCAP_REPORT_SCREENSHOT"], full_page=True,
                             clip={"x": 0, "y": 0, "width": 1200, "height": 1500})
         browser.close()
+
+
+# --------------------------------------------------------------------------- recipes beyond Table 1
+
+
+@pytest.mark.java
+def test_capdec_recipe_trains_on_captions_alone_and_scores_the_test_images(workspace, tmp_path):
+    """CapDec's COCO row (beyond Table 1: its recipe runs alone) on a copy of the COCO layout without its train
+    images: their captions are all it reads of them. The workspace's tiny CLIP has a tokenizer for its text tower."""
+    root, env = workspace
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    shutil.copy(root / "data" / "coco" / "dataset_coco.json", coco)
+    shutil.copytree(root / "data" / "coco" / "val2014", coco / "val2014")
+    done = subprocess.run(["bash", str(REPO / "recipes" / "capdec_coco.sh")], capture_output=True, text=True,
+                          env={**os.environ, **env, "COCO": str(coco), "RUNS": str(tmp_path / "runs")}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    clip = env["CLIP"]
+    text = load_features(coco / "oscar_split_tiny_text_train.pkl")
+    assert text.modality == "text" and len(text) == 24 and text.clip_model == clip  # train + restval, 2 captions each
+    run = tmp_path / "runs" / "capdec_coco"
+    with safe_open(str(run / "capdec_coco-001.safetensors"), framework="pt") as f:
+        config = json.loads(f.metadata()["clipcap_config"])
+    assert (config["noise_variance"], config["normalize_prefix"], config["clip_model"]) == (0.016, True, clip)
+    assert (config["mapping_type"], config["prefix_length"], config["only_prefix"]) == ("transformer", 3, False)
+    assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(json.loads((run / "metrics.json").read_text()))
+    assert len(json.loads((run / "captions_test.json").read_text())) == 4

@@ -1,4 +1,4 @@
-"""OpenAI's CLIP image towers from OpenAI's own files, against OpenAI's own code, and their download.
+"""OpenAI's CLIP towers from OpenAI's own files, against OpenAI's own code, and their download.
 
 The oracle is ``clip/model.py`` from the openai-clip wheel (``pip install --no-deps
 openai-clip==1.0.1``), loaded by file path: its package ``clip`` does not import beside current
@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import hashlib
 import http.server
 import importlib.metadata
 import importlib.util
+import json
 import pickle
+import sys
 import threading
+import types
 import zipfile
+from pathlib import Path
 from typing import Tuple
 
 import numpy as np
@@ -27,6 +32,7 @@ from clipcap import resnet_clip, torchscript
 from clipcap.encoder import Preprocess, load_image_encoder
 from clipcap.extraction import model_tag
 from clipcap.files import ClipCapError
+from clipcap.text_encoder import load_text_encoder
 from clipcap.tiny import make_tiny_resnet_clip
 
 # (vision_layers, vision_width, image_resolution, vision_patch_size): OpenAI's CLIP arguments
@@ -52,13 +58,15 @@ def openai_model():
     return module
 
 
-def openai_clip(model_py, path, vision_layers, vision_width, resolution, patch_size, traced=True):
+def openai_clip(model_py, path, vision_layers, vision_width, resolution, patch_size, traced=True, text=None):
     """Save a tiny random CLIP made by OpenAI's code at ``path``, as OpenAI ships it; returns OpenAI's
-    model in float32 (the saved fp16 weights, widened): the reference."""
+    model in float32 (the saved fp16 weights, widened): the reference. ``text`` replaces the text
+    tower's arguments (OpenAI's files have 64-channel heads, the width // 64 its loader infers)."""
     torch.manual_seed(0)
+    text = {"context_length": 8, "vocab_size": 50, "transformer_width": 16, "transformer_heads": 2,
+            "transformer_layers": 1, **(text or {})}
     model = model_py.CLIP(embed_dim=24, image_resolution=resolution, vision_layers=vision_layers,
-                          vision_width=vision_width, vision_patch_size=patch_size, context_length=8, vocab_size=50,
-                          transformer_width=16, transformer_heads=2, transformer_layers=1)
+                          vision_width=vision_width, vision_patch_size=patch_size, **text)
     for module in model.modules():  # so that the embedding depends on the image, and every branch counts
         if isinstance(module, torch.nn.Conv2d) and patch_size is None:  # He, not PyTorch's shrinking default
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -66,7 +74,8 @@ def openai_clip(model_py, path, vision_layers, vision_width, resolution, patch_s
             for t in (module.weight, module.bias, module.running_mean):
                 t.data.uniform_(-1, 1)
             module.running_var.data.uniform_(0.5, 2)
-    for key, value in dict(input_resolution=resolution, context_length=8, vocab_size=50).items():
+    for key, value in dict(input_resolution=resolution, context_length=text["context_length"],
+                           vocab_size=text["vocab_size"]).items():
         model.__dict__.pop(key, None)  # CLIP keeps two of them as plain attributes
         model.register_buffer(key, torch.tensor(value))
     model_py.convert_weights(model)
@@ -243,6 +252,59 @@ def test_load_image_encoder_reads_openai_files(openai_model, tmp_path):
     with torch.no_grad():
         expected = reference.encode_image(Preprocess(96, 96)(images))
     torch.testing.assert_close(encoder(images), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def openai_bpe(tmp_path_factory):
+    """OpenAI's BPE two ways: transformers' CLIPTokenizer files made from OpenAI's own vocabulary file (what
+    the Hub's openai/clip-vit-* folders hold), and OpenAI's SimpleTokenizer over that file (the oracle;
+    ftfy, which it imports, leaves ASCII text as it is)."""
+    root = Path(importlib.metadata.distribution("openai-clip").locate_file("clip"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda text: text))
+        spec = importlib.util.spec_from_file_location("openai_clip_tokenizer", root / "simple_tokenizer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    simple = module.SimpleTokenizer(str(root / "bpe_simple_vocab_16e6.txt.gz"))
+    folder = tmp_path_factory.mktemp("openai_bpe")
+    merges = gzip.open(root / "bpe_simple_vocab_16e6.txt.gz").read().decode().split("\n")[1:49152 - 256 - 2 + 1]
+    (folder / "vocab.json").write_text(json.dumps(simple.encoder))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return str(folder), simple
+
+
+def openai_tokenize(simple, texts: list[str], context_length: int) -> torch.Tensor:
+    """OpenAI's clip.tokenize(texts, truncate=True), with OpenAI's tokenizer (clip.py imports torchvision)."""
+    start, end = simple.encoder["<|startoftext|>"], simple.encoder["<|endoftext|>"]
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        tokens = [start] + simple.encode(text) + [end]
+        if len(tokens) > context_length:
+            tokens = tokens[:context_length - 1] + [end]
+        result[i, :len(tokens)] = torch.tensor(tokens)
+    return result
+
+
+def test_the_text_tower_beside_the_image_tower_gives_openai_encode_text(openai_model, openai_bpe, tmp_path):
+    """The text transformer of an OpenAI file and OpenAI's BPE through CLIPTokenizer: OpenAI's encode_text of
+    OpenAI's clip.tokenize, a caption longer than the context cut as truncate=True cuts it."""
+    path = tmp_path / "clip.pt"
+    reference = openai_clip(openai_model, path, *RESNETS[0], text={
+        "context_length": 77, "vocab_size": 49408, "transformer_width": 64, "transformer_heads": 1,
+        "transformer_layers": 2})
+    captions = ["A man riding a wave on top of a surfboard.", "Two dogs, 3 cats & a bird!!", "don't STOP believing",
+                " ".join(["a very long caption"] * 30)]
+    tokens = openai_tokenize(openai_bpe[1], captions, 77)
+    encoder = load_text_encoder(str(path), tokenizer=openai_bpe[0])
+    assert (encoder.context_length, encoder.dim) == (77, 24)
+    ours = encoder.tokenize(captions)["input_ids"]
+    assert torch.equal(ours.where(tokens != 0, 0), tokens)  # OpenAI pads with 0, CLIPTokenizer with end-of-text
+    with torch.no_grad():
+        expected = reference.encode_text(tokens)
+    got = encoder(captions)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in resnet_clip.load_text(str(path)).parameters())
 
 
 def test_tiny_resnet_clip_works_through_the_encoder(tmp_path):

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device, Processes())  # as training's validation picks it, TF32 included: one score
     clip_scorer = CLIPScorer(args.clipscore_model, device) if args.clipscore else None
     features = load_features(args.features) if args.features else None
+    if features is not None:  # text embeddings (CapDec's) are no image's: neither captioned nor CLIP-scored
+        features.check_images(f"--features {args.features}")
     if args.images:  # with --only_common_images, the images not found are not scored
         references = {k: v for k, v in references.items() if k in paths}
     if args.checkpoint and features is not None:  # fail before hours of decoding, not after

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     check_outputs({"--out": args.out}, {"--checkpoint": checkpoint_files(args.checkpoint), "--images": paths,
                                         "--features": args.features})  # now, not after captioning everything
     features = load_features(args.features) if args.features else None
+    if features is not None:
+        features.check_images(f"--features {args.features}")  # before the model loads
     captioner = Captioner.from_checkpoint(args.checkpoint, **model_options(args))
     check_options(captioner.model, options)
     problems: list[str] = []
