@@ -49,7 +49,8 @@ def config_of(name: str, revision: str = "") -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(name, revision=revision or None, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:  # a folder without config, a hub name offline, custom code
-        raise ClipCapError(f"LM {name}: cannot load its config ({first_line(e)}){hub_access.unreachable_hint()}") \
+        at = f" at revision {revision}" if revision else ""
+        raise ClipCapError(f"LM {name}: cannot load its config{at} ({first_line(e)}){hub_access.unreachable_hint()}") \
             from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ClipCapError(f"LM {name}: a {config.model_type} model, which transformers has no causal LM "
@@ -149,6 +150,19 @@ def output_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     logits = lm.get_output_embeddings()(hidden)
     cap = getattr(lm.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def checkpoint_activations(lm: nn.Module) -> None:
+    """Recompute the LM's activations in the backward pass instead of keeping them (in training mode only).
+    transformers calls it ``activation_checkpointing_enable`` since 5.2x, ``gradient_checkpointing_enable`` before."""
+    enable = getattr(lm, "activation_checkpointing_enable", None)
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:  # an LM whose code does not support it
+        raise ClipCapError(f"--gradient_checkpointing: {first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- the tokenizer

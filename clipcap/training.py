@@ -410,7 +410,7 @@ def setup(cfg: TrainConfig, procs: Processes) -> Run:
                                  lm_bos=lms.adds_bos(tokenizer))
     model = build_model(config).to(device)
     if cfg.gradient_checkpointing:
-        model.gpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lms.checkpoint_activations(model.gpt)
     positions = lms.max_positions(model.gpt.config)
     max_positions = None if positions is None else positions - model.prompt_length
     dataset = caption_dataset(cfg, features, tokenizer, positions, model.prompt_length, procs)
