@@ -214,8 +214,10 @@ def period_token(tokenizer: Any) -> int:
 
 def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> None:
     """Put LoRA adapters of ``rank`` on the LM's ``targets`` (module names, comma-separated, or
-    :data:`ALL_LINEAR`), in place; only the adapters keep ``requires_grad``."""
+    :data:`ALL_LINEAR`), in place; only the adapters keep ``requires_grad``. The adapters are float32
+    also on a half-precision LM, so that the optimizer updates them in full precision."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     names: str | list[str] = targets if targets == ALL_LINEAR else [t.strip() for t in targets.split(",") if t.strip()]
     with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft transposes them itself, and says so
@@ -224,6 +226,7 @@ def add_lora(lm: nn.Module, rank: int, alpha: float, targets: str) -> None:
             inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names), lm)
         except ValueError as e:  # no module matches
             raise ClipCapError(f"--lora_targets {targets}: {first_line(e)}") from None
+    cast_adapter_dtype(lm, "default")
 
 
 def is_adapter_key(key: str) -> bool:

@@ -212,6 +212,16 @@ def lora_model(lm_dir, model_type="llama", **config):
     return model.eval()
 
 
+@pytest.mark.parametrize("config, message", [
+    (dict(lora_rank=4, lora_targets="no_such_proj"), "^--lora_targets no_such_proj: "),
+    (dict(lora_rank=4, only_prefix=True), "^--lora_rank trains adapters on the LM, --only_prefix freezes it"),
+])
+def test_lora_settings_that_cannot_work_are_one_line(lm_dir, config, message):
+    with pytest.raises(ClipCapError, match=message) as error:
+        tiny_model(lm_dir, "llama", **config)
+    assert "\n" not in str(error.value)
+
+
 def test_lora_trains_only_the_adapters_and_the_mapper(lm_dir, captions_data):
     model, tokenizer = tiny_model(lm_dir, "llama", lora_rank=4).train(), load_tokenizer(lm_dir("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -243,7 +253,11 @@ def test_lora_checkpoint_holds_the_mapper_and_adapters_and_reloads(lm_dir, tmp_p
     tokenizer = load_tokenizer(lm_dir("llama"))
     options = DecodingOptions("beam", max_length=8, num_captions=2)
     expected = caption_embeddings(model, tokenizer, embeds(4), options)
-    reloaded = Captioner.from_pretrained(path)
+    folder = save_pretrained(model, tmp_path / "hub")
+    values = json.loads((folder / "config.json").read_text())
+    assert (values["lora_rank"], values["lora_targets"], values["lm_dtype"]) == (4, "all-linear", "float32")
+    assert "frozen, with LoRA adapters (rank 4, alpha 16, on all-linear)" in (folder / "README.md").read_text()
+    reloaded = Captioner.from_pretrained(folder)
     assert reloaded.model.config == model.config
     assert reloaded.caption_embeddings(embeds(4), options) == expected
     clip, tokens = torch.randn(2, DIM), torch.randint(2, 200, (2, 5))
@@ -296,6 +310,9 @@ def test_half_precision_weights_for_a_frozen_lm(lm_dir, captions_data):
     assert greedy_tokens(model.eval(), embeds(2), max_length=5)
     with pytest.raises(ClipCapError, match="^--lm_dtype bfloat16: half-precision weights are for a frozen LM"):
         TrainConfig(model=ClipCapConfig(lm_dtype="bfloat16")).check()
+    lora = tiny_model(lm_dir, "llama", lora_rank=4, lm_dtype="bfloat16")  # the optimizer updates float32 adapters
+    assert {p.dtype for n, p in lora.gpt.named_parameters() if lms.is_adapter_key(n)} == {torch.float32}
+    assert {p.dtype for n, p in lora.gpt.named_parameters() if not lms.is_adapter_key(n)} == {torch.bfloat16}
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(lm_dir, captions_data):
@@ -332,3 +349,37 @@ def test_train_with_lora_from_the_command_line(lm_dir, captions_data, tmp_path):
     captioner = Captioner.from_pretrained(result["checkpoint"])
     assert captioner.model.config.lora_targets == "q_proj,v_proj" and captioner.model.config.lm_bos
     assert captioner.caption_embeddings(embeds(2), strategy="greedy", max_length=6)
+
+
+def test_predict_with_a_lora_checkpoint(lm_dir, captions_data, tmp_path, capsys):
+    """predict.py captions with a LoRA checkpoint as it is, merged (--merge_lora) or in bf16 (--lm_dtype): the
+    same captions merged, one per image each way."""
+    from clipcap.cli.predict import main
+
+    path = save_checkpoint(lora_model(lm_dir), tmp_path / "lora.safetensors")
+    runs = {}
+    for name, flags in (("as saved", []), ("merged", ["--merge_lora"]), ("bf16", ["--lm_dtype", "bfloat16"])):
+        main(["--checkpoint", str(path), "--features", str(captions_data), "--greedy", "--max_length", "6", *flags])
+        runs[name] = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert runs["merged"] == runs["as saved"] and len(runs["as saved"]) == 8 and len(runs["bf16"]) == 8
+
+
+def test_web_page_captions_with_a_lora_checkpoint(lm_dir, clip_dir, tmp_path):
+    """The web app serves a LoRA checkpoint of another LM (merged, as --merge_lora asks), captioning a sample as
+    the Python API does."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from clipcap.app import create_app
+
+    model = lora_model(lm_dir, clip_model=clip_dir)
+    path = str(save_checkpoint(model, tmp_path / "lora.safetensors"))
+    client = TestClient(create_app([path], merge_lora=True))
+    answer = client.post("/api/caption", data={"checkpoint": path, "sample": "coffee", "strategy": "greedy",
+                                               "max_length": "6"})
+    assert answer.status_code == 200, answer.text
+    sample = Image.open(io.BytesIO(client.get("/samples/coffee.png").content))
+    assert answer.json()["captions"] == Captioner.from_pretrained(path).caption([sample], strategy="greedy",
+                                                                              max_length=6)[0]
