@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         data = write_features(Path(tmp) / "features.pkl", coco_like_captions(bs * (steps + 1)), 512)
         try:
             for k, (mode, settings) in enumerate(MODES.items()):
-                model = ClipCapConfig(gpt2=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
+                model = ClipCapConfig(lm=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
                 m = measure(TrainConfig(model=model, data=data, out_dir=str(Path(tmp) / f"mode{k}"), batch_size=bs,
                                         epochs=1, max_steps=steps, log_every=max(1, steps // 6), precision=precision,
                                         device=args.device, compile=args.compile, num_workers=args.num_workers,

@@ -91,7 +91,7 @@ def last_error(log: Path) -> str:
 def train_spec(ctx: Context, name: str, processes: int, precision: str, **extra: Any) -> dict[str, Any]:
     """Fine-tuning the tiny GPT-2 (dropout on) for two epochs of 8 steps, the latest state saved every 5 steps."""
     data = training_features(ctx.work, ctx.backbones.dim, BATCH_SIZE * processes * STEPS_PER_EPOCH)
-    model = ClipCapConfig(gpt2=ctx.backbones.gpt2, prefix_length=4)
+    model = ClipCapConfig(lm=ctx.backbones.gpt2, prefix_length=4)
     run = dict(data=data, out_dir=str(ctx.work / "ddp" / name / "run"), batch_size=BATCH_SIZE, epochs=2,
                precision=precision, device=ctx.device, warmup=4, lr=1e-3, log_every=4, save_latest_every=SAVE_EVERY,
                num_workers=0, clip_model=ctx.backbones.vit_clip)

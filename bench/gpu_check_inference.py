@@ -18,7 +18,7 @@ from bench_features import coco_like_images
 from gpu_check_common import FAIL, Check, Context, failure, logged, verdict
 
 from clipcap.data import load_features
-from clipcap.decoding import beam_tokens, greedy_tokens, stop_token_id
+from clipcap.decoding import beam_tokens, greedy_tokens, stop_tokens
 from clipcap.extraction import ImageItem, extract
 from clipcap.featureset import FeatureSet
 from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
@@ -93,9 +93,9 @@ def extraction_checks(ctx: Context) -> list[Check]:
 def decoding_model(ctx: Context) -> tuple[ClipCap, int]:
     """A ClipCap (random mapper) on the device, and its stop token ("."), whose captions end at different steps."""
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=ctx.backbones.gpt2, prefix_size=ctx.backbones.dim, prefix_length=10))
+    model = build_model(ClipCapConfig(lm=ctx.backbones.gpt2, prefix_size=ctx.backbones.dim, prefix_length=10))
     model = model.to(ctx.device).eval()
-    stop = stop_token_id(load_tokenizer(ctx.backbones.gpt2), "period")
+    stop = stop_tokens(load_tokenizer(ctx.backbones.gpt2), "period")[0]
     if not ctx.backbones.real:  # a real GPT-2 says "." by itself
         end_captions(model, STOP_SLOPE, stop)
     return model, stop

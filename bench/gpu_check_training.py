@@ -148,7 +148,7 @@ def training_checks(ctx: Context) -> list[Check]:
                 if precision == "bf16" and not native_bf16:
                     checks.append(Check("training", name, SKIPPED, "this GPU has no native bf16 (only emulated)"))
                     continue
-                model = ClipCapConfig(gpt2=ctx.backbones.gpt2, prefix_length=4, **settings)
+                model = ClipCapConfig(lm=ctx.backbones.gpt2, prefix_length=4, **settings)
                 cfg = run_config(ctx, name.replace(" ", "_"), model, data, batch_size, precision=precision,
                                  compile=compiled, clip_model=ctx.backbones.vit_clip)
                 checks.append(train_mode(ctx, name, cfg))
@@ -168,7 +168,7 @@ def projection_checks(ctx: Context) -> list[Check]:
     checks = []
     for row, (settings, dim, paper_hours) in TABLE_1.items():
         data = training_features(ctx.work, dim, batch_size * (ctx.steps + 1))
-        model = ClipCapConfig(gpt2=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
+        model = ClipCapConfig(lm=gpt2, prefix_length=10, prefix_length_clip=10, **settings)
         cfg = run_config(ctx, f"table1_{len(checks)}", model, data, batch_size, precision="auto")
         try:
             with logged(ctx.logs / "projection.log"):

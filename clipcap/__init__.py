@@ -1,4 +1,4 @@
-"""ClipCap: CLIP prefix captioning with GPT-2.
+"""ClipCap: CLIP prefix captioning with GPT-2, as the paper, or any decoder-only language model.
 
     from clipcap import Captioner
     captioner = Captioner.from_pretrained("owner/name")   # a Hub repo id, a saved folder or a checkpoint file

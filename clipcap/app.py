@@ -147,7 +147,8 @@ def error(status: int, message: str) -> JSONResponse:
 def create_app(checkpoints: list[str], device: str = "cpu", max_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS, decoders: int = DECODERS, pixels_in_flight: int | None = None,
                **options: Any) -> FastAPI:
-    """The app; ``options`` go to ``Captioner.from_checkpoint`` (gpt2, clip_model, normalize_prefix).
+    """The app; ``options`` go to ``Captioner.from_checkpoint`` (lm, clip_model, normalize_prefix, lm_dtype,
+    merge_lora).
 
     ``max_pixels`` bounds one image; ``decoders`` and ``pixels_in_flight`` (default: two images of
     ``max_pixels``) bound all requests together (:class:`ImageGate`, at ``app.state.gate``).

@@ -1,11 +1,15 @@
 """The checkpoint formats, in one place.
 
 - Ours: ``NAME.safetensors`` holding the weights and, in its metadata, the model config as JSON.
-  In prefix-only mode it holds only the mapper (``clip_project.*``); GPT-2 comes from ``config.gpt2``.
+  In prefix-only mode it holds only the mapper (``clip_project.*``), with LoRA the mapper and the
+  adapters; the LM then comes from ``config.lm`` at the Hub commit ``config.lm_revision``.
+  Otherwise it holds the whole model, and the config records the LM's architecture, so that it
+  rebuilds offline.
 - The original's: ``NAME.pt``, ``torch.save(model.state_dict())`` of the whole model, no config.
   Its own ``NAME.json`` (written with it by ``save_checkpoint``) gives the config; without one the
   config is inferred from tensor shapes, which is how the original's released weights load. A
-  run-wide config file is never used for a ``.pt``: a later run could have changed it.
+  run-wide config file is never used for a ``.pt``: a later run could have changed it. The format
+  holds GPT-2 alone, without adapters, as the original's code reads it.
 
 Weights and configs are checked on load: a non-finite tensor, a bad config value or a config
 whose sizes are not the weights' is a one-line error naming it, before anything is built; never
@@ -19,6 +23,7 @@ import dataclasses
 import json
 import pickle
 import re
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,15 +31,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config
 
-from . import hub_access
+from . import lm as lms
 from .files import ClipCapError, atomic_write, first_line, write_json
-from .model import GPT2_FIELDS, MAPPING_TYPES, ClipCap, ClipCapConfig, build_model, check_heads, gpt2_config_of
+from .model import MAPPING_TYPES, ClipCap, ClipCapConfig, build_model, check_heads, renamed
 
 CONFIG_KEY = "clipcap_config"
 # Buffers that transformers 4.10/4.11 saved and current versions no longer have.
 LEGACY_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+# The index of an LM weight's block (``gpt.model.layers.3.mlp...``: 3): the first number in its name.
+BLOCK_INDEX = re.compile(r"^gpt\.(?:[A-Za-z_]\w*\.)+?(\d+)\.")
 # Hub names of the GPT-2 sizes, by (width, depth): the tokenizer of an inferred checkpoint.
 GPT2_NAMES = {(768, 12): "gpt2", (1024, 24): "gpt2-medium", (1280, 36): "gpt2-large", (1600, 48): "gpt2-xl"}
 # The CLIP behind an original checkpoint, by embedding width D: what captioning images needs.
@@ -60,49 +66,40 @@ def save_config(config: ClipCapConfig, path: str | Path) -> None:
 
 
 def parse_config(values: Any, source: str | Path) -> ClipCapConfig:
-    """A ClipCapConfig from JSON values, each checked: a one-line error naming the field otherwise."""
+    """A ClipCapConfig from JSON values (the names of earlier versions too), each checked: a one-line error
+    naming the field otherwise."""
     if not isinstance(values, dict):
         raise ClipCapError(f"{source}: config must be a JSON object, got {type(values).__name__}")
+    values = renamed(values)
+    hints = typing.get_type_hints(ClipCapConfig)
     checked = {}
     for name, default in dataclasses.asdict(ClipCapConfig()).items():
         if name not in values:
             continue
         value = values[name]
-        kind = type(default)
-        if name == "gpt2_config":
-            value = parse_gpt2_config(value, source)
-        elif kind is int and not is_count(value, minimum=0 if name == "num_layers" else 1):
+        if name == "lm_config":
+            value = lms.parse_architecture(value, source)
+        elif name == "lm_bos":
+            if not isinstance(value, bool) and value is not None:
+                raise ClipCapError(f"{source}: config lm_bos must be true, false or null, got {value!r}")
+        elif hints[name] is int and not lms.is_count(value, minimum=0 if name in ("num_layers", "lora_rank") else 1):
             raise ClipCapError(f"{source}: config {name} must be a positive integer, got {value!r}")
-        elif kind is float:
+        elif hints[name] is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ClipCapError(f"{source}: config {name} must be a number of at least 0, got {value!r}")
             value = float(value)
-        elif kind is not int and not isinstance(value, kind):
-            raise ClipCapError(f"{source}: config {name} must be a {kind.__name__}, got {value!r}")
+        elif hints[name] is not int and not isinstance(value, type(default)):
+            raise ClipCapError(f"{source}: config {name} must be a {type(default).__name__}, got {value!r}")
         checked[name] = value
     if checked.get("mapping_type", "mlp") not in MAPPING_TYPES:
         raise ClipCapError(f"{source}: config mapping_type must be one of {MAPPING_TYPES}, "
                            f"got {checked['mapping_type']!r}")
-    return ClipCapConfig(**checked)
-
-
-def parse_gpt2_config(values: Any, source: str | Path) -> dict[str, Any]:
-    """``gpt2_config``: GPT-2's sizes (positive integers) and token ids, nothing else (it builds a GPT2Config)."""
-    if not isinstance(values, dict):
-        raise ClipCapError(f"{source}: config gpt2_config must be a JSON object, got {values!r}")
-    for name, value in values.items():
-        if name not in GPT2_FIELDS:
-            raise ClipCapError(f"{source}: config gpt2_config has an unknown field {name!r} "
-                               f"(known: {', '.join(GPT2_FIELDS)})")
-        token_id = name.endswith("_token_id")
-        if not (is_count(value, minimum=0 if token_id else 1) or (token_id and value is None)):
-            raise ClipCapError(f"{source}: config gpt2_config {name} must be a "
-                               f"{'token id' if token_id else 'positive integer'}, got {value!r}")
-    return values
-
-
-def is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    config = ClipCapConfig(**checked)
+    try:
+        config.check()
+    except ClipCapError as e:
+        raise ClipCapError(f"{source}: config {str(e).removeprefix('--')}") from None
+    return config
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
@@ -114,18 +111,35 @@ def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
                                "the run that wrote it diverged")
 
 
+def holds_lm(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint holds its LM's weights (not only the mapper, or the mapper and LoRA adapters)."""
+    return any(k.startswith("gpt.") and not lms.is_adapter_key(k) for k in state)
+
+
 def model_state_dict(model: ClipCap, full: bool) -> dict[str, torch.Tensor]:
-    """The model's weights; without ``full``, a prefix-only model keeps just its mapper."""
+    """The model's weights; without ``full``, a model whose LM is frozen keeps just its mapper (and its adapters)."""
     state = model.state_dict()
-    if model.config.only_prefix and not full:
-        state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
+    if model.config.frozen_lm and not full:
+        state = {k: v for k, v in state.items() if k.startswith("clip_project.") or lms.is_adapter_key(k)}
     return state
+
+
+def tied_output_key(model: ClipCap) -> str | None:
+    """The state-dict key of the LM's output head when it is its input embedding (stored once), else None."""
+    head, embedding = model.gpt.get_output_embeddings(), model.gpt.get_input_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        return None
+    name = next(n for n, m in model.gpt.named_modules(remove_duplicate=False) if m is head)
+    return f"gpt.{name}.weight"
 
 
 def original_state_dict(model: ClipCap) -> dict[str, torch.Tensor]:
     """The whole model under the keys of the original's released files, which transformers 4.10 wrote:
     each attention layer also holds its causal mask ``attn.bias`` (uint8 [1, 1, P, P]) and
     ``attn.masked_bias`` (float32 -1e4), so the original's code loads the file strictly."""
+    if not lms.is_gpt2(model.gpt.config) or model.config.lora_rank:
+        what = "LoRA adapters" if model.config.lora_rank else f"a {model.gpt.config.model_type} LM"
+        raise ClipCapError(f"the original's .pt format holds GPT-2 without adapters, not {what}: save as .safetensors")
     state = model_state_dict(model, full=True)
     positions = model.gpt.config.n_positions
     causal = torch.tril(torch.ones((positions, positions), dtype=torch.uint8)).view(1, 1, positions, positions)
@@ -139,19 +153,21 @@ def original_state_dict(model: ClipCap) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: ClipCap, path: str | Path) -> Path:
-    """Write ``path`` atomically: ``.safetensors`` is our format, ``.pt`` the original's."""
+    """Write ``path`` atomically: ``.safetensors`` is our format, ``.pt`` the original's (GPT-2 only)."""
     path = Path(path)
     check_finite(model.state_dict(), path)
+    if path.suffix == ".pt":
+        state = original_state_dict(model)
+    elif path.suffix == ".safetensors":
+        state = {k: v.detach().contiguous() for k, v in model_state_dict(model, full=False).items()}
+        state.pop(tied_output_key(model), None)  # tied to the input embedding; stored once
+    else:
+        raise ClipCapError(f"{path}: checkpoint name must end in .safetensors or .pt")
     with atomic_write(path) as tmp:
         if path.suffix == ".pt":
-            torch.save(original_state_dict(model), tmp)
-        elif path.suffix == ".safetensors":
-            state = {k: v.detach().contiguous() for k, v in model_state_dict(model, full=False).items()}
-            if "gpt.lm_head.weight" in state:  # tied to the input embedding; stored once
-                del state["gpt.lm_head.weight"]
-            save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict())})
+            torch.save(state, tmp)
         else:
-            raise ClipCapError(f"{path}: checkpoint name must end in .safetensors or .pt")
+            save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict())})
     if path.suffix == ".pt":
         save_config(model.config, config_path_for(path))
     return path
@@ -207,18 +223,22 @@ def _json(text: str, source: str | Path) -> Any:
 
 
 def gpt2_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """The GPT-2 sizes that a whole-model checkpoint's tensor shapes fix (all but the head count)."""
+    """The GPT-2 sizes that an original checkpoint's tensor shapes fix (all but the head count)."""
     missing = [k for k in ("gpt.transformer.wte.weight", "gpt.transformer.wpe.weight") if k not in state]
     if missing:
         raise ClipCapError(f"checkpoint holds GPT-2 weights, but not {missing[0]}")
     vocab, width = state["gpt.transformer.wte.weight"].shape
-    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k))), default=-1)
     return {"vocab_size": vocab, "n_positions": state["gpt.transformer.wpe.weight"].shape[0], "n_embd": width,
-            "n_layer": depth}
+            "n_layer": block_count(state)}
+
+
+def block_count(state: dict[str, torch.Tensor]) -> int:
+    """The LM's blocks (layers) a whole checkpoint holds: the distinct block indices of its weights' names."""
+    return len({m.group(1) for k in state if not lms.is_adapter_key(k) and (m := BLOCK_INDEX.match(k))})
 
 
 def mapper_fields(state: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
-    """The mapper's config fields that its tensor shapes fix, given GPT-2's width (a row count that is no
+    """The mapper's config fields that its tensor shapes fix, given the LM's width (a row count that is no
     multiple of it gives a fraction, which no config matches)."""
     def per_vector(rows: int) -> int | float:
         return rows // width if rows % width == 0 else rows / width
@@ -236,43 +256,36 @@ def mapper_fields(state: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> ClipCapConfig:
-    """Recover the configuration of an original checkpoint from its tensor shapes."""
+    """Recover the configuration of an original checkpoint (GPT-2, no config) from its tensor shapes."""
     if "gpt.transformer.wte.weight" not in state:
-        raise ClipCapError("checkpoint has no GPT-2 weights and no config: cannot tell which GPT-2 it needs")
+        raise ClipCapError("checkpoint has no GPT-2 weights and no config: cannot tell which LM it needs")
     shapes = gpt2_shapes(state)
     width = shapes["n_embd"]
-    gpt2_config = {**shapes, "n_head": max(1, width // 64),  # GPT-2 heads are 64 wide
-                   "bos_token_id": 50256, "eos_token_id": 50256}
+    lm_config = {"model_type": "gpt2", **shapes, "n_head": max(1, width // 64),  # GPT-2 heads are 64 wide
+                 "bos_token_id": 50256, "eos_token_id": 50256}
     fields = {k: int(v) for k, v in mapper_fields(state, width).items() if k != "mapping_type"}
     transformer = "prefix_length_clip" in fields
     return ClipCapConfig(**fields, mapping_type="transformer" if transformer else "mlp", only_prefix=transformer,
-                         gpt2=GPT2_NAMES.get((width, shapes["n_layer"]), "gpt2"), gpt2_config=gpt2_config,
+                         lm=GPT2_NAMES.get((width, shapes["n_layer"]), "gpt2"), lm_config=lm_config, lm_bos=False,
                          clip_model=clip_for_width(fields["prefix_size"]),
                          # the released COCO transformer (RN50x4, K=40) ran on L2-normalised embeddings
                          normalize_prefix=transformer and (fields["prefix_size"], fields["prefix_length"]) == (640, 40))
 
 
 def check_fits(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str | Path) -> None:
-    """Before anything is built: every size in ``config`` is the one the weights' shapes give (GPT-2's
-    width, for a mapper-only file, that of the GPT-2 it names), and its head counts divide the widths.
+    """Before anything is built: every size in ``config`` is the one the weights' shapes give (the LM's
+    width, for a mapper-only file, that of the LM it names), and its head counts divide the widths.
     A config that lies about a size, or holds an absurd one, would otherwise allocate something else,
     fail with a traceback, or decode differently."""
-    if not any(k.startswith("gpt.") for k in state):
-        width = gpt2_config_of(config.gpt2).n_embd
-        trained = state["clip_project.prefix_const"].shape[1] if "clip_project.prefix_const" in state \
-            else config.gpt2_config.get("n_embd", width)
+    if not holds_lm(state):
+        width = lms.config_of(config.lm, config.lm_revision).hidden_size
+        recorded = config.lm_config.get(lms.field_name(config.lm_config, "hidden_size"), width)
+        trained = state["clip_project.prefix_const"].shape[1] if "clip_project.prefix_const" in state else recorded
         if trained != width:
-            raise ClipCapError(f"{path}: the mapper was trained for a GPT-2 of width {trained}, but {config.gpt2} has "
-                               f"width {width}; pass --gpt2 naming the GPT-2 it was trained with")
+            raise ClipCapError(f"{path}: the mapper was trained for an LM of width {trained}, but {config.lm} has "
+                               f"width {width}; pass --lm naming the LM it was trained with")
     else:
-        shapes = gpt2_shapes(state)
-        for name, value in shapes.items():
-            if config.gpt2_config.get(name, value) != value:
-                raise ClipCapError(f"{path}: config gpt2_config {name} {config.gpt2_config[name]} does not fit the "
-                                   f"weights, whose shapes give {value}")
-        width, heads = shapes["n_embd"], config.gpt2_config.get("n_head", 1)
-        if width % heads:
-            raise ClipCapError(f"{path}: config gpt2_config n_head {heads} does not divide GPT-2's width {width}")
+        width = check_lm_fits(state, config.lm_config, path)
     fields = mapper_fields(state, width)
     for name, value in fields.items():
         if getattr(config, name) != value:
@@ -286,22 +299,55 @@ def check_fits(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str 
             raise ClipCapError(f"{path}: config {e}") from None
 
 
+def check_lm_fits(state: dict[str, torch.Tensor], values: dict[str, Any], path: str | Path) -> int:
+    """A whole checkpoint's LM weights are those of the architecture its config records: the block count
+    first, then every weight's shape against the LM built on the meta device (no memory); returns its width."""
+    depth, key = block_count(state), lms.field_name(values, "num_hidden_layers")
+    if values.get(key, depth) != depth:
+        raise ClipCapError(f"{path}: config lm_config {key} {values[key]} does not fit the weights, whose shapes "
+                           f"give {depth}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm_config = lms.architecture_config(values)
+            width, heads = lm_config.hidden_size, lm_config.num_attention_heads
+            if "head_dim" not in values and width % heads:
+                raise ClipCapError(f"{path}: config lm_config {lms.field_name(values, 'num_attention_heads')} {heads} "
+                                   f"does not divide the LM's width {width}")
+            with torch.device("meta"):
+                lm = lms.from_architecture(values)
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
+        raise ClipCapError(f"{path}: config lm_config does not build a {values.get('model_type')} LM "
+                           f"({first_line(e)})") from None
+    own = {f"gpt.{k}": tuple(v.shape) for k, v in lm.state_dict().items()}
+    for name, tensor in state.items():
+        if name.startswith("gpt.") and not lms.is_adapter_key(name):
+            if name not in own:
+                raise ClipCapError(f"{path}: weight {name} is not one of the {values.get('model_type')} LM that "
+                                   "config lm_config describes")
+            if own[name] != tuple(tensor.shape):
+                raise ClipCapError(f"{path}: config lm_config does not fit the weights: {name} has shape "
+                                   f"{tuple(tensor.shape)}, the config gives {own[name]}")
+    return width
+
+
 def check_compatible(state: dict[str, torch.Tensor], model: ClipCap, path: str | Path,
                      config: ClipCapConfig | None = None) -> None:
     """Fail with one line naming the first setting that differs, instead of a shape traceback."""
-    full = any(k.startswith("gpt.") for k in state)
-    theirs = infer_config(state) if full else config
+    full = holds_lm(state)
+    theirs = infer_config(state) if full and config is None else config
     if theirs is not None:
         fields = SHAPE_FIELDS if theirs.mapping_type == "transformer" else ("mapping_type", "prefix_length", "prefix_size")
-        for name in fields:
+        for name in fields + ("lora_rank",):
             a, b = getattr(theirs, name), getattr(model.config, name)
             if a != b:
                 raise ClipCapError(f"{path}: checkpoint has {name} {a}, model built with {b}")
-    if full:
-        for name in ("n_embd", "n_layer", "vocab_size"):
-            a, b = theirs.gpt2_config[name], getattr(model.gpt.config, name)
-            if a != b:
-                raise ClipCapError(f"{path}: checkpoint has GPT-2 {name} {a}, model built with {b}")
+    if full and theirs.lm_config:
+        for generic in ("hidden_size", "num_hidden_layers", "vocab_size"):
+            key = lms.field_name(theirs.lm_config, generic)
+            a, b = theirs.lm_config.get(key), getattr(model.gpt.config, generic)
+            if a is not None and a != b:
+                raise ClipCapError(f"{path}: checkpoint has an LM of {key} {a}, model built with {b}")
     own = model.state_dict()
     for key, tensor in state.items():
         if key not in own:
@@ -319,59 +365,65 @@ def load_weights(model: ClipCap, path: str | Path) -> None:
 
 
 def load_state(model: ClipCap, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    mapper_only = not any(k.startswith("gpt.") for k in state)
+    """Load weights into the model, in its dtypes; the LM's own weights may be absent (a mapper-only or
+    LoRA checkpoint), and a tied output head always is."""
+    lm_absent = not holds_lm(state)
     missing, _ = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (mapper_only and k.startswith("gpt.")) and k != "gpt.lm_head.weight"]
+    missing = [k for k in missing if not (lm_absent and k.startswith("gpt.") and not lms.is_adapter_key(k))
+               and k != tied_output_key(model)]
     if missing:
         raise ClipCapError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
 
 
-def named_gpt2(state: dict[str, torch.Tensor], gpt2: str) -> GPT2Config | None:
-    """The config of the GPT-2 that a whole-model checkpoint names, when it is at hand and has the
-    weights' shapes (then it is the GPT-2 they were fine-tuned from, and its head count is theirs)."""
-    hub_access.prepare(gpt2)
+def named_lm(state: dict[str, torch.Tensor], config: ClipCapConfig) -> Any:
+    """The config of the LM that a whole-model checkpoint names, when it is at hand and has the weights'
+    block count and embedding shape (then it is the LM they were fine-tuned from, and its head counts are theirs)."""
     try:
-        named = GPT2Config.from_pretrained(gpt2)
-    except OSError:  # offline and not cached: the shapes alone decide
+        named = lms.config_of(config.lm, config.lm_revision)
+    except ClipCapError:  # offline and not cached: the shapes alone decide
         return None
-    shapes = gpt2_shapes(state)
-    return named if (named.n_embd, named.n_layer, named.vocab_size) == \
-        (shapes["n_embd"], shapes["n_layer"], shapes["vocab_size"]) else None
+    embeddings = [t.shape for k, t in state.items() if k.startswith("gpt.") and t.ndim == 2]
+    same = named.num_hidden_layers == block_count(state) and (named.vocab_size, named.hidden_size) in embeddings
+    return named if same else None
 
 
-def gpt2_architecture_for(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str | Path) -> dict[str, Any]:
-    """The GPT-2 architecture of a whole-model checkpoint. Shapes fix everything but the head count:
-    the config's, which must agree with the named GPT-2's when that is at hand; without a config,
-    the named GPT-2's, else GPT-2's 64-wide heads."""
-    named = named_gpt2(state, config.gpt2)
-    if config.gpt2_config:
-        if named is not None and config.gpt2_config.get("n_head") != named.n_head:
-            raise ClipCapError(f"{path}: config gpt2_config n_head {config.gpt2_config.get('n_head')} disagrees with "
-                               f"{config.gpt2}, the GPT-2 these weights were fine-tuned from, which has {named.n_head} "
-                               "heads (a head count is in no weight's shape)")
-        return config.gpt2_config
-    inferred = infer_config(state).gpt2_config
+def lm_architecture_for(state: dict[str, torch.Tensor], config: ClipCapConfig, path: str | Path) -> dict[str, Any]:
+    """The LM architecture of a whole-model checkpoint. Shapes fix everything but the head counts: the
+    config's, which must agree with the named LM's when that is at hand; without a config, the named
+    LM's, else (an original checkpoint) GPT-2's 64-wide heads."""
+    named = named_lm(state, config)
+    values = config.lm_config
+    if values:
+        for generic in ("num_attention_heads", "num_key_value_heads"):
+            key = lms.field_name(values, generic)
+            if named is not None and key in values and values[key] != getattr(named, generic, values[key]):
+                raise ClipCapError(f"{path}: config lm_config {key} {values[key]} disagrees with {config.lm}, the LM "
+                                   f"these weights were fine-tuned from, which has {getattr(named, generic)} (a head "
+                                   "count is in no weight's shape)")
+        return values
     if named is not None:
-        inferred.update(n_head=named.n_head, bos_token_id=named.bos_token_id, eos_token_id=named.eos_token_id)
-    return inferred
+        return lms.architecture(named)
+    return infer_config(state).lm_config
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", gpt2: str | None = None,
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", lm: str | None = None,
                     **overrides: Any) -> ClipCap:
     """Load any ClipCap checkpoint (ours or the original's) with no configuration flags.
 
-    ``gpt2`` overrides where GPT-2 and its tokenizer come from; ``overrides`` set other config
+    ``lm`` overrides where the LM and its tokenizer come from; ``overrides`` set other config
     fields (``normalize_prefix=True`` for the original's transformer weights, for example).
     """
     state, config = read_checkpoint(path)
-    full = any(k.startswith("gpt.") for k in state)
+    full = holds_lm(state)
     if config is None:
-        config = dataclasses.replace(infer_config(state), gpt2_config={})  # the head count is not in the shapes
-    config = dataclasses.replace(config, **overrides, **({} if gpt2 is None else {"gpt2": gpt2}))
+        config = dataclasses.replace(infer_config(state), lm_config={})  # the head count is not in the shapes
+    if lm is not None:
+        overrides.update(lm=lm, lm_revision="")
+    config = dataclasses.replace(config, **overrides)
     if full:
-        config.gpt2_config = gpt2_architecture_for(state, config, path)
+        config.lm_config = lm_architecture_for(state, config, path)
     check_fits(state, config, path)
-    model = build_model(config, pretrained_gpt2=not full)
+    model = build_model(config, pretrained_lm=not full)
     check_compatible(state, model, path, config)
     load_state(model, state, path)
     if full:

@@ -1,24 +1,31 @@
 """Caption decoding: greedy, beam search and nucleus sampling, all in one place.
 
 The original decodes one image at a time and re-runs GPT-2 over the whole sequence at every
-step. Here GPT-2 keeps its key/value cache, and all images (times beams or samples) of a batch
-go through one forward pass per step; an image leaves the batch as soon as it is finished, so
-its result is exactly what it would be alone. For the same weights, ``greedy_tokens`` gives
-token for token the original's ``generate2`` (whose top-p filter is followed by an argmax, so
-it is greedy) and ``beam_tokens`` the original's ``generate_beam``, rules and arithmetic
-included; clipcap/reference.py holds both against slow re-implementations of the
-original loops. ``sample_tokens`` is real nucleus sampling, which the original never did.
+step. Here the LM keeps its key/value cache (transformers' ``DynamicCache``, which every causal
+LM takes), and all images (times beams or samples) of a batch go through one forward pass per
+step; an image leaves the batch as soon as it is finished, so its result is exactly what it
+would be alone. For the same weights, ``greedy_tokens`` gives token for token the original's
+``generate2`` (whose top-p filter is followed by an argmax, so it is greedy) and ``beam_tokens``
+the original's ``generate_beam``, rules and arithmetic included; clipcap/reference.py holds
+both against slow re-implementations of the original loops, for GPT-2 and every other LM.
+``sample_tokens`` is real nucleus sampling, which the original never did.
+
+A caption ends at a stop token: the LM's "." (the original's rule) or its end-of-text token, or
+with ``stop="eos"`` at end-of-text only. ClipCap trains no end-of-text token (captions end with
+"."), so a trained model says "." first; a frozen pretrained LM may end its text instead.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import DynamicCache
 
+from . import lm as lms
 from .files import ClipCapError
 from .model import ClipCap
 
@@ -28,9 +35,14 @@ STRATEGIES, STOPS = get_args(Strategy), get_args(Stop)
 MIN_TEMPERATURE = 0.01  # below this the scaled logits overflow float32 and sampling gives NaN
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator takes
 
-# transformers renamed GPT-2's cache argument within 5.x (past_key_values -> cache) and ignores an
-# unknown keyword silently, which would decode without the cache: ask this version's signature.
-CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+PERIOD = 13  # GPT-2's ".", the original's stop token
+
+
+@functools.cache
+def cache_argument(lm_class: type) -> str:
+    """transformers renamed the cache argument within 5.x (past_key_values -> cache) and ignores an
+    unknown keyword silently, which would decode without the cache: ask this LM's signature."""
+    return "cache" if "cache" in inspect.signature(lm_class.forward).parameters else "past_key_values"
 
 # A caption as token ids and its score: the mean log-probability per token (the beam's sum / length).
 Scored = tuple[list[int], float]
@@ -44,8 +56,9 @@ class DecodingOptions:
     greedy decoding ignores it. ``num_captions`` per image, best first (sampled captions ranked by
     mean log-probability). A ``seed`` makes sampling reproducible for the same batch size and
     device (each device type draws its own random numbers). ``max_length`` is the most tokens per
-    caption; ``stop`` ends a caption at "." (the original's rule) or at end-of-text. What depends
-    on the model (the vocabulary, GPT-2's positions) is checked by :func:`check_options`.
+    caption; ``stop`` ends a caption at the LM's "." or its end-of-text token (``period``: the
+    original's rule, and end-of-text) or at end-of-text only (``eos``). What depends on the model
+    (the vocabulary, the LM's positions) is checked by :func:`check_options`.
     """
 
     strategy: Strategy = "beam"
@@ -75,17 +88,22 @@ class DecodingOptions:
                                + (f" and beam size {self.beam_size}" if self.strategy == "beam" else ""))
 
 
-def stop_token_id(tokenizer: Any, stop: str) -> int:
-    """``period``: the first token of "." (GPT-2 id 13, the original's rule); ``eos``: end-of-text."""
-    if stop == "period":
-        return tokenizer.encode(".")[0]
+def stop_tokens(tokenizer: Any, stop: str) -> tuple[int, ...]:
+    """``period``: the LM's "." token (GPT-2's 13, the original's rule) and its end-of-text token;
+    ``eos``: end-of-text alone."""
+    if stop not in STOPS:
+        raise ClipCapError(f"stop must be one of {STOPS}, got {stop!r}")
+    eos = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     if stop == "eos":
-        return tokenizer.eos_token_id
-    raise ClipCapError(f"stop must be one of {STOPS}, got {stop!r}")
+        if not eos:
+            raise ClipCapError(f"LM {tokenizer.name_or_path}: its tokenizer has no end-of-text token; "
+                               "use --stop period")
+        return eos
+    return (lms.period_token(tokenizer),) + eos
 
 
 def check_options(model: ClipCap, options: DecodingOptions) -> None:
-    """What ``options`` ask of this model, checked before any work: the length fits GPT-2's positions,
+    """What ``options`` ask of this model, checked before any work: the length fits the LM's positions,
     and the beams (or samples) per image are at most its vocabulary."""
     _check_length(model, options.max_length)
     if options.strategy == "beam":
@@ -94,15 +112,17 @@ def check_options(model: ClipCap, options: DecodingOptions) -> None:
 
 
 def _check_length(model: ClipCap, max_length: int) -> None:
-    room = model.gpt.config.n_positions - model.config.prefix_length
-    if not 1 <= max_length <= room:
-        raise ClipCapError(f"max_length must be between 1 and {room} (GPT-2's {model.gpt.config.n_positions} "
-                           f"positions minus the prefix of {model.config.prefix_length}), got {max_length}")
+    positions = lms.max_positions(model.gpt.config)
+    if max_length < 1:
+        raise ClipCapError(f"max_length must be at least 1, got {max_length}")
+    if positions is not None and max_length > positions - model.prompt_length:
+        raise ClipCapError(f"max_length must be between 1 and {positions - model.prompt_length} (the LM's "
+                           f"{positions} positions minus the prefix of {model.prompt_length}), got {max_length}")
 
 
 def _check_vocabulary(model: ClipCap, count: int, name: str) -> None:
     """Beam search starts from the top ``count`` tokens, so at most the vocabulary; more samples per image
-    than tokens is a typo that would fill the memory (each is a row of GPT-2's batch)."""
+    than tokens is a typo that would fill the memory (each is a row of the LM's batch)."""
     vocab = model.gpt.config.vocab_size
     if count > vocab:
         raise ClipCapError(f"{name} {count} is over the model's vocabulary of {vocab} tokens")
@@ -113,10 +133,12 @@ def model_device(model: ClipCap) -> torch.device:
 
 
 def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, DynamicCache]:
-    """Run GPT-2 over the prefixes: next-token logits [B * repeats, V] and the cache, rows repeated in place."""
+    """Run the LM over the prompts (its BOS, if it takes one, and the prefix): next-token logits
+    [B * repeats, V] (float32) and the cache, rows repeated in place."""
     cache = DynamicCache(config=model.gpt.config)
-    prefix = model.prefix(clip_embeds.to(model_device(model)))
-    logits = model.gpt(inputs_embeds=prefix, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+    prompt = model.prompt_embeds(clip_embeds.to(model_device(model)))
+    logits = model.gpt(inputs_embeds=prompt, **{cache_argument(type(model.gpt)): cache}, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()
     if repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits = logits.repeat_interleave(repeats, dim=0)
@@ -124,8 +146,9 @@ def _start(model: ClipCap, clip_embeds: torch.Tensor, repeats: int = 1) -> tuple
 
 
 def _step(model: ClipCap, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Feed one new token per row [N]; next-token logits [N, V]."""
-    return model.gpt(input_ids=tokens[:, None], **{CACHE_ARGUMENT: cache}, use_cache=True).logits[:, -1]
+    """Feed one new token per row [N]; next-token logits [N, V] (float32)."""
+    return model.gpt(input_ids=tokens[:, None], **{cache_argument(type(model.gpt)): cache},
+                     use_cache=True).logits[:, -1].float()
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -133,14 +156,19 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits / (temperature if temperature > 0 else 1.0)).softmax(-1).log()
 
 
+def _stops(stop_token: int | Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([stop_token] if isinstance(stop_token, int) else list(stop_token), device=device)
+
+
 def _extend(model: ClipCap, clip_embeds: torch.Tensor, choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-            repeats: int, max_length: int, stop_token: int) -> list[Scored]:
+            repeats: int, max_length: int, stop_token: int | Sequence[int]) -> list[Scored]:
     """One token per row per step, picked by ``choose(logits) -> (tokens, log-probs)``, until each row stops.
 
-    Rows are the images, each repeated ``repeats`` times; a row that emits the stop token
+    Rows are the images, each repeated ``repeats`` times; a row that emits a stop token
     (kept in its caption) leaves the batch and the cache.
     """
     logits, cache = _start(model, clip_embeds, repeats)
+    stops = _stops(stop_token, logits.device)
     rows = torch.arange(logits.shape[0])  # which output row each batch row is
     tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
     totals = torch.zeros(logits.shape[0], dtype=torch.float64)
@@ -149,7 +177,7 @@ def _extend(model: ClipCap, clip_embeds: torch.Tensor, choose: Callable[[torch.T
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
             tokens[row].append(token)
         totals[rows] += log_probs.double().cpu()
-        going = (next_tokens != stop_token).nonzero().squeeze(1)
+        going = (~torch.isin(next_tokens, stops)).nonzero().squeeze(1)
         if step == max_length - 1 or going.numel() == 0:
             break
         if going.numel() < len(rows):
@@ -162,7 +190,7 @@ def _extend(model: ClipCap, clip_embeds: torch.Tensor, choose: Callable[[torch.T
 
 @torch.no_grad()
 def greedy_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, max_length: int = 67,
-                  stop_token: int = 13) -> list[list[int]]:
+                  stop_token: int | Sequence[int] = PERIOD) -> list[list[int]]:
     """The most likely token at each step, per image: the original's ``generate2``."""
     _check_length(model, max_length)
 
@@ -188,7 +216,7 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, num_samples: int = 1, top_p: float = 0.9,
-                  temperature: float = 1.0, max_length: int = 67, stop_token: int = 13,
+                  temperature: float = 1.0, max_length: int = 67, stop_token: int | Sequence[int] = PERIOD,
                   generator: torch.Generator | None = None) -> list[list[Scored]]:
     """``num_samples`` nucleus samples per image, each with its mean log-probability under the tempered model.
 
@@ -214,17 +242,17 @@ def sample_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, num_samples: int
 
 @torch.no_grad()
 def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5, max_length: int = 67,
-                stop_token: int = 13, temperature: float = 1.0) -> list[list[Scored]]:
+                stop_token: int | Sequence[int] = PERIOD, temperature: float = 1.0) -> list[list[Scored]]:
     """Beam search per image, beams best first: the original's ``generate_beam``, batched.
 
     Step 0 takes the top ``beam_size`` tokens. At each later step every beam proposes every
     token, scored by (sum of its log-probabilities) / (its length); a finished beam (one that
-    emitted the stop token) proposes only token 0, at zero cost and without growing, so it
+    emitted a stop token) proposes only token 0, at zero cost and without growing, so it
     keeps its score and competes with the others. The best ``beam_size`` proposals over all
     beams survive. An image is done when all its beams are finished; the result is its beams
     sorted by score, each cut to its length.
 
-    Only unfinished beams go through GPT-2 (a finished beam's proposal needs no logits), so
+    Only unfinished beams go through the LM (a finished beam's proposal needs no logits), so
     the cache holds one row per unfinished beam, in (image, beam) order.
     """
     _check_length(model, max_length)
@@ -233,9 +261,10 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
     logits, cache = _start(model, clip_embeds)
     scores, first = _log_probs(logits, temperature).topk(w, -1)  # [B, W]
     vocab, device = logits.shape[-1], first.device
+    stops = _stops(stop_token, device)
     tokens = first[:, :, None]  # [A, W, T]: the beams of the active images
     lengths = torch.ones(first.shape, device=device, dtype=scores.dtype)
-    finished = first == stop_token
+    finished = torch.isin(first, stops)
     cache.reorder_cache((~finished).flatten().nonzero().squeeze(1) // w)
     images = torch.arange(first.shape[0])  # which input image each active image is
     results: list[list[Scored]] = [[] for _ in range(first.shape[0])]
@@ -269,7 +298,7 @@ def beam_tokens(model: ClipCap, clip_embeds: torch.Tensor, *, beam_size: int = 5
         scores = best * lengths
         tokens = torch.cat((tokens.gather(1, source[:, :, None].expand(-1, -1, tokens.shape[2])),
                             token[:, :, None]), dim=2)
-        finished = finished.gather(1, source) | (token == stop_token)
+        finished = finished.gather(1, source) | torch.isin(token, stops)
         row_of = torch.full((a * w,), -1, dtype=torch.long, device=device)
         row_of[alive] = torch.arange(len(alive), device=device)
         cache.reorder_cache(row_of[source + torch.arange(a, device=device)[:, None] * w][~finished])
@@ -282,14 +311,16 @@ def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor
                        progress: bool = False) -> list[list[str]]:
     """Captions for CLIP embeddings [N, D]: ``options.num_captions`` per embedding, best first.
 
-    ``batch_size`` images go through GPT-2 together (times ``beam_size`` or ``num_captions`` rows).
+    ``batch_size`` images go through the LM together (times ``beam_size`` or ``num_captions`` rows).
+    A caption that ends at end-of-text is written without it.
     """
     if clip_embeds.ndim != 2 or clip_embeds.shape[1] != model.config.prefix_size:
         raise ClipCapError(f"CLIP embeddings of shape {tuple(clip_embeds.shape)} do not fit the model, "
                            f"which takes [N, {model.config.prefix_size}]")
     check_options(model, options)
     o = options
-    stop_token = stop_token_id(tokenizer, o.stop)
+    stop_token = stop_tokens(tokenizer, o.stop)
+    eos = tokenizer.eos_token_id
     generator = torch.Generator(model_device(model)).manual_seed(o.seed) if o.seed is not None else None
     captions: list[list[str]] = []
     for start in tqdm(range(0, len(clip_embeds), batch_size), desc="captioning", unit="batch",
@@ -304,6 +335,6 @@ def caption_embeddings(model: ClipCap, tokenizer: Any, clip_embeds: torch.Tensor
             scored = [sorted(s, key=lambda c: -c[1]) for s in sample_tokens(
                 model, batch, num_samples=o.num_captions, top_p=o.top_p, temperature=o.temperature,
                 max_length=o.max_length, stop_token=stop_token, generator=generator)]
-        captions.extend([tokenizer.decode(t, skip_special_tokens=o.stop == "eos") for t, _ in s[:o.num_captions]]
-                        for s in scored)
+        captions.extend([tokenizer.decode(t[:-1] if t[-1:] == [eos] else t, skip_special_tokens=o.stop == "eos")
+                         for t, _ in s[:o.num_captions]] for s in scored)
     return captions

@@ -3,9 +3,10 @@
 A saved model is a folder of three files, uploaded as it is:
 
 - ``model.safetensors``: our checkpoint format (:mod:`clipcap.checkpoint`), config in its metadata.
-  A prefix-only model holds only the mapper and names its GPT-2 in the config; a fine-tuned one
-  holds GPT-2 too.
-- ``config.json``: the same :class:`clipcap.model.ClipCapConfig`, readable without the weights.
+  A prefix-only model holds only the mapper (a LoRA model the mapper and the adapters) and names
+  its LM and the LM's Hub commit in the config; a fine-tuned one holds the LM too.
+- ``config.json``: the same :class:`clipcap.model.ClipCapConfig` (the LM, its revision, dtype and
+  LoRA settings among it), readable without the weights.
 - ``README.md``: a model card (Hub metadata, paper, data, backbones, mapper, recipe, scores).
 
 :func:`resolve_checkpoint` turns a checkpoint file, such a folder, or a Hub repo id into the
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hub_access
+from . import lm as lms
 from .checkpoint import CONFIG_KEY, UNKNOWN_CLIP, config_path_for, save_checkpoint, save_config
 from .files import ClipCapError, atomic_write, markdown_table, read_json
 from .model import ClipCap, ClipCapConfig
@@ -122,11 +124,10 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
     from huggingface_hub import ModelCardData
 
     config = ClipCapConfig.from_dict(config.to_dict())  # backbones named as the files record them
+    model_type = config.lm_config.get("model_type", "gpt2")
     data = ModelCardData(license="mit", library_name="clipcap", pipeline_tag="image-to-text",
-                         tags=["image-captioning", "clipcap", "clip", "gpt2"],
-                         base_model=None if hub_access.is_local(config.gpt2) else config.gpt2)
-    gpt2 = config.gpt2_config
-    gpt2_text = f"`{config.gpt2}`" + (f" ({gpt2['n_layer']} layers, width {gpt2['n_embd']})" if gpt2 else "")
+                         tags=["image-captioning", "clipcap", "clip", model_type],
+                         base_model=None if hub_access.is_local(config.lm) else config.lm)
     if config.mapping_type == "mlp":
         mapper = f"MLP (CLIP embedding -> {config.prefix_length} prefix vectors)"
     else:
@@ -136,15 +137,14 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
         "# ClipCap image captioning",
         "",
         f"[ClipCap: CLIP Prefix for Image Captioning]({PAPER}) (Ron Mokady, Amir Hertz, Amit H. Bermano, "
-        f"2021, arXiv 2111.09734): a mapping network turns a CLIP image embedding into a prefix that GPT-2 "
-        f"continues as a caption. Original code: {CODE}.",
+        f"2021, arXiv 2111.09734): a mapping network turns a CLIP image embedding into a prefix that a "
+        f"language model continues as a caption. Original code: {CODE}.",
         "",
         "| | |",
         "|---|---|",
         f"| training data | {dataset or 'not recorded'} |",
         f"| CLIP image encoder | {clip_text(config)} |",
-        f"| GPT-2 | {gpt2_text}, " + ("frozen (not stored here; loaded by name)" if config.only_prefix
-                                      else "fine-tuned (stored here)") + " |",
+        f"| language model | {lm_text(config)} |",
         f"| mapping network | {mapper} |",
     ]
     if recipe:
@@ -168,9 +168,25 @@ def model_card(config: ClipCapConfig, dataset: str | None = None, recipe: str | 
         "",
         "## Licence",
         "",
-        "MIT, as the original code. The CLIP and GPT-2 weights keep their own licences.",
+        "MIT, as the original code. The CLIP and language model weights keep their own licences.",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def lm_text(config: ClipCapConfig) -> str:
+    """The model card's LM: its name, revision and architecture, how it was trained and what is stored here."""
+    values = config.lm_config
+    name = f"`{config.lm}`" + (f" at commit `{config.lm_revision}`" if config.lm_revision else "")
+    if values:
+        layers, width = (values.get(lms.field_name(values, g)) for g in ("num_hidden_layers", "hidden_size"))
+        name += f" ({values.get('model_type', 'gpt2')}, {layers} layers, width {width})"
+    dtype = f", {config.lm_dtype} weights" if config.lm_dtype != "float32" else ""
+    if config.lora_rank:
+        return (f"{name}{dtype}, frozen, with LoRA adapters (rank {config.lora_rank}, alpha {config.lora_alpha:g}, "
+                f"on {config.lora_targets}); the adapters are stored here, the LM is loaded by name")
+    if config.only_prefix:
+        return f"{name}{dtype}, frozen (not stored here; loaded by name)"
+    return f"{name}, fine-tuned (stored here)"
 
 
 def clip_text(config: ClipCapConfig) -> str:
@@ -209,7 +225,8 @@ def _is_our_config(path: Path) -> bool:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(values, dict) and {"mapping_type", "prefix_length", "prefix_size", "gpt2"} <= set(values)
+    return isinstance(values, dict) and {"mapping_type", "prefix_length", "prefix_size"} <= set(values) and \
+        bool({"lm", "gpt2"} & set(values))
 
 
 def _is_our_card(path: Path) -> bool:
@@ -240,22 +257,25 @@ def save_pretrained(model: ClipCap, folder: str | Path, dataset: str | None = No
 
 
 def push_to_hub(model: ClipCap, repo_id: str, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload ClipCap model", gpt2: str | None = None, clip_model: str | None = None,
+                commit_message: str = "Upload ClipCap model", lm: str | None = None, clip_model: str | None = None,
                 **card: Any) -> str:
     """Save ``model`` as :func:`save_pretrained` does and upload the folder to ``repo_id`` (created if
     needed); ``card`` as in :func:`save_pretrained`. Returns the commit URL.
 
-    ``gpt2`` and ``clip_model`` rename the backbones the model records, to the Hub ids that its local
+    ``lm`` and ``clip_model`` rename the backbones the model records, to the Hub ids that its local
     copies came from: a model that names a local path would load for no one else, and is refused.
+    A renamed LM's revision is dropped (its main branch then loads): a local copy's commit is not the Hub's.
     """
     from huggingface_hub import HfApi
 
-    names = {"gpt2": gpt2 or model.config.gpt2, "clip_model": clip_model or model.config.clip_model}
+    names = {"lm": lm or model.config.lm, "clip_model": clip_model or model.config.clip_model}
     for (field, name), example in zip(names.items(), ("gpt2", "openai/clip-vit-base-patch32")):
         if hub_access.is_local(name) or name == UNKNOWN_CLIP:
             raise ClipCapError(f"{repo_id}: not pushed: its {field} {name!r} would load for no one else; name the "
                                f"Hugging Face Hub id it stands for: push_to_hub(..., {field}=\"{example}\")")
-    model.config.gpt2, model.config.clip_model = names["gpt2"], names["clip_model"]
+    if lm and lm != model.config.lm:
+        model.config.lm_revision = ""  # the local copy's commit, if any, is not the Hub id's
+    model.config.lm, model.config.clip_model = names["lm"], names["clip_model"]
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="clipcap-push-") as folder:
         save_pretrained(model, folder, repo_id=repo_id, **card)

@@ -1,26 +1,29 @@
-"""The ClipCap model: a mapping network from one CLIP embedding to a GPT-2 prefix.
+"""The ClipCap model: a mapping network from one CLIP embedding to a prefix of a language model.
 
 State-dict names and shapes are the original implementation's (``gpt.*`` for GPT-2,
 ``clip_project.*`` for the mapper), so its released weights load here and ours load there.
+Every other LM sits under ``gpt`` too (the generative pre-trained transformer the prefix feeds):
+one layout, so that one loader reads every checkpoint and a mapper-only file is told from a whole
+one the same way for all of them. The LM itself is :mod:`clipcap.lm`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from . import hub_access
-from .files import ClipCapError, first_line
+from . import lm as lms
+from .files import ClipCapError
+from .lm import load_tokenizer
 
 MAPPING_TYPES = ("mlp", "transformer")
-# The GPT-2 config fields a checkpoint records (``gpt2_config``): those that fix its shapes, and its heads.
-GPT2_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id", "eos_token_id")
+# Config names of earlier versions, when GPT-2 was the only LM: still read.
+RENAMED = {"gpt2": "lm", "gpt2_config": "lm_config"}
 
 
 def setting(default: Any, help: str, **flag: Any) -> Any:
@@ -38,30 +41,66 @@ class ClipCapConfig:
     mapping_type: str = setting("mlp", "mapping network", choices=MAPPING_TYPES)
     num_layers: int = setting(8, "transformer mapper: layers")
     num_heads: int = setting(8, "transformer mapper: attention heads")
-    only_prefix: bool = setting(False, "freeze GPT-2: train and save the mapper only")
+    only_prefix: bool = setting(False, "freeze the LM: train and save the mapper only")
     normalize_prefix: bool = setting(False, "L2-normalise CLIP embeddings, in training and inference alike")
     noise_variance: float = setting(0.0, "training only: Gaussian noise of this variance per coordinate on every CLIP "
                                          "embedding at every step; with --normalize_prefix added between two L2 "
                                          "normalisations, as CapDec's code adds it, so that its 0.016 (text-only "
                                          "training) means the same here")
-    gpt2: str = setting("gpt2", "GPT-2 and its tokenizer: a Hugging Face name or a local folder")
+    lm: str = setting("gpt2", "the language model and its tokenizer: any decoder-only causal LM of transformers "
+                              "(GPT-2, OPT, Pythia, Llama, Qwen, Gemma, Phi ...), a Hugging Face name or a folder",
+                      flags=("--lm", "--gpt2"))
+    lm_revision: str = setting("", "the LM's Hub revision: a branch, tag or commit (default: main); recorded as "
+                                   "the commit it resolved to")
+    lm_dtype: str = setting("float32", "the LM's weights: bfloat16 or float16 halve a frozen LM's memory "
+                                       "(--only_prefix or --lora_rank); the mapper stays float32",
+                            choices=tuple(lms.DTYPES))
+    lora_rank: int = setting(0, "train LoRA adapters of this rank on the frozen LM, and the mapper (0: none); "
+                                "checkpoints then hold the mapper and the adapters, not the LM")
+    lora_alpha: float = setting(16.0, "LoRA's scale numerator (the adapters' output is scaled by alpha / rank)")
+    lora_targets: str = setting(lms.ALL_LINEAR, "the LM modules LoRA adapts: comma-separated module names "
+                                                "(q_proj,v_proj), or all-linear: every attention and MLP projection")
     clip_model: str = setting("ViT-B/32", "the CLIP that made the features (what captioning images loads)")
-    gpt2_config: dict[str, Any] = field(default_factory=dict)  # GPT-2's architecture, filled on build
+    lm_bos: bool | None = None  # the LM's BOS goes before the prefix: decided on build, from its tokenizer
+    lm_config: dict[str, Any] = field(default_factory=dict)  # the LM's architecture, filled on build
+    gpt2: InitVar[str | None] = None  # the name of ``lm`` before any LM could be one, still taken
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, gpt2: str | None) -> None:
+        if gpt2 is not None:
+            self.lm = gpt2
         if self.mapping_type not in MAPPING_TYPES:
             raise ValueError(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}")
-        self.gpt2, self.clip_model = portable_name(self.gpt2), portable_name(self.clip_model)
+        self.lm, self.clip_model = portable_name(self.lm), portable_name(self.clip_model)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as written into checkpoints and config.json: backbones named so that they load anywhere."""
-        return {**dataclasses.asdict(self), "gpt2": portable_name(self.gpt2),
-                "clip_model": portable_name(self.clip_model)}
+        return {**dataclasses.asdict(self), "lm": portable_name(self.lm), "clip_model": portable_name(self.clip_model)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClipCapConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{k: v for k, v in renamed(values).items() if k in known})
+
+    def check(self) -> None:
+        """Settings that contradict each other, refused with their flags' names."""
+        if self.lora_rank < 0:
+            raise ClipCapError(f"--lora_rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank and self.only_prefix:
+            raise ClipCapError("--lora_rank trains adapters on the LM, --only_prefix freezes it: choose one")
+        if self.lm_dtype not in lms.DTYPES:
+            raise ClipCapError(f"--lm_dtype must be one of {', '.join(lms.DTYPES)}, got {self.lm_dtype!r}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ClipCapError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+
+    @property
+    def frozen_lm(self) -> bool:
+        """Whether training leaves the LM's own weights as they are (prefix only, or adapters beside them)."""
+        return self.only_prefix or self.lora_rank > 0
+
+
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values with the names of earlier versions (:data:`RENAMED`) given their current ones."""
+    return {RENAMED.get(k, k): v for k, v in values.items() if not (k in RENAMED and RENAMED[k] in values)}
 
 
 def portable_name(name: str | None) -> str | None:
@@ -77,10 +116,10 @@ def portable_name(name: str | None) -> str | None:
 
 
 def check_heads(config: ClipCapConfig, width: int) -> None:
-    """The transformer mapper splits GPT-2's width ``width`` into ``num_heads`` heads: they must divide it."""
+    """The transformer mapper splits the LM's width ``width`` into ``num_heads`` heads: they must divide it."""
     if config.mapping_type == "transformer" and (config.num_heads < 1 or width % config.num_heads):
-        raise ClipCapError(f"num_heads {config.num_heads} does not divide the mapper's width {width} (GPT-2's "
-                           f"{config.gpt2}): choose a divisor of {width}, such as {default_heads(width)}")
+        raise ClipCapError(f"num_heads {config.num_heads} does not divide the mapper's width {width} (the LM's, "
+                           f"{config.lm}): choose a divisor of {width}, such as {default_heads(width)}")
 
 
 def default_heads(width: int) -> int:
@@ -176,19 +215,25 @@ class TransformerMapper(nn.Module):
 
 
 class ClipCap(nn.Module):
-    """GPT-2 (``gpt``) conditioned on a prefix made from a CLIP embedding by ``clip_project``."""
+    """A language model (``gpt``) conditioned on a prefix made from a CLIP embedding by ``clip_project``.
 
-    def __init__(self, config: ClipCapConfig, gpt: GPT2LMHeadModel):
+    The LM reads its BOS first when its tokenizer starts every text with one (``config.lm_bos``),
+    then the prefix, then the caption: :meth:`prompt_embeds` is what comes before the caption.
+    """
+
+    def __init__(self, config: ClipCapConfig, gpt: nn.Module):
         super().__init__()
+        config.check()
         self.config = config
         self.gpt = gpt
-        embed_dim = gpt.config.n_embd
-        check_heads(config, embed_dim)
+        check_heads(config, self.embed_dim)
         if config.mapping_type == "mlp":
-            self.clip_project: nn.Module = MLPMapper(config.prefix_size, embed_dim, config.prefix_length)
+            self.clip_project: nn.Module = MLPMapper(config.prefix_size, self.embed_dim, config.prefix_length)
         else:
-            self.clip_project = TransformerMapper(config.prefix_size, embed_dim, config.prefix_length,
+            self.clip_project = TransformerMapper(config.prefix_size, self.embed_dim, config.prefix_length,
                                                   config.prefix_length_clip, config.num_layers, config.num_heads)
+        if config.lora_rank:
+            lms.add_lora(self.gpt, config.lora_rank, config.lora_alpha, config.lora_targets)
         if config.only_prefix:
             self.gpt.requires_grad_(False)
             self.gpt.eval()
@@ -196,12 +241,18 @@ class ClipCap(nn.Module):
     def train(self, mode: bool = True) -> "ClipCap":
         super().train(mode)
         if self.config.only_prefix:
-            self.gpt.eval()  # frozen GPT-2 runs without dropout, as in the original
+            self.gpt.eval()  # a frozen LM runs without dropout, as in the original
         return self
 
     @property
     def embed_dim(self) -> int:
-        return self.gpt.config.n_embd
+        """The LM's input embedding width: the width of each prefix vector."""
+        return self.gpt.get_input_embeddings().embedding_dim
+
+    @property
+    def prompt_length(self) -> int:
+        """Positions before the caption: the prefix, and the LM's BOS before it when it takes one."""
+        return self.config.prefix_length + int(bool(self.config.lm_bos))
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP embeddings [B, D] -> prefix embeddings [B, K, E] (normalised first if configured).
@@ -219,85 +270,79 @@ class ClipCap(nn.Module):
                 clip_embeds = clip_embeds / clip_embeds.norm(dim=-1, keepdim=True)
         return self.clip_project(clip_embeds)
 
+    def prompt_embeds(self, clip_embeds: torch.Tensor) -> torch.Tensor:
+        """What the LM reads before the caption [B, prompt_length, E], in the LM's dtype: its BOS embedding
+        when it takes one, then the prefix."""
+        prefix = self.prefix(clip_embeds).to(self.lm_dtype)
+        if not self.config.lm_bos:
+            return prefix
+        bos = torch.full((len(prefix), 1), self.gpt.config.bos_token_id, device=prefix.device)
+        return torch.cat((self.token_embeds(bos), prefix), dim=1)
+
+    def token_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt.get_input_embeddings()(tokens)
+
     @property
     def clip_project_dtype(self) -> torch.dtype:
         return next(self.clip_project.parameters()).dtype
 
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return self.gpt.get_input_embeddings().weight.dtype
+
     def forward(self, clip_embeds: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
-        """Logits [B, K + T, V] over the prefix and the caption; or, given ``positions`` (the flat
-        indices of the real tokens of a right-padded batch: :attr:`clipcap.data.Batch.positions`),
-        the next-token cross-entropy of those tokens.
+        """Logits [B, P + T, V] over the prompt (P = :attr:`prompt_length`) and the caption; or, given
+        ``positions`` (the flat indices of the real tokens of a right-padded batch:
+        :attr:`clipcap.data.Batch.positions`), the next-token cross-entropy of those tokens.
 
         Right padding needs no attention mask under causal attention, and the vocabulary
         projection runs only where a real token is predicted. The positions come from the CPU, so
         nothing is read back from the device and a GPU step is queued without waiting.
         """
-        embeds = torch.cat((self.prefix(clip_embeds), self.gpt.transformer.wte(tokens)), dim=1)
+        embeds = torch.cat((self.prompt_embeds(clip_embeds), self.token_embeds(tokens)), dim=1)
         if positions is None:
             return self.gpt(inputs_embeds=embeds).logits
-        k = self.config.prefix_length
-        hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
+        k = self.prompt_length
+        hidden = self.gpt.base_model(inputs_embeds=embeds).last_hidden_state
         before = hidden[:, k - 1:-1].reshape(-1, hidden.shape[-1])  # the state before each token predicts it
-        logits = self.gpt.lm_head(before.index_select(0, positions))
+        logits = lms.output_logits(self.gpt, before.index_select(0, positions))
         return F.cross_entropy(logits.float(), tokens.flatten().index_select(0, positions), reduction=reduction)
 
 
-def gpt2_architecture(gpt: GPT2LMHeadModel) -> dict[str, Any]:
-    """The GPT-2 config fields that fix its shapes, so a full checkpoint rebuilds offline."""
-    return {name: getattr(gpt.config, name) for name in GPT2_FIELDS}
+def build_model(config: ClipCapConfig, pretrained_lm: bool = True) -> ClipCap:
+    """Build a ClipCap model: the LM's weights from ``config.lm`` (at ``config.lm_revision``), or random
+    from the architecture ``config.lm_config`` records (a whole checkpoint's weights go in next).
 
-
-def gpt2_config_of(name: str) -> GPT2Config:
-    """GPT-2's config (no weights) from a Hub name or folder, or a one-line error."""
-    if hub_access.is_local(name) and not Path(name).expanduser().is_dir():
-        raise ClipCapError(f"GPT-2 {name}: no such folder")
-    hub_access.prepare(name)
-    try:
-        return GPT2Config.from_pretrained(name)
-    except OSError as e:  # a missing folder, or a hub name offline
-        raise ClipCapError(f"GPT-2 {name}: cannot load its config ({first_line(e)}){hub_access.unreachable_hint()}") \
-            from None
-
-
-def build_model(config: ClipCapConfig, pretrained_gpt2: bool = True) -> ClipCap:
-    """Build a ClipCap model: GPT-2 weights from ``config.gpt2`` or random from ``config.gpt2_config``.
-
-    The mapper's settings are checked against GPT-2's width before GPT-2's weights are loaded.
+    The mapper's settings are checked against the LM's width before its weights are loaded. The
+    config is completed with what the LM decides: its architecture, its Hub commit, and whether
+    its BOS goes first (from its tokenizer, unless the config records it).
     """
-    if pretrained_gpt2:
-        gpt2_config = gpt2_config_of(config.gpt2)
-        check_heads(config, gpt2_config.n_embd)
-        try:
-            gpt = GPT2LMHeadModel.from_pretrained(config.gpt2, config=gpt2_config)
-        except OSError as e:
-            raise ClipCapError(f"GPT-2 {config.gpt2}: cannot load its weights ({first_line(e)})") from None
+    config.check()
+    if pretrained_lm:
+        lm_config = lms.config_of(config.lm, config.lm_revision)
+        check_heads(config, lm_config.hidden_size)
+        config.lm_revision = lms.hub_commit(config.lm, config.lm_revision)
+        if config.lm_bos is None:
+            config.lm_bos = lms.adds_bos(load_tokenizer(config.lm, config.lm_revision))
+        gpt = lms.load_pretrained(config.lm, config.lm_revision, lm_config, config.lm_dtype)
     else:
-        if not config.gpt2_config:
-            raise ValueError("config.gpt2_config is empty: cannot build GPT-2 without its weights")
-        gpt = GPT2LMHeadModel(GPT2Config(**config.gpt2_config))
-    config.gpt2_config = gpt2_architecture(gpt)
+        if not config.lm_config:
+            raise ValueError("config.lm_config is empty: cannot build the LM without its weights")
+        gpt = lms.from_architecture(config.lm_config, config.lm_dtype)
+    config.lm_config = lms.architecture(gpt.config)
+    config.lm_bos = bool(config.lm_bos)
     return ClipCap(config, gpt)
 
 
-def load_tokenizer(name_or_dir: str) -> GPT2TokenizerFast:
-    """GPT-2's byte-level BPE tokenizer from the hub or a local directory, or a one-line error.
-
-    Offline, transformers 5 answers a hub name it has not cached (or a folder without tokenizer
-    files) with an empty tokenizer instead of an error; byte-level BPE has at least the 256 byte
-    tokens, so fewer means nothing was found.
-    """
-    hub_access.prepare(name_or_dir)
-    try:
-        tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
-    except (OSError, ValueError, TypeError) as e:
-        tokenizer, reason = None, first_line(e)
-    if tokenizer is None or len(tokenizer) < 256:
-        where = "folder has no GPT-2 tokenizer" if Path(name_or_dir).is_dir() else \
-            "no such folder, and not loadable from the Hugging Face Hub (offline, or not a GPT-2 name?)"
-        raise ClipCapError(f"GPT-2 {name_or_dir}: {where}" + (f" ({reason})" if tokenizer is None else "")
-                           + hub_access.unreachable_hint())
-    return tokenizer
+def merge_lora(model: ClipCap) -> ClipCap:
+    """Fold the model's LoRA adapters into its LM, in place: the same outputs, at the speed of a plain LM.
+    The result saves as a whole fine-tuned model (the merged LM is no longer the one the config names)."""
+    if model.config.lora_rank:
+        lms.merge_lora(model.gpt)
+        model.config.lora_rank = 0
+        model.gpt.requires_grad_(True)
+    return model
 
 
 def count_parameters(module: nn.Module) -> int:

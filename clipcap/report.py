@@ -125,7 +125,7 @@ def differences(train: Step, clip_model: str | None, row: paper.Row) -> list[str
 
     cfg = parse_args(train.script_args())
     ours = {"epochs": cfg.epochs, "batch_size": cfg.batch_size * cfg.grad_accum * processes(train), "lr": cfg.lr,
-            "warmup": cfg.warmup, "gpt2": cfg.model.gpt2, "prefix_length": cfg.model.prefix_length,
+            "warmup": cfg.warmup, "gpt2": cfg.model.lm, "prefix_length": cfg.model.prefix_length,
             "mapping_type": cfg.model.mapping_type, "only_prefix": cfg.model.only_prefix,
             "num_layers": cfg.model.num_layers, "clip_model": clip_model}
     names = {"batch_size": "batch (global)", "prefix_length": "K (prefix length)", "only_prefix": "GPT-2 frozen",

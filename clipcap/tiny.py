@@ -9,9 +9,34 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
+)
 
 END_OF_TEXT = "<|endoftext|>"
+# Tiny sizes of other decoder-only LMs (each config's own field names), for tests of any LM.
+TINY_LMS = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=128),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=128),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128),
+    "gemma2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   intermediate_size=64, max_position_embeddings=128, sliding_window=16),
+    "phi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=128),
+}
+# The LMs whose real tokenizers start every text with BOS (Llama's <|begin_of_text|>, OPT's </s>, Gemma's <bos>).
+BOS_FIRST = {"llama", "opt", "gemma2"}
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> GPT2TokenizerFast:
@@ -42,6 +67,37 @@ def make_tiny_gpt2(out_dir: str | Path, corpus: Iterable[str], n_embd: int = 32,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def lm_tokenizer(corpus: Iterable[str], bos_first: bool, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer for a tiny LM: ``<s>`` (BOS, id 0) and ``</s>`` (EOS, id 1), and with
+    ``bos_first`` every text starts with BOS, as Llama's tokenizers do."""
+    specials = ["<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus), trainer)
+    if bos_first:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def make_tiny_lm(out_dir: str | Path, model_type: str, corpus: Iterable[str], seed: int = 0, **overrides) -> Path:
+    """Save a random decoder-only LM of ``model_type`` (one of :data:`TINY_LMS`) and a tokenizer trained on
+    ``corpus`` into ``out_dir``; returns it. The tokenizer starts texts with BOS for :data:`BOS_FIRST`."""
+    import torch
+
+    out_dir = Path(out_dir)
+    tokenizer = lm_tokenizer(corpus, model_type in BOS_FIRST)
+    config = AutoConfig.for_model(model_type, **{**TINY_LMS[model_type], "vocab_size": len(tokenizer),
+                                                 "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **overrides})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

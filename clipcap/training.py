@@ -7,12 +7,12 @@ logs and the loss plot. The run's folder and resume state are :mod:`clipcap.run_
 Where this differs from the original's loop (on purpose):
 - Each batch is padded to its own longest caption and the loss ignores padding only
   (the original padded to one global length and ignored token 0, which is the real "!").
-- Prefix-only mode computes no gradients for GPT-2's weights.
+- Prefix-only mode computes no gradients for the LM's weights.
 - The loss of an optimizer step is the mean over all real tokens of the global batch, however
   it is split over processes (``--batch_size`` per process) and accumulation steps
   (``--grad_accum``), so N processes with batch B equal one process with batch N*B.
 - Everything that can be checked is checked before the first step (flags, the output folder,
-  the data and validation data, GPT-2, Java for validation CIDEr), and a non-finite loss stops
+  the data and validation data, the LM, Java for validation CIDEr), and a non-finite loss stops
   the run before any checkpoint can hold its weights (:class:`LossGuard`).
 - The warm-up is at most a tenth of the run, so that a small dataset learns with the defaults
   (COCO's 10 epochs keep the paper's 5,000 steps).
@@ -44,7 +44,8 @@ from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import same_clip
 from .featureset import FeatureSet
 from .files import ClipCapError, atomic_write, check_output_path, examples, remove_stale_temp_files
-from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, setting
+from . import lm as lms
+from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, renamed, setting
 from .run_state import (
     ResumeState,
     RunFiles,
@@ -58,7 +59,8 @@ from .run_state import (
 from .runtime import DEVICE_HELP, Processes, pick_device, start_processes
 from .toolkit import require_java
 
-FROM_THE_DATA = ("prefix_size", "clip_model", "gpt2_config")  # model fields the features decide, not flags
+# Model fields that the features or the LM decide, not flags.
+FROM_THE_DATA = ("prefix_size", "clip_model", "lm_config", "lm_bos")
 MAX_WARMUP_SHARE = 0.1  # of the run's steps: COCO's 10 epochs (~141k steps) keep the paper's 5,000
 # Under torchrun the other processes wait while rank 0 alone validates, scores CIDEr with Java and
 # writes checkpoints (GBs for GPT-2 fine-tuning): far longer than NCCL's default timeout allows.
@@ -89,6 +91,8 @@ class TrainConfig:
                                      "capability 8+), else fp32",
                              choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = setting(False, "torch.compile the model")
+    gradient_checkpointing: bool = setting(False, "recompute the LM's activations in the backward pass: less memory "
+                                                  "to fine-tune a large LM (fully or with LoRA), more time per step")
     seed: int = setting(0, "initial weights, data order and dropout (0 to 2**64 - 1)")
     clip_model: str | None = setting(None, "the CLIP that made the features (default: the one they record; "
                                            "for the original's pickles, the CLIP of their width)")
@@ -136,6 +140,14 @@ class TrainConfig:
                                "files go into --out_dir")
         if self.val_captions and not self.val_data:
             raise ClipCapError(f"--val_captions {self.val_captions}: needs --val_data, the features to caption")
+        self.model.check()
+        if self.model.lm_dtype != "float32" and not self.model.frozen_lm:
+            raise ClipCapError(f"--lm_dtype {self.model.lm_dtype}: half-precision weights are for a frozen LM "
+                               "(--only_prefix or --lora_rank); to fine-tune the LM keep float32 weights, with "
+                               "--precision bf16 for bf16 arithmetic")
+        if self.save_original_format and self.model.lora_rank:
+            raise ClipCapError("--save_original_format: the original's .pt format holds GPT-2 without LoRA "
+                               "adapters; drop the flag (the .safetensors checkpoints hold the adapters)")
 
     def flat(self) -> dict[str, Any]:
         """The settings as train.py's flags name them: the run's fields and the model's (not those of the data)."""
@@ -144,6 +156,7 @@ class TrainConfig:
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        values = renamed(values)  # the settings of runs from before ``--lm`` was ``--gpt2`` alone
         model_fields = {f.name for f in dataclasses.fields(ClipCapConfig)} - set(FROM_THE_DATA)
         run_fields = {f.name for f in dataclasses.fields(cls)} - {"model"}
         return cls(model=ClipCapConfig(**{k: v for k, v in values.items() if k in model_fields}),
@@ -218,15 +231,15 @@ def modality_notes(cfg: TrainConfig, features: FeatureSet, val_features: Feature
 # What a resumed run may change: how much longer it runs, where and how it runs and writes. Any
 # other setting would make it another run (another model, data, schedule or random draws).
 SAFE_TO_CHANGE = ("epochs", "batch_size", "grad_accum", "out_dir", "prefix", "device", "compile", "num_workers",
-                  "max_steps", "save_every", "save_latest_every", "log_every", "save_original_format",
-                  "skip_nonfinite", "resume", "overwrite")
+                  "gradient_checkpointing", "max_steps", "save_every", "save_latest_every", "log_every",
+                  "save_original_format", "skip_nonfinite", "resume", "overwrite")
 
 
 def recorded_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a resume state keeps: the flags' values, with local paths made absolute (a resumed
     run may start in another folder)."""
     settings = cfg.flat()
-    for name in ("data", "val_data", "gpt2", "clip_model"):
+    for name in ("data", "val_data", "lm", "clip_model"):
         value = settings[name]
         if value and (name in ("data", "val_data") or Path(value).exists()):
             settings[name] = os.path.abspath(value)
@@ -243,7 +256,7 @@ def resumed_config(resume: str, prefix: str | None = None) -> TrainConfig:
 
 def check_unchanged(cfg: TrainConfig, resumed: ResumeState) -> None:
     """Refuse, naming old and new, a setting that would make the resumed run another run."""
-    now, then = recorded_settings(cfg), resumed.settings
+    now, then = recorded_settings(cfg), renamed(resumed.settings)
     for name, old in then.items():
         new = now.get(name)
         if name in SAFE_TO_CHANGE or new == old or (name == "clip_model" and same_clip(old, new)):
@@ -409,12 +422,19 @@ def setup(cfg: TrainConfig, procs: Processes) -> Run:
     val_features = load_features(cfg.val_data) if cfg.val_data and procs.main else None
     clip_model, clip_note = features_clip(cfg, features, val_features)
     notes = modality_notes(cfg, features, val_features)
-    tokenizer = load_tokenizer(cfg.model.gpt2)
+    if cfg.save_original_format and not lms.is_gpt2(lms.config_of(cfg.model.lm, cfg.model.lm_revision)):
+        raise ClipCapError(f"--save_original_format: the original's .pt format holds GPT-2, not {cfg.model.lm}; "
+                           "drop the flag (the .safetensors checkpoints hold the model)")
+    tokenizer = load_tokenizer(cfg.model.lm, cfg.model.lm_revision)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    config = dataclasses.replace(cfg.model, prefix_size=features.dim, clip_model=clip_model, gpt2_config={})
+    config = dataclasses.replace(cfg.model, prefix_size=features.dim, clip_model=clip_model, lm_config={},
+                                 lm_bos=lms.adds_bos(tokenizer))
     model = build_model(config).to(device)
-    max_positions = model.gpt.config.n_positions - config.prefix_length
-    dataset = caption_dataset(cfg, features, tokenizer, max_positions, procs)
+    if cfg.gradient_checkpointing:
+        lms.checkpoint_activations(model.gpt)
+    positions = lms.max_positions(model.gpt.config)
+    max_positions = None if positions is None else positions - model.prompt_length
+    dataset = caption_dataset(cfg, features, tokenizer, positions, model.prompt_length, procs)
 
     global_batch = cfg.batch_size * procs.world * cfg.grad_accum
     steps_per_epoch = len(dataset) // global_batch
@@ -467,23 +487,23 @@ def check_out_dir(cfg: TrainConfig, files: RunFiles) -> None:
         remove_stale_temp_files(files.folder)
 
 
-def caption_dataset(cfg: TrainConfig, features: FeatureSet, tokenizer: Any, max_positions: int,
+def caption_dataset(cfg: TrainConfig, features: FeatureSet, tokenizer: Any, positions: int | None, prompt: int,
                     procs: Processes) -> CaptionDataset:
     """The training captions as tokens (the first process writes the token cache, the others read it),
-    checked to fit in the GPT-2 positions the prefix leaves, at the data's truncation length."""
-    positions, k = max_positions + cfg.model.prefix_length, cfg.model.prefix_length
-    if max_positions < 1:
-        raise ClipCapError(f"--prefix_length {k} leaves no room for a caption: {cfg.model.gpt2} takes {positions} "
-                           "positions")
+    checked to fit in the LM's ``positions`` (None: no limit) after the ``prompt`` (the prefix, and
+    the LM's BOS before it), at the data's truncation length."""
+    k, name = cfg.model.prefix_length, cfg.model.lm
+    if positions is not None and positions - prompt < 1:
+        raise ClipCapError(f"--prefix_length {k} leaves no room for a caption: {name} takes {positions} positions")
     if procs.main:
         dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), source=cfg.data)
     procs.barrier()
     if not procs.main:
         dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.data), source=cfg.data)
-    if dataset.max_length > max_positions:
-        raise ClipCapError(f"--prefix_length {k} leaves {max_positions} of {cfg.model.gpt2}'s {positions} positions "
+    if positions is not None and dataset.max_length > positions - prompt:
+        raise ClipCapError(f"--prefix_length {k} leaves {positions - prompt} of {name}'s {positions} positions "
                            f"for a caption, fewer than the {dataset.max_length} tokens {cfg.data}'s captions are cut "
-                           f"to; use --prefix_length {positions - dataset.max_length} or less")
+                           f"to; use --prefix_length {positions - (prompt - k) - dataset.max_length} or less")
     return dataset
 
 
@@ -678,7 +698,7 @@ class Throughput:
 class ValidationSet:
     """Validation loss over a held-out feature file and, optionally, CIDEr of greedy captions."""
 
-    def __init__(self, cfg: TrainConfig, features: FeatureSet, tokenizer: Any, max_positions: int):
+    def __init__(self, cfg: TrainConfig, features: FeatureSet, tokenizer: Any, max_positions: int | None):
         self.features = features
         self.dataset = CaptionDataset(features, tokenizer, tokens_cache_path(cfg.val_data), max_positions,
                                       source=cfg.val_data)

@@ -30,5 +30,5 @@
 ROW=coco_siglip2_qwen DEFAULT_CLIP=google/siglip2-so400m-patch14-224
 GPT2=${GPT2:-Qwen/Qwen2.5-0.5B}
 EPOCHS=${EPOCHS:-4}
-TRAIN_FLAGS=(--lm_dtype bf16 --lora_rank "${LORA_RANK:-16}" --lr "${LR:-1e-4}" --normalize_prefix)
+TRAIN_FLAGS=(--lm_dtype bfloat16 --lora_rank "${LORA_RANK:-16}" --lr "${LR:-1e-4}" --normalize_prefix)
 source "$(dirname "$0")/coco.sh"

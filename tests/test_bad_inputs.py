@@ -173,7 +173,7 @@ CASES = {
     "gpt2 missing folder": ("train", lambda d, out: train_args(d, out, "--gpt2", d["root"] + "/no_gpt2"),
                             "no_gpt2: no such folder"),
     "gpt2 folder without tokenizer": ("train", lambda d, out: train_args(d, out, "--gpt2", d["folder"]),
-                                      "a_folder: folder has no GPT-2 tokenizer"),
+                                      "a_folder: folder has no tokenizer"),
     "out_dir is a file": ("train", lambda d, out: train_args(d, d["text"]), "--out_dir {text}: not a folder"),
     "val_data of another width": ("train", lambda d, out: train_args(d, out, "--val_data", d["narrow"]),
                                   "narrow.pkl: 8-d embeddings, but the training features are 16-d"),
@@ -275,7 +275,7 @@ def test_gpt2_hub_name_offline_is_one_line(d, tmp_path):
     argv = train_args(d, str(tmp_path / "out"), "--gpt2", "openai-community/no-such-gpt2")
     done = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=300)
-    assert_one_line_error(done.returncode, done.stderr, "GPT-2 openai-community/no-such-gpt2: no such folder")
+    assert_one_line_error(done.returncode, done.stderr, "LM openai-community/no-such-gpt2: no such folder")
 
 
 # --------------------------------------------------------------------------- guarded runs that work
@@ -308,7 +308,7 @@ def test_nonfinite_loss_stops_before_any_checkpoint(d, tmp_path, capsys):
     assert not list((tmp_path / "run").glob("coco_prefix-*"))  # no epoch checkpoint
     latest = tmp_path / "run" / "coco_prefix_latest.safetensors"
     if step > 1:  # the steps before were saved, finite; the bad one was not
-        load_checkpoint(latest, gpt2=d["gpt2"])
+        load_checkpoint(latest, lm=d["gpt2"])
         resumed = torch.load(tmp_path / "run" / "coco_prefix_resume.pt", weights_only=True)
         assert json.loads(resumed["state"])["global_step"] == step - 1
     else:
@@ -339,7 +339,7 @@ def test_skip_nonfinite_skips_those_batches_and_counts_them(d, tmp_path):
     assert expected >= 1
     log = [json.loads(line) for line in (tmp_path / "run" / "coco_prefix_log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_nonfinite"] == expected and np.isfinite(log[-1]["loss"])
-    model = load_checkpoint(tmp_path / "run" / "coco_prefix-000.safetensors", gpt2=d["gpt2"])
+    model = load_checkpoint(tmp_path / "run" / "coco_prefix-000.safetensors", lm=d["gpt2"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

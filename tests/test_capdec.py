@@ -144,8 +144,9 @@ def test_noise_is_capdecs_in_training_only():
     unit = embeds / embeds.norm(dim=1, keepdim=True)
     for normalize in (True, False):
         config = ClipCapConfig(prefix_size=64, prefix_length=2, normalize_prefix=normalize, noise_variance=0.016,
-                               gpt2_config=dict(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=1))
-        model = build_model(config, pretrained_gpt2=False)
+                               lm_config=dict(model_type="gpt2", vocab_size=50, n_positions=16, n_embd=8, n_layer=1,
+                                               n_head=1))
+        model = build_model(config, pretrained_lm=False)
         model.clip_project.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         model.train()
         torch.manual_seed(7)

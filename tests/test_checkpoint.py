@@ -19,7 +19,7 @@ from clipcap.model import ClipCapConfig, build_model
 
 def tiny(gpt2_dir, **config):
     torch.manual_seed(0)
-    return build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4, **config)).eval()
+    return build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=4, **config)).eval()
 
 
 def same_outputs(a, b):
@@ -46,7 +46,7 @@ def test_prefix_only_saves_only_the_mapper(tmp_path, gpt2_dir):
     path = save_checkpoint(model, tmp_path / "p-000.safetensors")
     with safe_open(str(path), framework="pt") as f:
         assert all(k.startswith("clip_project.") for k in f.keys())
-    loaded = load_checkpoint(path)  # GPT-2 comes from config.gpt2
+    loaded = load_checkpoint(path)  # GPT-2 comes from config.lm
     same_outputs(model, loaded)
     assert path.stat().st_size < sum(p.numel() * 4 for p in model.parameters()) / 2
 
@@ -63,8 +63,8 @@ def test_original_pt_without_config_loads_by_shape(tmp_path, gpt2_dir, mapping):
     assert (config.mapping_type, config.prefix_length, config.prefix_size) == (mapping, 4, 16)
     if mapping == "transformer":
         assert (config.prefix_length_clip, config.num_layers, config.only_prefix) == (5, 3, True)
-    assert config.gpt2_config["n_embd"] == 32 and config.gpt2_config["n_layer"] == 2
-    loaded = load_checkpoint(tmp_path / "coco_prefix-009.pt", gpt2=gpt2_dir)
+    assert config.lm_config["n_embd"] == 32 and config.lm_config["n_layer"] == 2
+    loaded = load_checkpoint(tmp_path / "coco_prefix-009.pt", lm=gpt2_dir)
     same_outputs(model, loaded)
 
 
@@ -80,7 +80,7 @@ def test_pt_uses_its_own_config(tmp_path, gpt2_dir):
 
 def test_mismatched_checkpoint_is_one_clear_line(tmp_path, gpt2_dir):
     save_checkpoint(tiny(gpt2_dir), tmp_path / "a.pt")
-    other = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=3))
+    other = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=3))
     with pytest.raises(ClipCapError, match=r"a\.pt: checkpoint has prefix_length 4, model built with 3"):
         load_weights(other, tmp_path / "a.pt")
     save_checkpoint(tiny(gpt2_dir, only_prefix=True), tmp_path / "b.safetensors")
@@ -120,7 +120,8 @@ def test_config_json_is_plain(tmp_path, gpt2_dir):
     model = tiny(gpt2_dir)
     save_config(model.config, tmp_path / "c.json")
     values = json.loads((tmp_path / "c.json").read_text())
-    assert values["prefix_length"] == 4 and values["gpt2_config"]["n_embd"] == 32
+    assert values["prefix_length"] == 4 and values["lm_config"]["n_embd"] == 32
+    assert values["lm_config"]["model_type"] == "gpt2" and values["lm"] == gpt2_dir and values["lm_bos"] is False
 
 
 def test_written_files_get_the_usual_mode(tmp_path, gpt2_dir):
@@ -154,7 +155,7 @@ def test_original_format_has_the_released_keys_and_buffers(tmp_path, gpt2_dir, m
     assert torch.equal(saved["gpt.transformer.h.1.attn.bias"][0, 0], torch.tril(torch.ones(n, n, dtype=torch.uint8)))
     assert float(saved["gpt.transformer.h.0.attn.masked_bias"]) == -1e4
     assert list(saved).index("gpt.transformer.h.0.attn.bias") == list(saved).index("gpt.transformer.h.0.ln_1.bias") + 1
-    same_outputs(model, load_checkpoint(tmp_path / "run-000.pt", gpt2=gpt2_dir))  # and it loads back here
+    same_outputs(model, load_checkpoint(tmp_path / "run-000.pt", lm=gpt2_dir))  # and it loads back here
 
 
 def with_config(path, **changes):
@@ -164,8 +165,8 @@ def with_config(path, **changes):
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["clipcap_config"])
     for key, value in changes.items():
-        if key.startswith("gpt2_config."):
-            config["gpt2_config"][key.removeprefix("gpt2_config.")] = value
+        if key.startswith("lm_config."):
+            config["lm_config"][key.removeprefix("lm_config.")] = value
         else:
             config[key] = value
     save_file(load_file(str(path)), str(path), metadata={"clipcap_config": json.dumps(config)})
@@ -173,10 +174,9 @@ def with_config(path, **changes):
 
 
 @pytest.mark.parametrize("only_prefix, changes, message", [  # only_prefix "mlp": a prefix-only MLP
-    (False, {"gpt2_config.n_head": 4}, "gpt2_config n_head 4 disagrees with .*gpt2.*, the GPT-2 these weights were "
-                                       "fine-tuned from, which has 2 heads"),
-    (False, {"gpt2_config.n_head": 3, "gpt2": "/elsewhere/gpt2"}, "gpt2_config n_head 3 does not divide GPT-2's "
-                                                                  "width 32"),
+    (False, {"lm_config.n_head": 4}, "lm_config n_head 4 disagrees with .*gpt2.*, the LM these weights were "
+                                     "fine-tuned from, which has 2 \\(a head count is in no weight's shape\\)"),
+    (False, {"lm_config.n_head": 3, "lm": "/elsewhere/gpt2"}, "lm_config n_head 3 does not divide the LM's width 32"),
     (True, {"num_heads": 3}, "config num_heads 3 does not divide the mapper's width 32"),
     (True, {"num_heads": 10**9}, "config num_heads 1000000000 does not divide the mapper's width 32"),
     (True, {"prefix_length": 10**12}, "config prefix_length 1000000000000 does not fit the weights, whose shapes "
@@ -185,13 +185,16 @@ def with_config(path, **changes):
     (True, {"num_layers": 10**9}, "config num_layers 1000000000 does not fit the weights, whose shapes give 2"),
     (True, {"prefix_size": 512}, "config prefix_size 512 does not fit the weights, whose shapes give 16"),
     (True, {"mapping_type": "mlp"}, "config mapping_type mlp does not fit the weights, whose shapes give transformer"),
-    ("mlp", {"gpt2_config.n_embd": 64}, "the mapper was trained for a GPT-2 of width 64, but .* has width 32; pass "
-                                        "--gpt2 naming the GPT-2 it was trained with"),
-    (False, {"gpt2_config.n_layer": 10**9}, "config gpt2_config n_layer 1000000000 does not fit the weights, whose "
-                                            "shapes give 2"),
-    (False, {"gpt2_config.n_positions": 10**12}, "gpt2_config n_positions 1000000000000 does not fit the weights"),
-    (False, {"gpt2_config.n_embd": 0}, "config gpt2_config n_embd must be a positive integer, got 0"),
-    (False, {"gpt2_config.auto_map": {"AutoModel": "x.Y"}}, "config gpt2_config has an unknown field 'auto_map'"),
+    ("mlp", {"lm_config.n_embd": 64}, "the mapper was trained for an LM of width 64, but .* has width 32; pass "
+                                      "--lm naming the LM it was trained with"),
+    (False, {"lm_config.n_layer": 10**9}, "config lm_config n_layer 1000000000 does not fit the weights, whose "
+                                          "shapes give 2"),
+    (False, {"lm_config.n_positions": 10**12}, "config lm_config does not fit the weights: gpt.transformer.wpe.weight "
+                                               "has shape \\(128, 32\\), the config gives \\(1000000000000, 32\\)"),
+    (False, {"lm_config.n_inner": 48}, "config lm_config does not fit the weights: gpt.transformer.h.0.mlp.c_fc"),
+    (False, {"lm_config.n_embd": 0}, "config lm_config n_embd must be a positive integer, got 0"),
+    (False, {"lm_config.auto_map": {"AutoModel": "x.Y"}}, "config lm_config has an unknown field 'auto_map'"),
+    (False, {"lm_config.model_type": "clip"}, "config lm_config model_type 'clip' is not a causal LM"),
 ])
 def test_config_that_does_not_fit_its_weights_is_one_line(tmp_path, gpt2_dir, monkeypatch, only_prefix, changes,
                                                            message):
@@ -224,14 +227,14 @@ def test_relative_backbone_paths_are_recorded_absolute(tmp_path, gpt2_dir, clip_
     shutil.copytree(gpt2_dir, project / "backbones" / "gpt2")
     monkeypatch.chdir(project)
     model = tiny("backbones/gpt2", clip_model=clip_dir, only_prefix=True)
-    assert model.config.gpt2 == str(project / "backbones" / "gpt2")
-    model.config.gpt2 = "backbones/gpt2"  # set after the fact: still recorded absolute
+    assert model.config.lm == str(project / "backbones" / "gpt2")
+    model.config.lm = "backbones/gpt2"  # set after the fact: still recorded absolute
     save_checkpoint(model, project / "m.safetensors")
     save_checkpoint(model, project / "m.pt")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     for name in ("m.safetensors", "m.pt"):
         loaded = load_checkpoint(project / name)
-        assert loaded.config.gpt2 == str(project / "backbones" / "gpt2") and loaded.config.clip_model == clip_dir
+        assert loaded.config.lm == str(project / "backbones" / "gpt2") and loaded.config.clip_model == clip_dir
         same_outputs(model, loaded)
-    assert json.loads((project / "m.json").read_text())["gpt2"] == str(project / "backbones" / "gpt2")
+    assert json.loads((project / "m.json").read_text())["lm"] == str(project / "backbones" / "gpt2")

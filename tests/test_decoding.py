@@ -12,7 +12,7 @@ from clipcap.decoding import (
     greedy_tokens,
     nucleus_filter,
     sample_tokens,
-    stop_token_id,
+    stop_tokens,
 )
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
@@ -28,7 +28,7 @@ def stopping_model(gpt2_dir, token: int = 13, **config):
     large in some states and small in others.
     """
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, **{"prefix_size": 16, "prefix_length": 4, **config})).eval()
+    model = build_model(ClipCapConfig(lm=gpt2_dir, **{"prefix_size": 16, "prefix_length": 4, **config})).eval()
     with torch.no_grad():
         model.gpt.transformer.wte.weight[token] *= 5
     return model
@@ -100,7 +100,8 @@ def test_other_mappers_and_normalized_prefix(gpt2_dir, embeds, config):
 
 def test_stop_on_end_of_text(gpt2_dir, embeds):
     tokenizer = load_tokenizer(gpt2_dir)
-    eos = stop_token_id(tokenizer, "eos")
+    (eos,) = stop_tokens(tokenizer, "eos")
+    assert stop_tokens(tokenizer, "period") == (13, eos)  # GPT-2's ".", the original's stop, and end-of-text
     model = stopping_model(gpt2_dir, token=eos)
     expected = [original_greedy(model, e, max_length=16, stop_token=eos) for e in embeds[:6]]
     assert any(t[-1] == eos for t in expected)
@@ -137,9 +138,12 @@ def test_sampling_is_real_and_reproducible(model, embeds, gpt2_dir):
     assert first != run(1)
     assert all(len(set(captions)) > 1 for captions in first)  # several different captions per image
     samples = sample_tokens(model, embeds[:4], num_samples=4, top_p=0.95, max_length=MAX_LENGTH,
-                            generator=torch.Generator().manual_seed(0))
+                            stop_token=stop_tokens(tokenizer, "period"), generator=torch.Generator().manual_seed(0))
+    eos = tokenizer.eos_token_id
+    assert any(t[-1] == eos for s in samples for t, _ in s)  # a caption that ends at end-of-text is written without it
     for captions, scored in zip(first, samples):  # best first: sorted by mean log-probability
-        assert captions == [tokenizer.decode(t) for t, _ in sorted(scored, key=lambda s: -s[1])]
+        best_first = sorted(scored, key=lambda s: -s[1])
+        assert captions == [tokenizer.decode(t[:-1] if t[-1] == eos else t) for t, _ in best_first]
 
 
 def test_sampling_with_a_tiny_nucleus_is_greedy(model, embeds):

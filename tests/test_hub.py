@@ -25,7 +25,7 @@ DECODING = {"max_length": 8, "beam_size": 3}
 
 def tiny_captioner(gpt2_dir, prefix_size=16, **config) -> Captioner:
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=prefix_size, prefix_length=4, **config)).eval()
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=prefix_size, prefix_length=4, **config)).eval()
     return Captioner(model, load_tokenizer(gpt2_dir), model.config.clip_model)
 
 
@@ -144,7 +144,7 @@ def test_local_names_are_never_taken_for_repo_ids(tmp_path, offline_hub):
 def released_state(gpt2_dir, **config) -> tuple[dict, torch.nn.Module]:
     """A whole-model state dict as the original saved it (GPT-2 included, old transformers' buffers)."""
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, **config)).eval()
+    model = build_model(ClipCapConfig(lm=gpt2_dir, **config)).eval()
     state = model.state_dict()
     for i in range(model.gpt.config.n_layer):
         state[f"gpt.transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128, dtype=torch.bool)
@@ -155,7 +155,7 @@ def released_state(gpt2_dir, **config) -> tuple[dict, torch.nn.Module]:
 def test_convert_released_mlp_weights(tmp_path, gpt2_dir, capsys):
     state, model = released_state(gpt2_dir, prefix_size=512, prefix_length=10)
     torch.save(state, tmp_path / "coco_weights.pt")
-    out = convert([str(tmp_path / "coco_weights.pt"), str(tmp_path / "coco_mlp"), "--gpt2", gpt2_dir])
+    out = convert([str(tmp_path / "coco_weights.pt"), str(tmp_path / "coco_mlp"), "--lm", gpt2_dir])
     config = json.loads((out / "config.json").read_text())
     assert (config["mapping_type"], config["prefix_length"], config["prefix_size"]) == ("mlp", 10, 512)
     assert (config["clip_model"], config["normalize_prefix"], config["only_prefix"]) == ("ViT-B/32", False, False)
@@ -166,7 +166,7 @@ def test_convert_released_mlp_weights(tmp_path, gpt2_dir, capsys):
     captioner = Captioner(model, load_tokenizer(gpt2_dir), "ViT-B/32")
     same_captions(captioner, Captioner.from_pretrained(out), dim=512)
     assert "CLIP ViT-B/32" in capsys.readouterr().out
-    convert([str(tmp_path / "coco_weights.pt"), str(out), "--gpt2", gpt2_dir, "--dataset", "COCO again"])
+    convert([str(tmp_path / "coco_weights.pt"), str(out), "--lm", gpt2_dir, "--dataset", "COCO again"])
     assert "replaced the model in" in capsys.readouterr().out  # its own earlier output is replaced
     assert "| training data | COCO again |" in (out / "README.md").read_text()
     with pytest.raises(ClipCapError, match="model.safetensors: is the input checkpoint"):
@@ -185,7 +185,7 @@ def test_writing_a_model_never_replaces_a_foreign_file(tmp_path, gpt2_dir, forei
     before = (folder / foreign).read_bytes()
     message = f"{folder / foreign}: exists and is not a ClipCap model's"
     with pytest.raises(ClipCapError, match=message):
-        convert([str(tmp_path / "coco_weights.pt"), str(folder), "--gpt2", gpt2_dir])
+        convert([str(tmp_path / "coco_weights.pt"), str(folder), "--lm", gpt2_dir])
     with pytest.raises(ClipCapError, match=message):
         tiny_captioner(gpt2_dir).save_pretrained(folder)
     assert (folder / foreign).read_bytes() == before and len(list(folder.iterdir())) == 1
@@ -195,7 +195,7 @@ def test_convert_names_an_unknown_clip_unknown(tmp_path, gpt2_dir):
     """A 128-d checkpoint comes from no CLIP we know: recorded as unknown, never as ViT-B/32, until named."""
     state, _ = released_state(gpt2_dir, prefix_size=128, prefix_length=4)
     torch.save(state, tmp_path / "mine.pt")
-    out = convert([str(tmp_path / "mine.pt"), str(tmp_path / "mine"), "--gpt2", gpt2_dir])
+    out = convert([str(tmp_path / "mine.pt"), str(tmp_path / "mine"), "--lm", gpt2_dir])
     assert json.loads((out / "config.json").read_text())["clip_model"] == "unknown"
     card = (out / "README.md").read_text()
     assert "| CLIP image encoder | unknown (128-d embeddings; name it with `clipcap-convert --clip_model NAME`) |" \
@@ -203,31 +203,31 @@ def test_convert_names_an_unknown_clip_unknown(tmp_path, gpt2_dir):
     assert "ViT-B/32" not in card
     with pytest.raises(ClipCapError, match="does not name the CLIP of its 128-d embeddings: name it with --clip_model"):
         Captioner.from_pretrained(out).embed([])
-    named = convert([str(tmp_path / "mine.pt"), str(tmp_path / "named"), "--gpt2", gpt2_dir, "--clip_model", "my-clip"])
+    named = convert([str(tmp_path / "mine.pt"), str(tmp_path / "named"), "--lm", gpt2_dir, "--clip_model", "my-clip"])
     assert json.loads((named / "config.json").read_text())["clip_model"] == "my-clip"
 
 
 def test_convert_records_backbones_that_load_anywhere(tmp_path, gpt2_dir, monkeypatch, capsys):
-    """A relative --gpt2 is recorded absolute, and the command says the folder is not for uploading."""
+    """A relative --lm is recorded absolute, and the command says the folder is not for uploading."""
     state, _ = released_state(gpt2_dir, prefix_size=16, prefix_length=4)
     torch.save(state, tmp_path / "coco_weights.pt")
     shutil.copytree(gpt2_dir, tmp_path / "backbones" / "gpt2")
     monkeypatch.chdir(tmp_path)
-    out = convert(["coco_weights.pt", "converted", "--gpt2", "backbones/gpt2"])
+    out = convert(["coco_weights.pt", "converted", "--lm", "backbones/gpt2"])
     recorded = str(tmp_path / "backbones" / "gpt2")
-    assert json.loads((out / "config.json").read_text())["gpt2"] == recorded
+    assert json.loads((out / "config.json").read_text())["lm"] == recorded
     assert f"`{recorded}`" in (out / "README.md").read_text()
     note = f"note: {recorded} is a local path, which load on this machine only: do not upload this folder"
     assert note in capsys.readouterr().out
     monkeypatch.chdir(out)
-    assert Captioner.from_pretrained(".").model.config.gpt2 == recorded
+    assert Captioner.from_pretrained(".").model.config.lm == recorded
 
 
 def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
     state, model = released_state(gpt2_dir, mapping_type="transformer", prefix_size=640, prefix_length=40,
                                   prefix_length_clip=40, num_layers=8, only_prefix=True, normalize_prefix=True)
     torch.save(state, tmp_path / "transformer_weights.pt")
-    out = convert([str(tmp_path / "transformer_weights.pt"), str(tmp_path / "coco_transformer"), "--gpt2", gpt2_dir])
+    out = convert([str(tmp_path / "transformer_weights.pt"), str(tmp_path / "coco_transformer"), "--lm", gpt2_dir])
     config = json.loads((out / "config.json").read_text())
     assert (config["mapping_type"], config["prefix_length"], config["prefix_length_clip"], config["num_layers"]) == \
         ("transformer", 40, 40, 8)
@@ -242,7 +242,7 @@ def test_convert_released_transformer_weights(tmp_path, gpt2_dir):
 
 def test_model_card_fields(tmp_path, gpt2_dir):
     captioner = tiny_captioner(gpt2_dir, only_prefix=True)
-    captioner.model.config.gpt2 = "gpt2"  # as a real model records it: a Hub name
+    captioner.model.config.lm = "gpt2"  # as a real model records it: a Hub name
     metrics = {"Bleu_4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12}  # evaluate.py's units
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     card = model_card(captioner.model.config, dataset="Flickr30k", recipe="recipes/coco_mlp.sh",
@@ -251,7 +251,8 @@ def test_model_card_fields(tmp_path, gpt2_dir):
     assert meta["license"] == "mit" and meta["pipeline_tag"] == "image-to-text" and meta["library_name"] == "clipcap"
     assert {"image-captioning", "clipcap"} <= set(meta["tags"]) and meta["base_model"] == "gpt2"
     for text in ("arXiv 2111.09734", "Mokady", "Hertz", "Bermano", "| training data | Flickr30k |",
-                 "`ViT-B/32` (16-d embeddings)", "`gpt2` (2 layers, width 32), frozen", "MLP (CLIP embedding -> 4 prefix",
+                 "`ViT-B/32` (16-d embeddings)", "`gpt2` (gpt2, 2 layers, width 32), frozen",
+                 "MLP (CLIP embedding -> 4 prefix",
                  "`recipes/coco_mlp.sh`", "| Bleu_4 | METEOR | CIDEr | SPICE |", "| 32.15 | 27.10 | 108.35 | 20.12 |",
                  'Captioner.from_pretrained("me/clipcap")', "MIT"):
         assert text in card, text
@@ -277,20 +278,20 @@ def test_push_to_hub_uploads_a_loadable_folder(tmp_path, gpt2_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     captioner = tiny_captioner(gpt2_dir, only_prefix=True)
-    with pytest.raises(ClipCapError, match=rf"^me/clipcap: not pushed: its gpt2 '{gpt2_dir}' would load for no one "
+    with pytest.raises(ClipCapError, match=rf"^me/clipcap: not pushed: its lm '{gpt2_dir}' would load for no one "
                                            r'else; name the Hugging Face Hub id it stands for: push_to_hub\(\.\.\., '
-                                           r'gpt2="gpt2"\)$'):
+                                           r'lm="gpt2"\)$'):
         captioner.push_to_hub("me/clipcap", dataset="COCO")
     assert calls == []
     captioner.clip_model = str(tmp_path)
     with pytest.raises(ClipCapError, match="its clip_model .* would load for no one else"):
-        captioner.push_to_hub("me/clipcap", gpt2="gpt2")
-    assert captioner.push_to_hub("me/clipcap", dataset="COCO", gpt2="gpt2", clip_model="ViT-B/32") == \
+        captioner.push_to_hub("me/clipcap", lm="gpt2")
+    assert captioner.push_to_hub("me/clipcap", dataset="COCO", lm="gpt2", clip_model="ViT-B/32") == \
         "https://huggingface.co/me/clipcap/commit/abc"
     assert calls == [("create_repo", "me/clipcap", True), ("upload_folder", "me/clipcap", None)]
     assert 'from_pretrained("me/clipcap")' in (tmp_path / "uploaded" / "README.md").read_text()
-    assert json.loads((tmp_path / "uploaded" / "config.json").read_text())["gpt2"] == "gpt2"
-    same_captions(captioner, Captioner.from_pretrained(tmp_path / "uploaded", gpt2=gpt2_dir))
+    assert json.loads((tmp_path / "uploaded" / "config.json").read_text())["lm"] == "gpt2"
+    same_captions(captioner, Captioner.from_pretrained(tmp_path / "uploaded", lm=gpt2_dir))
 
 
 @pytest.fixture(params=["refused", "silent"])
@@ -334,12 +335,12 @@ def test_unreachable_hub_fails_fast_and_the_cache_still_loads(tmp_path, gpt2_dir
     from clipcap.model import build_model
 
     hint = r"the Hugging Face Hub \(http://127\.0\.0\.1:\d+\) (is unreachable \(.*\)|did not answer within 1 s)"
-    with pytest.raises(ClipCapError, match=rf"^GPT-2 someone/gpt2-mini: no such folder, .*; {hint}, so only the local "
+    with pytest.raises(ClipCapError, match=rf"^LM someone/gpt2-mini: no such folder, .*; {hint}, so only the local "
                                            r"cache was searched: load it once where the Hub is reachable"):
         load_tokenizer("someone/gpt2-mini")
     assert capsys.readouterr().err.startswith("note: the Hugging Face Hub")
-    with pytest.raises(ClipCapError, match=rf"^GPT-2 someone/gpt2-mini: cannot load its config .*; {hint}"):
-        build_model(ClipCapConfig(gpt2="someone/gpt2-mini"))
+    with pytest.raises(ClipCapError, match=rf"^LM someone/gpt2-mini: cannot load its config .*; {hint}"):
+        build_model(ClipCapConfig(lm="someone/gpt2-mini"))
     with pytest.raises(ClipCapError, match=rf"^someone/clipcap-mini: no such local file or folder, .*; {hint}"):
         Captioner.from_pretrained("someone/clipcap-mini")
     original = tiny_captioner(gpt2_dir, only_prefix=True)

@@ -76,7 +76,7 @@ def original_attention(layer, x):
 
 def test_transformer_mapper_matches_einsum_reference(gpt2_dir):
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, mapping_type="transformer", prefix_size=16,
+    model = build_model(ClipCapConfig(lm=gpt2_dir, mapping_type="transformer", prefix_size=16,
                                       prefix_length=4, prefix_length_clip=3, num_layers=2, num_heads=4))
     mapper = model.clip_project
     clip = torch.randn(5, 16)
@@ -89,7 +89,7 @@ def test_transformer_mapper_matches_einsum_reference(gpt2_dir):
 
 
 def test_embedding_width_comes_from_gpt2(gpt2_dir):
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=768, prefix_length=3))
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=768, prefix_length=3))
     assert model.embed_dim == 32
     assert model.prefix(torch.randn(2, 768)).shape == (2, 3, 32)
 
@@ -97,7 +97,7 @@ def test_embedding_width_comes_from_gpt2(gpt2_dir):
 def test_fast_loss_equals_full_logits_loss(gpt2_dir):
     """The fast loss (no mask, logits only where a token is predicted) equals the original's computation."""
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4)).eval()
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=4)).eval()
     tokens = torch.randint(1, 200, (3, 6))
     tokens[0, 0] = 0  # the real token "!" counts
     lengths = torch.tensor([6, 2, 4])
@@ -109,7 +109,7 @@ def test_fast_loss_equals_full_logits_loss(gpt2_dir):
 def test_training_loss_reads_no_value_back_from_the_device(gpt2_dir):
     """Meta tensors hold no values, so any .item() or boolean mask in forward or backward fails on them;
     on a GPU each such read would stall the step until the device catches up."""
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4)).to("meta")
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=4)).to("meta")
     tokens = torch.randint(1, 200, (3, 6))
     positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15])  # lengths 6, 2 and 4
     loss = model(torch.randn(3, 16, device="meta"), tokens.to("meta"), positions.to("meta"), reduction="sum")
@@ -119,7 +119,7 @@ def test_training_loss_reads_no_value_back_from_the_device(gpt2_dir):
 
 
 def test_only_prefix_freezes_gpt2(gpt2_dir):
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=4, only_prefix=True))
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=4, only_prefix=True))
     model.train()
     assert not model.gpt.training and model.clip_project.training
     assert not any(p.requires_grad for p in model.gpt.parameters())
@@ -130,18 +130,20 @@ def test_only_prefix_freezes_gpt2(gpt2_dir):
 
 
 def test_normalize_prefix_scales_out(gpt2_dir):
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, prefix_size=16, prefix_length=2, normalize_prefix=True))
+    model = build_model(ClipCapConfig(lm=gpt2_dir, prefix_size=16, prefix_length=2, normalize_prefix=True))
     clip = torch.randn(2, 16)
     torch.testing.assert_close(model.prefix(clip), model.prefix(clip * 7.5))
 
 
 def test_heads_that_do_not_divide_the_width_are_one_line_before_gpt2_loads(gpt2_dir, monkeypatch):
     """``--num_heads 3`` with GPT-2's width 32: refused before GPT-2's weights load, naming a divisor to use."""
+    from transformers import AutoModelForCausalLM
+
     from clipcap.files import ClipCapError
 
-    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda *a, **k: pytest.fail("GPT-2 loaded first"))
-    config = ClipCapConfig(gpt2=gpt2_dir, mapping_type="transformer", prefix_size=16, prefix_length=4, num_heads=3)
-    with pytest.raises(ClipCapError, match=r"^num_heads 3 does not divide the mapper's width 32 \(GPT-2's .*\): "
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("GPT-2 loaded first"))
+    config = ClipCapConfig(lm=gpt2_dir, mapping_type="transformer", prefix_size=16, prefix_length=4, num_heads=3)
+    with pytest.raises(ClipCapError, match=r"^num_heads 3 does not divide the mapper's width 32 \(the LM's, .*\): "
                                            r"choose a divisor of 32, such as 8$"):
         build_model(config)
     with pytest.raises(ClipCapError, match="^num_heads 5 does not divide the mapper's width 768"):
@@ -152,7 +154,8 @@ def test_heads_that_do_not_divide_the_width_are_one_line_before_gpt2_loads(gpt2_
 def test_backbone_paths_are_absolute_in_the_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "backbones" / "gpt2").mkdir(parents=True)
-    config = ClipCapConfig(gpt2="backbones/gpt2", clip_model="ViT-B/32")
-    assert config.gpt2 == str(tmp_path / "backbones" / "gpt2") and config.clip_model == "ViT-B/32"  # a Hub name stays
+    config = ClipCapConfig(lm="backbones/gpt2", clip_model="ViT-B/32")
+    assert config.lm == str(tmp_path / "backbones" / "gpt2") and config.clip_model == "ViT-B/32"  # a Hub name stays
+    assert ClipCapConfig(gpt2="backbones/gpt2").lm == config.lm  # the name of earlier versions
     config.clip_model = "backbones"
     assert config.to_dict()["clip_model"] == str(tmp_path / "backbones")

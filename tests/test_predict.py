@@ -26,7 +26,7 @@ from clipcap.reference import original_beam, original_greedy
 def tiny_clipcap(gpt2_dir, clip_model="ViT-B/32", prefix_size=16, **config) -> ClipCap:
     """A tiny ClipCap whose GPT-2 says "." often enough for captions to end at different lengths."""
     torch.manual_seed(0)
-    model = build_model(ClipCapConfig(gpt2=gpt2_dir, clip_model=clip_model, prefix_size=prefix_size,
+    model = build_model(ClipCapConfig(lm=gpt2_dir, clip_model=clip_model, prefix_size=prefix_size,
                                       prefix_length=4, **config)).eval()
     with torch.no_grad():
         model.gpt.transformer.wte.weight[13] *= 5
@@ -116,11 +116,11 @@ def test_original_checkpoint_loads_without_flags(original_checkpoint, checkpoint
     """No config: everything inferred from shapes; GPT-2's tokenizer and the CLIP given as folders (offline)."""
     images = [image_dir / "chelsea.jpg", image_dir / "rocket.jpg"]
     ours = Captioner.from_checkpoint(checkpoint)
-    theirs = Captioner.from_checkpoint(original_checkpoint, gpt2=gpt2_dir, clip_model=clip_dir)
+    theirs = Captioner.from_checkpoint(original_checkpoint, lm=gpt2_dir, clip_model=clip_dir)
     assert theirs.model.config.prefix_length == 4 and theirs.model.config.prefix_size == 16
     assert theirs.caption(images, strategy="greedy", max_length=20) == \
            ours.caption(images, strategy="greedy", max_length=20)
-    run_predict("--checkpoint", original_checkpoint, "--gpt2", gpt2_dir, "--clip_model", clip_dir,
+    run_predict("--checkpoint", original_checkpoint, "--lm", gpt2_dir, "--clip_model", clip_dir,
                 "--images", *images, "--greedy", "--max_length", 20)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{p}\t{c[0]}" for p, c in zip(images, ours.caption(images, strategy="greedy", max_length=20))]
@@ -227,7 +227,7 @@ def test_resnet_clip_offline_is_a_clear_error(gpt2_dir, image_dir, tmp_path, off
     """An inferred 640-d checkpoint wants RN50x4, fetched from OpenAI; offline, a one-line error says where to put it."""
     path = tmp_path / "rn50x4.pt"
     torch.save(tiny_clipcap(gpt2_dir, prefix_size=640).state_dict(), path)
-    captioner = Captioner.from_checkpoint(path, gpt2=gpt2_dir)
+    captioner = Captioner.from_checkpoint(path, lm=gpt2_dir)
     assert captioner.clip_model == "RN50x4"
     with pytest.raises(ClipCapError, match=r"cannot download .*/RN50x4.pt .*; download it yourself and put it at "
                                            + re.escape(str(offline_openai_clip / "RN50x4.pt")) + "$"):
@@ -264,5 +264,5 @@ def released(mapping_type: str, **config) -> dict[str, torch.Tensor]:
 def test_released_weights_configuration_is_inferred(name, state, expected):
     config = infer_config(state)
     assert {k: getattr(config, k) for k in expected} == expected
-    assert (config.gpt2, config.gpt2_config["n_embd"], config.gpt2_config["n_layer"]) == ("gpt2", 768, 12)
+    assert (config.lm, config.lm_config["n_embd"], config.lm_config["n_layer"]) == ("gpt2", 768, 12)
 

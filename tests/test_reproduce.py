@@ -291,7 +291,7 @@ def test_the_modern_pair_recipe_plans_its_tower_language_model_and_adapters(tmp_
     assert all(s.flag("--clip_model_type") == "google/siglip2-so400m-patch14-224" for s in steps[:3])
     train = steps[3].text()
     for flags in (f"--data {features}_train.pkl", "--epochs 4", "--bs 40", "--gpt2 Qwen/Qwen2.5-0.5B",
-                  "--lm_dtype bf16 --lora_rank 16 --lr 1e-4 --normalize_prefix"):
+                  "--lm_dtype bfloat16 --lora_rank 16 --lr 1e-4 --normalize_prefix"):
         assert flags in train
     run = tmp_path / "runs" / "coco_siglip2_qwen"
     assert (steps[4].flag("--checkpoint"), steps[4].flag("--features")) == (
@@ -514,7 +514,7 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
     (other / "coco_transformer_k3").mkdir(parents=True)  # nocaps' other model, there already
     shutil.copy(root / "runs" / "coco_transformer_k3" / "coco_transformer_k3_best.safetensors",
                 other / "coco_transformer_k3")
-    with pytest.raises(ClipCapError, match=r"^1 row\(s\) failed: coco_mlp \(train: error: GPT-2 .*; the report "
+    with pytest.raises(ClipCapError, match=r"^1 row\(s\) failed: coco_mlp \(train: error: LM .*; the report "
                                            r"shows the rest: .*index.html$"):
         main(["--rows", "conceptual_mlp,coco_mlp,nocaps", "--budget_steps", "0"])
     out = capsys.readouterr().out.splitlines()
@@ -525,8 +525,7 @@ def test_reproduce_runs_every_row_resumes_after_a_kill_and_reports(workspace, ca
     rows = {row["row"]: row for row in json.loads((other / "report" / "report.json").read_text())["rows"]}
     assert [(rows[r]["status"], rows[r]["reason"].split(" (")[0]) for r in ("conceptual_mlp", "coco_mlp", "nocaps")] \
         == [("skipped", skipped.split("skipped: ", 1)[1].split(" (")[0]),
-            ("failed", f"train: error: GPT-2 {root / 'nowhere' / 'gpt2'}: no such folder, and not loadable from the "
-                       "Hugging Face Hub"), ("skipped", "coco_mlp failed")]
+            ("failed", f"train: error: LM {root / 'nowhere' / 'gpt2'}: no such folder"), ("skipped", "coco_mlp failed")]
     assert rows["coco_mlp_frozen"]["status"] == "skipped" and rows["coco_mlp_frozen"]["reason"] == "not run"
 
     # The report in Chromium, opened from disk.

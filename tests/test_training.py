@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,6 +133,10 @@ def test_resume_alone_continues_the_run_and_logs_each_step_once(tmp_path, small_
         with pytest.raises(KeyboardInterrupt):
             train_command(argv)
     monkeypatch.chdir(tmp_path)
+    # A later run is a later process; within this one, TensorBoard orders two event files of one second by a
+    # counter that sorts as text (".9" after ".10"): give the resumed run's file a later second.
+    now = time.time
+    monkeypatch.setattr(time, "time", lambda: now() + 2)
     resumed = train_command(["--resume", "parts"])
     assert resumed["finished"] and Path(resumed["checkpoint"]).name == "photos-001.safetensors"
     assert_same_weights(whole["checkpoint"], resumed["checkpoint"], rtol=0, atol=0)

@@ -3,8 +3,8 @@
 One spelling per concept across all of them, the original's spellings kept as aliases:
 ``--out`` (a file, or the run folder of training; alias ``--out_path`` / ``--out_dir``),
 ``--clip_model`` (alias ``--clip_model_type``), ``--batch_size`` (alias ``--bs``), ``--device``
-(``auto``: a GPU when there is one), ``--gpt2``. Each module has ``main(argv=None)``, which raises
-ClipCapError for bad input; :func:`run` turns that into one line on stderr and exit status 2.
+(``auto``: a GPU when there is one), ``--lm`` (alias ``--gpt2``, the original's). Each module has
+``main(argv=None)``, which raises ClipCapError for bad input; :func:`run` turns that into one line on stderr and exit status 2.
 ``--checkpoint`` takes a checkpoint file, a folder written by save_pretrained or a Hugging Face
 Hub id. The ``run_*`` functions at the bottom are the installed commands (``clipcap-train`` ...).
 """
@@ -72,7 +72,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
     widths = ", ".join(f"{width} {name}" for width, name in CLIP_BY_WIDTH.items())
     add_clip_model(parser, help=f"CLIP for images (default: the checkpoint's, or by its embedding width: {widths})")
-    parser.add_argument("--gpt2", help="GPT-2 and tokenizer name or folder (default: the checkpoint's)")
+    parser.add_argument("--lm", "--gpt2", dest="lm",
+                        help="the language model and tokenizer, a name or folder (default: the checkpoint's)")
+    parser.add_argument("--lm_dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="the LM's weights (default: the checkpoint's; bfloat16 halves a large LM's memory)")
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="fold a LoRA checkpoint's adapters into the LM before captioning (same captions, faster)")
     parser.add_argument("--normalize_prefix", action=argparse.BooleanOptionalAction, default=None,
                         help="L2-normalise CLIP embeddings (default: the checkpoint's; on for the original's "
                              "released transformer)")
@@ -83,8 +88,8 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of Captioner.from_checkpoint given by :func:`add_model_options`' flags."""
     from ..runtime import resolve_device
 
-    return dict(device=resolve_device(args.device), gpt2=args.gpt2, clip_model=args.clip_model,
-                normalize_prefix=args.normalize_prefix)
+    return dict(device=resolve_device(args.device), lm=args.lm, clip_model=args.clip_model,
+                normalize_prefix=args.normalize_prefix, lm_dtype=args.lm_dtype, merge_lora=args.merge_lora)
 
 
 def add_decoding(parser: argparse.ArgumentParser) -> None:

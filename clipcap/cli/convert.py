@@ -7,9 +7,10 @@
 The config is inferred from the tensor shapes as for loading (:func:`clipcap.checkpoint.load_checkpoint`):
 the CLIP by embedding width (ViT-B/32 for the MLP files, RN50x4 for ``transformer_weights.pt``,
 whose embeddings are L2-normalised as at inference; "unknown" for a width no known CLIP gives,
-until --clip_model names it). A prefix-only model keeps only its mapper; its GPT-2, frozen in
-training, is loaded by name. The training data is inferred from the file name (``coco``,
-``conceptual``, the released ``transformer_weights.pt``) unless ``--dataset`` names it.
+until --clip_model names it). A prefix-only model keeps only its mapper (a LoRA model its mapper
+and adapters); its LM, frozen in training, is loaded by name. The training data is inferred from
+the file name (``coco``, ``conceptual``, the released ``transformer_weights.pt``) unless
+``--dataset`` names it.
 An existing folder is written into only if what it holds is an earlier model of this command
 (or of save_pretrained), which is then replaced.
 """
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--recipe", help="how it was trained, for the model card (e.g. recipes/coco_mlp.sh)")
     p.add_argument("--metrics", help="evaluate.py's metrics.json, for the model card")
     p.add_argument("--repo_id", help="the Hub repo it will live in, for the model card's example")
-    p.add_argument("--gpt2", help="GPT-2 name or directory to record (default: inferred from the shapes)")
+    p.add_argument("--lm", "--gpt2", dest="lm",
+                   help="the LM's name or directory to record (default: the checkpoint's, or GPT-2 by the shapes)")
     add_clip_model(p, help="CLIP to record (default: inferred from the embedding width)")
     p.add_argument("--normalize_prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise CLIP embeddings (default: on for the released transformer weights only)")
@@ -48,18 +50,18 @@ def main(argv: list[str] | None = None) -> Path:
     replacing = (out / WEIGHTS_NAME).exists()
     overrides = {k: v for k, v in (("clip_model", args.clip_model), ("normalize_prefix", args.normalize_prefix))
                  if v is not None}
-    model = load_checkpoint(args.checkpoint, "cpu", gpt2=args.gpt2, **overrides)
+    model = load_checkpoint(args.checkpoint, "cpu", lm=args.lm, **overrides)
     save_pretrained(model, out, dataset=args.dataset or infer_dataset(args.checkpoint), recipe=args.recipe,
                     metrics=args.metrics, source=Path(args.checkpoint).name, repo_id=args.repo_id)
     c = model.config
     clip = f"unknown ({c.prefix_size}-d; name it with --clip_model)" if c.clip_model == UNKNOWN_CLIP else c.clip_model
     print(f"{'replaced the model in' if replacing else 'wrote'} {out}: {c.mapping_type} mapper, K={c.prefix_length}, "
-          f"CLIP {clip}{' (normalised)' if c.normalize_prefix else ''}, GPT-2 {c.gpt2} "
-          f"{'loaded by name' if c.only_prefix else 'stored'}")
-    local = [name for name in (c.gpt2, c.clip_model) if hub_access.is_local(name)]
+          f"CLIP {clip}{' (normalised)' if c.normalize_prefix else ''}, LM {c.lm} "
+          f"{'loaded by name' if c.frozen_lm else 'stored'}")
+    local = [name for name in (c.lm, c.clip_model) if hub_access.is_local(name)]
     if local:
         print(f"note: {' and '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}, which "
-              "load on this machine only: do not upload this folder; to share it, convert with --gpt2 / --clip_model "
+              "load on this machine only: do not upload this folder; to share it, convert with --lm / --clip_model "
               "naming the Hugging Face Hub ids instead")
     return out
 
