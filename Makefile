@@ -16,8 +16,10 @@ TORCH := torch==2.13.0
 demo: .venv/.installed
 	$(PY) -m demo.shapes
 
+# One worker per CPU core (pytest-xdist); each test module runs whole on one worker, which builds its
+# module-scoped fixtures once.
 test: .venv/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadscope tests
 
 gpu-check: .venv/.installed  # every GPU path on tiny data, in minutes: a table in gpu_check_out/
 	HF_HUB_OFFLINE=1 $(PY) bench/gpu_check.py
