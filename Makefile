@@ -17,8 +17,10 @@ TORCH := torch==2.13.0
 demo: .venv/.installed
 	$(PY) -m demo.shapes
 
+# One worker per CPU core (pytest-xdist); each test module runs whole on one worker, which builds its
+# module-scoped fixtures once.
 test: .venv/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadscope tests
 
 reproduce: .venv/.installed
 	.venv/bin/clipcap-reproduce

@@ -17,11 +17,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .checkpoint import UNKNOWN_CLIP, load_checkpoint
 from .decoding import DecodingOptions, caption_embeddings
-from .encoder import IMAGE_EXTENSIONS, load_image, load_image_encoder
+from .encoder import IMAGE_EXTENSIONS, load_image_encoder, picture
 from .featureset import FeatureSet
 from .files import ClipCapError
 from .hub import push_to_hub, resolve_checkpoint, save_pretrained
@@ -110,7 +109,7 @@ class Captioner:
 
     def embed(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
         """CLIP embeddings [N, D] of image files or PIL images (a bad file raises ClipCapError)."""
-        return self.encoder([_picture(image) for image in images])
+        return self.encoder([picture(image) for image in images])
 
     def caption_embeddings(self, clip_embeds: torch.Tensor, options: DecodingOptions | None = None,
                            batch_size: int = 16, progress: bool = False, **fields: Any) -> list[list[str]]:
@@ -135,32 +134,11 @@ class Captioner:
             ids, rows = images.first_rows()
             embeds, clip_model, skipped = images.embeddings_at(rows), images.clip_model, []
         else:
-            ids, embeds, skipped = self._embed_all(images, batch_size, skip_unreadable)
+            ids, embeds, skipped = self.encoder.embed_all(images, batch_size, skip_unreadable)
             clip_model = self.clip_model
         captions = self.caption_embeddings(embeds, options, batch_size, progress=len(ids) > batch_size,
                                            **fields) if ids else []
         return Captions(dict(zip(ids, captions)), dict(zip(ids, embeds)), clip_model, skipped)
-
-    def _embed_all(self, images: Mapping[Any, str | Path | Image.Image], batch_size: int,
-                   skip_unreadable: bool) -> tuple[list[Any], torch.Tensor, list[str]]:
-        """The ids of the images read, their CLIP embeddings [N, D], and a line per image skipped."""
-        items = list(images.items())
-        ids, chunks, skipped = [], [], []
-        for start in tqdm(range(0, len(items), batch_size), desc="reading images", unit="batch",
-                          disable=len(items) <= batch_size):
-            read, pictures = [], []
-            for image_id, image in items[start:start + batch_size]:
-                try:
-                    pictures.append(_picture(image))
-                    read.append(image_id)
-                except ClipCapError as e:
-                    if not skip_unreadable:
-                        raise
-                    skipped.append(str(e))
-            if pictures:
-                chunks.append(self.encoder(pictures))
-                ids += read
-        return ids, torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.prefix_size), skipped
 
     def caption(self, images: Sequence[str | Path | Image.Image], options: DecodingOptions | None = None,
                 batch_size: int = 16, **fields: Any) -> list[list[str]]:
@@ -195,8 +173,3 @@ class Captions:
     def results(self) -> list[dict[str, Any]]:
         """The captions in the COCO results format ``[{"image_id", "caption"}]``."""
         return [{"image_id": image_id, "caption": c} for image_id, cs in self.captions.items() for c in cs]
-
-
-def _picture(image: str | Path | Image.Image) -> Image.Image:
-    """A PIL image as RGB, or an image file read (a bad file raises ClipCapError)."""
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image, load_image_encoder, same_clip
+from .encoder import OPENAI_CHECKPOINTS, ImageEncoder, default_dtype, load_image_encoder, same_clip
 from .evaluation import ENTIRE, PERCENT, Evaluation
 from .files import ClipCapError
 
@@ -94,11 +94,12 @@ class CLIPScorer:
             chunks.append(out.text_embeds.float().cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.projection_dim)
 
-    def embed_images(self, paths: Sequence[str | Path], batch_size: int = 64) -> torch.Tensor:
-        """Unnormalised image embeddings [N, D] (float32) of image files (a bad file raises ClipCapError)."""
-        chunks = [self.encoder([load_image(p) for p in paths[start:start + batch_size]]).float().cpu()
-                  for start in range(0, len(paths), batch_size)]
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.encoder.dim)
+    def embed_images(self, files: Mapping[Any, str | Path],
+                     batch_size: int = 64) -> tuple[dict[Any, torch.Tensor], list[str]]:
+        """Unnormalised embeddings (float32) of image files by id, and a line per file that could not be
+        read: it is left out, as the captioner leaves it out."""
+        ids, embeds, skipped = self.encoder.embed_all(files, batch_size, skip_unreadable=True)
+        return dict(zip(ids, embeds.cpu())), skipped
 
     def __call__(self, captions: dict[Any, str], references: dict[Any, list[str]],
                  image_embeds: torch.Tensor) -> dict[Any, dict[str, float]]:
@@ -129,17 +130,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def add_clip_scores(evaluations: dict[str, Evaluation], captions: Mapping[Any, str],
                     references: Mapping[Any, list[str]], scorer: CLIPScorer,
-                    image_embeds: Mapping[Any, torch.Tensor] | None = None,
-                    image_files: Mapping[Any, str | Path] | None = None) -> None:
+                    image_embeds: Mapping[Any, torch.Tensor]) -> None:
     """CLIP-S and RefCLIP-S of every scored image into ``evaluations`` (a run's COCO metrics, as
     :meth:`clipcap.evaluation.Scorer.by_domain` gives them), in their units (x100): each per-image row,
-    and each subset's mean. The image embeddings are ``image_embeds`` when given (made by the scorer's
-    CLIP, see :meth:`CLIPScorer.needs_images`), else those of ``image_files``."""
+    and each subset's mean. ``image_embeds`` are made by the scorer's CLIP (see :meth:`CLIPScorer.needs_images`)."""
     ids = [row["image_id"] for row in evaluations[ENTIRE].per_image]
-    if image_embeds is not None:
-        embeds = torch.stack([image_embeds[k] for k in ids])
-    else:
-        embeds = scorer.embed_images([image_files[k] for k in ids])
+    embeds = torch.stack([image_embeds[k] for k in ids])
     values = scorer({k: captions[k] for k in ids}, {k: references[k] for k in ids}, embeds)
     for evaluation in evaluations.values():
         for row in evaluation.per_image:

@@ -17,11 +17,12 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from . import hub_access, resnet_clip
 from .files import ClipCapError, first_line, open_regular
@@ -239,6 +240,34 @@ class ImageEncoder:
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.encode(self.transform(images))
+
+    def embed_all(self, images: Mapping[Any, str | Path | Image.Image], batch_size: int,
+                  skip_unreadable: bool = False) -> tuple[list[Any], torch.Tensor, list[str]]:
+        """Embeddings of image files or PIL images by id, read ``batch_size`` at a time: the ids read, their
+        embeddings [N, D], and a line per file that could not be read, which raises ClipCapError unless
+        ``skip_unreadable`` (then it is left out)."""
+        items = list(images.items())
+        ids, chunks, skipped = [], [], []
+        for start in tqdm(range(0, len(items), batch_size), desc="reading images", unit="batch",
+                          disable=len(items) <= batch_size):
+            read, pictures = [], []
+            for image_id, image in items[start:start + batch_size]:
+                try:
+                    pictures.append(picture(image))
+                    read.append(image_id)
+                except ClipCapError as e:
+                    if not skip_unreadable:
+                        raise
+                    skipped.append(str(e))
+            if pictures:
+                chunks.append(self(pictures))
+                ids += read
+        return ids, torch.cat(chunks) if chunks else torch.zeros(0, self.dim), skipped
+
+
+def picture(image: str | Path | Image.Image) -> Image.Image:
+    """A PIL image as RGB, or an image file read (a bad file raises ClipCapError)."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

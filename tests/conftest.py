@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny GPT-2 with a tokenizer trained on the fly, and small feature files.
 
 Everything goes through save_pretrained / from_pretrained, the path real checkpoints take.
+torch and transformers are imported by the fixtures, not here: under pytest-xdist the controlling
+process loads this file too, and runs no test.
 """
 from __future__ import annotations
 
@@ -9,17 +11,6 @@ import random
 import socket
 
 import pytest
-import torch
-from transformers.utils import logging as hf_logging
-
-from clipcap import resnet_clip
-from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
-
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-# The test models are tiny: one thread is fastest, and two threads on a busy 2-core machine
-# can be 20 times slower (each small op waits for a descheduled thread).
-torch.set_num_threads(1)
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -34,21 +25,40 @@ def caption_corpus() -> list[str]:
     return shapes + animals + ["a man riding a wave on top of a surfboard!", "two people are playing frisbee."]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_single_threaded_torch() -> None:
+    """The test models are tiny: one thread is fastest, and two threads on a busy 2-core machine
+    can be 20 times slower (each small op waits for a descheduled thread)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 (width 32, 2 layers) and its tokenizer, saved like a hub checkpoint."""
+    from clipcap.tiny import make_tiny_gpt2
+
     return str(make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), caption_corpus()))
 
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIP (32 px images, 16-d embeddings) and its image processor, saved like a hub checkpoint."""
+    from clipcap.tiny import make_tiny_clip
+
     return str(make_tiny_clip(tmp_path_factory.mktemp("clip")))
 
 
-def write_feature_pickle(path, captions_per_image: list[list[str]], dim: int = 16, seed: int = 0,
-                         dtype=torch.float32):
-    """The original's feature pickle: one random embedding per image, several captions each."""
+def write_feature_pickle(path, captions_per_image: list[list[str]], dim: int = 16, seed: int = 0, dtype=None):
+    """The original's feature pickle: one random embedding per image (float32 unless ``dtype``), several
+    captions each."""
+    import torch
+
+    dtype = dtype or torch.float32
     g = torch.Generator().manual_seed(seed)
     embeddings = torch.randn(len(captions_per_image), dim, generator=g).to(dtype)
     captions = [{"image_id": 1000 + i, "id": len(caps) * i + j, "caption": c, "clip_embedding": i}
@@ -70,6 +80,8 @@ def feature_pickle(tmp_path):
 @pytest.fixture
 def offline_openai_clip(monkeypatch, tmp_path):
     """OpenAI's ResNet CLIP URLs pointed at a closed local port, and an empty cache: as if offline."""
+    from clipcap import resnet_clip
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

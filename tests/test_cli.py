@@ -1,6 +1,7 @@
-"""The installed commands: the package installed into a fresh virtual environment, each command run from its bin/."""
+"""The installed commands: the package installed into a fresh virtual environment, each command run by its script in bin/."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -58,19 +59,46 @@ def test_every_command_is_a_run_function(monkeypatch):
         assert ran == [module]
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
-def test_installed_command_runs(venv, command):
-    done = subprocess.run([venv / "bin" / command, "--help"], capture_output=True, text=True, cwd=venv)
+RUN_COMMANDS = """\
+import contextlib, io, json, runpy, sys
+import clipcap.app
+
+seen = {"page": [str(clipcap.app.PAGE), clipcap.app.PAGE.is_file()]}
+for script in sys.argv[1:]:
+    sys.argv, out, err, code = [script, "--help"], io.StringIO(), io.StringIO(), None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    seen[script.rpartition("/")[2]] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(venv) -> dict:
+    """What one process of the venv saw: each command's script in bin/ run with --help as its own process
+    runs it (exit status, stdout, stderr), and where clipcap.app finds its page. One process for all, as
+    each command alone would spend seconds importing torch; test_bad_input_from_an_installed_command_is_one_line
+    starts one as a process of its own."""
+    done = subprocess.run([venv / "bin" / "python", "-c", RUN_COMMANDS, *(venv / "bin" / c for c in COMMANDS)],
+                          capture_output=True, text=True, cwd=venv)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"usage: {command} ") or done.stdout.startswith(f"usage: {command}\n")
+    return json.loads(done.stdout)
 
 
-def test_installed_package_has_the_web_page(venv):
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_installed_command_runs(installed, command):
+    code, out, err = installed[command]
+    assert code == 0 and err == "", err
+    assert out.startswith(f"usage: {command} ") or out.startswith(f"usage: {command}\n")
+
+
+def test_installed_package_has_the_web_page(installed, venv):
     """clipcap-app serves clipcap/app.html from the installed package, not from a checkout."""
-    code = "import clipcap.app as a; print(a.PAGE, a.PAGE.is_file())"
-    done = subprocess.run([venv / "bin" / "python", "-c", code], capture_output=True, text=True, cwd=venv, check=True)
-    page, found = done.stdout.split()
-    assert Path(page).is_relative_to(venv) and found == "True"
+    page, found = installed["page"]
+    assert Path(page).is_relative_to(venv) and found
 
 
 def test_bad_input_from_an_installed_command_is_one_line(venv, tmp_path):

@@ -99,7 +99,9 @@ def test_clipscore_equals_clip_features_and_the_formulas(clip_with_tokenizer, no
     folder, _, _ = nocaps
     expected, images = by_hand(clip_with_tokenizer, folder)
     scorer = CLIPScorer(clip_with_tokenizer)
-    embeds = scorer.embed_images([folder / f"{k:04d}.png" for k in IMAGES])
+    embedded, skipped = scorer.embed_images({k: folder / f"{k:04d}.png" for k in IMAGES})
+    assert skipped == [] and list(embedded) == list(IMAGES)
+    embeds = torch.stack(list(embedded.values()))
     assert torch.allclose(embeds, images, atol=1e-5)
     got = scorer({k: c for k, (_, _, c) in IMAGES.items()}, {k: refs for k, (_, refs, _) in IMAGES.items()}, embeds)
     assert list(got) == list(IMAGES)
@@ -136,7 +138,7 @@ def test_clipscore_model_is_checked_before_any_work(clip_dir, nocaps, tmp_path, 
 
 
 @pytest.mark.java
-def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokenizer, nocaps, tmp_path):
+def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokenizer, nocaps, tmp_path, capsys):
     folder, annotations, results = nocaps
     expected, images = by_hand(clip_with_tokenizer, folder)
     common = ["--results", str(results), "--annotations", str(annotations), "--metrics", "CIDEr", "--clipscore",
@@ -171,6 +173,19 @@ def test_evaluate_clipscore_from_images_features_and_per_domain(clip_with_tokeni
         from_features = json.loads((tmp_path / "f.json").read_text())
         for subset in metrics:
             assert from_features[subset] == pytest.approx(metrics[subset], abs=1e-3)
+
+    # An unreadable image is skipped and named, before any scoring; the others are scored as before.
+    (folder / "0027.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    capsys.readouterr()
+    evaluate([*common, "--images", str(folder), "--per_image", str(tmp_path / "p.json")])
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("skipped")] == \
+        [line for line in err.splitlines() if "0027.png" in line] and "0027.png" in err
+    assert "scored 3 of the 4 reference images (1 unreadable, skipped)" in out and "| out-domain |" not in out
+    clip_scores = [{k: row[k] for k in ("image_id", "domain", "CLIP-S", "RefCLIP-S")}
+                   for row in json.loads((tmp_path / "p.json").read_text())]
+    assert clip_scores == [pytest.approx({k: row[k] for k in ("image_id", "domain", "CLIP-S", "RefCLIP-S")}, abs=1e-3)
+                           for row in per_image if row["image_id"] != 27]
 
 
 @pytest.mark.java

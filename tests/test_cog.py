@@ -1,20 +1,25 @@
 """cog_predict.py, the Replicate/Cog predictor, under a stand-in for the ``cog`` package (which only
-Cog's image has): in this environment, and in a fresh venv holding only what cog.yaml installs."""
+Cog's image has): in this environment, and in a venv holding only what cog.yaml installs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
+from filelock import FileLock
 from skimage import data as photos
 from test_app import png, tiny_checkpoint
 
 from clipcap.captioner import Captioner
+from clipcap.files import user_cache
 
 REPO = Path(__file__).resolve().parent.parent
 # The part of Cog's SDK that cog_predict.py uses: a predictor base class, Input() giving its default.
@@ -98,19 +103,38 @@ def test_cog_predictor_captions_with_either_released_model(weights, cog_predict,
         assert predictor.predict(image=weights / "cat.png", model=model, use_beam_search=beam == "True") == caption
 
 
-@pytest.mark.slow
-def test_cog_image_packages_are_enough_for_the_predictor(tmp_path, weights, stand_in_cog, cog_predict):
-    """A fresh venv with torch and cog.yaml's python_packages, nothing else, runs the predictor from the
-    repository folder as Cog does from /src (where Cog copies it; clipcap is imported from there)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + cog_packages(), check=True)
+@contextlib.contextmanager
+def cog_venv() -> Iterator[Path]:
+    """A venv with torch and cog.yaml's python_packages, nothing else, as pip installs them into a fresh one.
 
+    Installing torch takes a minute, so the venv is kept in the user's cache folder and built again
+    only when what it was built from changes: the package list or this Python. It is locked while
+    in use, so that parallel test runs neither build it twice nor rebuild it under each other.
+    """
+    packages = ["torch==2.13.0", *cog_packages()]  # torch first, by the Makefile's pin
+    built_from = json.dumps({"python": sys.version, "base": sys.base_prefix, "packages": packages})
+    venv = user_cache("tests-cog-venv")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{venv}.lock"):
+        if not (venv / "built-from.json").is_file() or (venv / "built-from.json").read_text() != built_from:
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet"]
+            subprocess.run(pip + packages[:1], check=True)
+            subprocess.run(pip + packages[1:], check=True)
+            (venv / "built-from.json").write_text(built_from)  # last: a build cut short is built again
+        yield venv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # when the venv is built: pip installing torch on a busy machine
+def test_cog_image_packages_are_enough_for_the_predictor(weights, stand_in_cog, cog_predict):
+    """A venv with torch and cog.yaml's python_packages, nothing else, runs the predictor from the
+    repository folder as Cog does from /src (where Cog copies it; clipcap is imported from there)."""
     env = {**os.environ, "PYTHONPATH": str(stand_in_cog), "PYTHONNOUSERSITE": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([str(venv / "bin" / "python"), "-c", RUN_PREDICTOR, str(weights), str(weights / "cat.png")],
-                         cwd=REPO, env=env, capture_output=True, text=True)
+    with cog_venv() as venv:
+        run = subprocess.run([str(venv / "bin" / "python"), "-c", RUN_PREDICTOR, str(weights),
+                              str(weights / "cat.png")], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout) == expected_captions(cog_predict, weights)
 

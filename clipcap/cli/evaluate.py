@@ -110,6 +110,15 @@ def feature_embeddings(features) -> dict:
     return dict(zip(image_ids, features.embeddings_at(rows)))
 
 
+def report_skipped(skipped: list[str], images: str | None, total: int, read: dict) -> list[str]:
+    """``skipped``, each line printed; an error when no image at all could be read."""
+    for problem in skipped:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not read:
+        raise ClipCapError(f"{images} (--images): none of the {total} images could be read")
+    return skipped
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     metrics, options = parse_metrics(args.metrics), decoding_options(args)
@@ -145,18 +154,20 @@ def main(argv: list[str] | None = None) -> None:
                                         skip_unreadable=True, source=args.features or "features")
             results, source, embeddings, skipped = run.results, f"captions of {args.features or args.images}", \
                 run.embeddings, run.skipped
-            for problem in skipped:
-                print(f"skipped {problem}", file=sys.stderr)
-            if not results:
-                raise ClipCapError(f"{args.images} (--images): none of the {len(paths)} images could be read")
+            report_skipped(skipped, args.images, len(paths), run.captions)
             if args.images:  # the unreadable images are not scored
                 references = {k: v for k, v in references.items() if k in run.captions}
             if args.save_captions:
                 write_json(args.save_captions, results)
+        if read_images:  # CLIPScore's CLIP reads the images itself, before any scoring
+            embeddings, unreadable = clip_scorer.embed_images({k: p for k, p in paths.items() if k in references})
+            skipped += report_skipped(unreadable, args.images, len(paths), embeddings)
+            results = [r for r in results if image_key(r["image_id"]) in embeddings]  # the unreadable: not scored
+            references = {k: v for k, v in references.items() if k in embeddings}
         evaluations = scorer.by_domain(results, references, domains, args.only_common_images, source, args.annotations)
     if clip_scorer is not None:
         add_clip_scores(evaluations, {image_key(r["image_id"]): r["caption"] for r in results}, references,
-                        clip_scorer, None if read_images else {image_key(k): v for k, v in embeddings.items()}, paths)
+                        clip_scorer, {image_key(k): v for k, v in embeddings.items()})
     print(scores_table(evaluations), flush=True)  # first: a failed write cannot take them
     if (scored := len(evaluations[ENTIRE].per_image)) < total:
         print(f"scored {scored} of the {total} reference images"
