@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import caption_corpus, write_feature_pickle
+from forked_torchrun import ForkedTorchrun
 from safetensors.torch import load_file
 from torchrun_worker import nan_batch_at
 
@@ -179,12 +180,13 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_
     assert_same_weights(big["checkpoint"], accumulated["checkpoint"], rtol=1e-5, atol=1e-6)
 
 
-def torchrun(*flags, env=None):
-    """tests/torchrun_worker.py (train.py's command) in 2 CPU processes (gloo); returns the finished process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "torchrun_worker.py"), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+@pytest.fixture(scope="module")
+def torchrun(tmp_path_factory):
+    """tests/torchrun_worker.py (train.py's command) in 2 CPU processes (gloo), as torchrun launches it;
+    returns the finished launch (returncode, stdout, stderr)."""
+    launcher = ForkedTorchrun(tmp_path_factory.mktemp("torchrun"))
+    yield launcher.launch
+    launcher.close()
 
 
 def ddp_flags(data, gpt2):
@@ -198,7 +200,7 @@ def each_process(folder):
 
 @pytest.mark.distributed
 def test_two_processes_equal_one_also_when_one_skips_a_nonfinite_step(tmp_path, small_data, no_dropout_gpt2,
-                                                                      monkeypatch):
+                                                                      monkeypatch, torchrun):
     """torchrun with 2 CPU processes (gloo) and bs 2 gives the weights of 1 process with bs 4. At step 3 the
     second process alone has a NaN loss: with --skip_nonfinite both skip that step (one process skips it
     too) and the processes end identical."""
@@ -222,7 +224,8 @@ def test_two_processes_equal_one_also_when_one_skips_a_nonfinite_step(tmp_path, 
 
 
 @pytest.mark.distributed
-def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(tmp_path, small_data, gpt2_dir, capsys):
+def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(tmp_path, small_data, gpt2_dir, capsys,
+                                                                      torchrun):
     """With dropout, each process draws its own masks and keeps its own RNG states in the resume state:
     stopped and resumed (--resume DIR alone), the run ends bit-identical to an uninterrupted one, each
     process's RNG included. A changed setting is refused in every process, which leaves the process

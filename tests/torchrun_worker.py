@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from clipcap import training
 from clipcap.cli import run
-from clipcap.cli.train import main
+from clipcap.cli.train import main as train_main
 
 
 def nan_batch_at(step: int):
@@ -43,7 +43,8 @@ def saving_each_process():
     return summary
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """train.py's command in this process, as torchrun's environment places it."""
     rank = int(os.environ["RANK"])
     if "CLIPCAP_TEST_NAN" in os.environ:
         nan_rank, nan_step = map(int, os.environ["CLIPCAP_TEST_NAN"].split(":"))
@@ -51,6 +52,10 @@ if __name__ == "__main__":
             training.train_step = nan_batch_at(nan_step)
     training.summary = saving_each_process()
     try:
-        run(main)
+        run(train_main)
     finally:
         print(f"rank {rank}: process group {'still joined' if dist.is_initialized() else 'left'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
