@@ -32,6 +32,7 @@ from clipcap.files import write_json
 from clipcap.model import ClipCapConfig
 
 WORKER = Path(__file__).with_name("gpu_check_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 STEPS_PER_EPOCH, BATCH_SIZE, SAVE_EVERY = 8, 4, 5
 RESUME_PROCESSES = 2  # bit-identical resumes need a sum of two gradients (see above)
 TIMEOUT_S = 600  # a launch takes well under a minute on a GPU, a few on a busy CPU
@@ -66,8 +67,7 @@ def torchrun(ctx: Context, name: str, spec: dict[str, Any], processes: int) -> L
     results, log = folder / "results", ctx.logs / f"ddp_{name}.log"
     write_json(folder / "spec.json", {**spec, "results": str(results)})
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(WORKER), str(folder / "spec.json")]
+    command = [*TORCHRUN, "--nproc_per_node", str(processes), str(WORKER), str(folder / "spec.json")]
     with open(log, "w") as out:
         launch = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:

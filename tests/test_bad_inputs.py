@@ -170,6 +170,8 @@ CASES = {
                         "--prefix_length must be at least 1"),
     "prefix_length 200": ("train", lambda d, out: train_args(d, out, "--prefix_length", "200"),
                           "--prefix_length 200 leaves no room for a caption"),
+    "data file missing": ("train", lambda d, out: ["--data", d["root"] + "/none.pkl", "--out_dir", out],
+                          "error: {root}/none.pkl: feature file not found"),
     "gpt2 missing folder": ("train", lambda d, out: train_args(d, out, "--gpt2", d["root"] + "/no_gpt2"),
                             "no_gpt2: no such folder"),
     "gpt2 folder without tokenizer": ("train", lambda d, out: train_args(d, out, "--gpt2", d["folder"]),
@@ -256,7 +258,7 @@ def test_bad_input_is_one_line_error(case, d, tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
 
 
-SUBPROCESS_CASES = ["bs 0", "NaN embeddings", "caption None", "config negative prefix_length",
+SUBPROCESS_CASES = ["bs 0", "data file missing", "NaN embeddings", "caption None", "config negative prefix_length",
                     "predict out a folder", "evaluate image id ²", "resume unpicklable"]
 HUB_NAME = "gpt2 hub name offline"  # a real process only: offline from its start, with an empty cache
 # `python SCRIPT.py ARGV` for each case, in a process of its own with its own stdout and stderr, exiting

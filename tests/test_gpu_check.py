@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bench_train_throughput  # noqa: E402
 import gpu_check  # noqa: E402
+import gpu_check_ddp  # noqa: E402
 
 from clipcap import training  # noqa: E402
 from clipcap.files import ClipCapError  # noqa: E402
@@ -124,9 +125,11 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def across_ranks(tmp_path_factory):
-    """The multi-GPU checks, once, with two CPU processes (torchrun, gloo)."""
+    """The multi-GPU checks, once, with two CPU processes (gloo) launched as torchrun launches them."""
     out = tmp_path_factory.mktemp("gpu_check_ranks") / "out"
-    gpu_check.main([*REHEARSAL, "--out", str(out), "--checks", "multi-gpu", "--processes", "2"])
+    with pytest.MonkeyPatch.context() as mp:  # torchrun's launcher itself runs in test_extraction.py
+        mp.setattr(gpu_check_ddp, "TORCHRUN", [sys.executable, str(REPO / "tests" / "forked_torchrun.py")])
+        gpu_check.main([*REHEARSAL, "--out", str(out), "--checks", "multi-gpu", "--processes", "2"])
     return {name.removeprefix("multi-GPU: "): check for name, check in checks_of(out).items()}
 
 
