@@ -102,7 +102,8 @@ def add_decoding(parser: argparse.ArgumentParser) -> None:
     strategy.add_argument("--sample", action="store_true", help="nucleus sampling (implied by --top_p or --seed)")
     group.add_argument("--beam_size", type=positive, default=default.beam_size)
     group.add_argument("--top_p", type=float, default=None, help=f"nucleus sampling mass (default {default.top_p})")
-    group.add_argument("--temperature", type=float, default=default.temperature, help=f"divides the logits (at least {MIN_TEMPERATURE})")
+    group.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"divides the logits (at least {MIN_TEMPERATURE})")
     group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     group.add_argument("--num_captions", type=positive, default=default.num_captions,
                        help="captions per image (beam or sampling)")
