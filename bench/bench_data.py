@@ -13,7 +13,9 @@ CPU time is not counted in the "CPU ms/batch here" column, only the cost of rece
 import argparse
 import platform
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +24,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from clipcap.data import CaptionDataset
 from clipcap.featureset import FeatureSet
-from clipcap.tiny import train_tokenizer
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+from testing.tiny import train_tokenizer  # noqa: E402
 
 
 class OriginalDataset(Dataset):

@@ -1,7 +1,7 @@
 """Captioning speed: the original's decoding loops against clipcap.decoding, same weights, same run.
 
 The original runs GPT-2 over the whole sequence at every step, one image at a time
-(clipcap/reference.py re-implements its generate2 / generate_beam). clipcap.decoding
+(testing/reference.py re-implements its generate2 / generate_beam). clipcap.decoding
 keeps GPT-2's key/value cache and batches images (times beams). Both run on a GPT-2 of the real
 small size (124M, random weights) with an MLP mapper (K=10, D=512).
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,7 +26,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.decoding import beam_tokens, greedy_tokens
 from clipcap.model import ClipCap, ClipCapConfig
-from clipcap.reference import original_beam, original_greedy
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+from testing.reference import original_beam, original_greedy  # noqa: E402
 
 PERIOD = 13  # GPT-2's "."
 

@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from clipcap import store
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+
 WORDS = ("a man woman dog cat bird horse train bus car plate pizza table room kitchen street field beach "
          "sitting standing riding holding eating walking on in of with next to near the and two three "
          "red blue green white black small large old young wooden grassy busy empty").split()
@@ -57,7 +59,7 @@ def measure(path: Path, batches: int, num_workers: int) -> None:
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from clipcap.data import CaptionDataset, load_features
-    from clipcap.tiny import train_tokenizer
+    from testing.tiny import train_tokenizer
 
     start = time.perf_counter()
     features = load_features(path)

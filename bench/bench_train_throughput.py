@@ -21,6 +21,7 @@ import gc
 import pickle
 import platform
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from clipcap.model import ClipCapConfig
-from clipcap.tiny import train_tokenizer
 from clipcap.training import TrainConfig, train
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+from testing.tiny import train_tokenizer  # noqa: E402
 
 COCO_CAPTIONS = 566_747  # Karpathy train + restval
 WORDS = ("a man woman dog cat group of people sitting standing on top the table street with next to in front "

@@ -12,7 +12,9 @@ logits only where a real token is predicted, no GPT-2 gradients in prefix-only m
 import argparse
 import copy
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +23,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.data import max_caption_length
 from clipcap.model import ClipCap, ClipCapConfig
-from clipcap.reference import original_logits
 from clipcap.training import make_optimizer
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+from testing.reference import original_logits  # noqa: E402
 
 MODES = {
     "finetune": dict(mapping_type="mlp", prefix_length=10),  # the paper's MLP + GPT-2 tuning row

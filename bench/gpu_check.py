@@ -38,7 +38,7 @@ from gpu_check_inference import decoding_checks, extraction_checks
 from gpu_check_training import projection_checks, training_checks
 from transformers.utils import logging as hf_logging
 
-from clipcap.cli import positive, run
+from clipcap.cli.common import positive, run
 from clipcap.files import ClipCapError, atomic_write, check_output_path, markdown_table, write_json
 
 GROUPS: dict[str, Callable[[Context], list[Check]]] = {

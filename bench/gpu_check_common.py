@@ -1,6 +1,6 @@
 """What bench/gpu_check.py's checks share: a check's result, the run's context, and the backbones and data.
 
-The backbones are tiny random ones built from configs (clipcap/tiny.py) unless ``--real`` asks for
+The backbones are tiny random ones built from configs (testing/tiny.py) unless ``--real`` asks for
 GPT-2 and CLIP ViT-B/32 from the local Hugging Face cache; the training data are synthetic
 COCO-like captions with random embeddings, in the original's pickle format.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +19,9 @@ from bench_train_throughput import WORDS, coco_like_captions, write_features
 
 from clipcap import resnet_clip
 from clipcap.files import ClipCapError, atomic_write
-from clipcap.tiny import make_tiny_clip, make_tiny_gpt2, make_tiny_resnet_clip
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout's testing/, which is not installed
+from testing.tiny import make_tiny_clip, make_tiny_gpt2, make_tiny_resnet_clip  # noqa: E402
 
 PASS, FAIL, SKIPPED = "pass", "FAIL", "skipped"
 REAL_GPT2, REAL_VIT = "gpt2", "openai/clip-vit-base-patch32"

@@ -6,7 +6,7 @@ LM takes), and all images (times beams or samples) of a batch go through one for
 step; an image leaves the batch as soon as it is finished, so its result is exactly what it
 would be alone. For the same weights, ``greedy_tokens`` gives token for token the original's
 ``generate2`` (whose top-p filter is followed by an argmax, so it is greedy) and ``beam_tokens``
-the original's ``generate_beam``, rules and arithmetic included; clipcap/reference.py holds
+the original's ``generate_beam``, rules and arithmetic included; testing/reference.py holds
 both against slow re-implementations of the original loops, for GPT-2 and every other LM.
 ``sample_tokens`` is real nucleus sampling, which the original never did.
 

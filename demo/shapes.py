@@ -15,7 +15,7 @@ Read top to bottom, it is the job a user runs on COCO, step for step and through
    only learn which captions are likely. The gap between the two is what the images contribute;
 6. write a report folder under --out: metrics.json, the loss curve, and a gallery of held-out images.
 
-Offline the backbones are tiny random models built on the spot (:mod:`clipcap.tiny`): the scores
+Offline the backbones are tiny random models built on the spot (:mod:`testing.tiny`): the scores
 show that the pipeline learns captions from images, they are not the paper's numbers. With
 ``--real``, or when ``openai/clip-vit-base-patch32`` and ``gpt2`` are in the local Hugging
 Face cache, the demo uses those.
@@ -47,8 +47,8 @@ from clipcap.files import ClipCapError, atomic_write, markdown_table, write_json
 from clipcap.model import ClipCapConfig
 from clipcap.runtime import resolve_device
 from clipcap.sources import ImageItem, coco_images, coco_items, coco_shards
-from clipcap.tiny import make_tiny_clip, make_tiny_gpt2
 from clipcap.training import TrainConfig, train
+from testing.tiny import make_tiny_clip, make_tiny_gpt2
 
 # --------------------------------------------------------------------------- 1. the dataset
 

@@ -40,7 +40,7 @@ def quiet_single_threaded_torch() -> None:
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory):
     """A tiny random GPT-2 (width 32, 2 layers) and its tokenizer, saved like a hub checkpoint."""
-    from clipcap.tiny import make_tiny_gpt2
+    from testing.tiny import make_tiny_gpt2
 
     return str(make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), caption_corpus()))
 
@@ -48,7 +48,7 @@ def gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIP (32 px images, 16-d embeddings) and its image processor, saved like a hub checkpoint."""
-    from clipcap.tiny import make_tiny_clip
+    from testing.tiny import make_tiny_clip
 
     return str(make_tiny_clip(tmp_path_factory.mktemp("clip")))
 

@@ -29,7 +29,7 @@ from clipcap.featureset import load_original_pickle
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model
 from clipcap.text_encoder import load_text_encoder
-from clipcap.tiny import make_tiny_clip, make_tiny_siglip
+from testing.tiny import make_tiny_clip, make_tiny_siglip
 
 CAPTIONS = {1: ["a red circle.", "a circle that is red."], 2: ["a blue square.", "a dog on the beach."],
             3: ["a cat under a tree."]}

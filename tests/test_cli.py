@@ -23,7 +23,8 @@ def venv(tmp_path_factory) -> Path:
     through a .pth file naming the test's own site-packages; built offline, without build isolation."""
     root = tmp_path_factory.mktemp("install")
     source = root / "source"  # a copy, so that the build leaves nothing in the repository
-    shutil.copytree(REPO / "clipcap", source / "clipcap", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("clipcap", "testing"):  # testing/ too: the build must leave it out
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     env = root / "venv"
@@ -60,10 +61,12 @@ def test_every_command_is_a_run_function(monkeypatch):
 
 
 RUN_COMMANDS = """\
-import contextlib, io, json, runpy, sys
+import contextlib, importlib.metadata, importlib.util, io, json, runpy, sys
 import clipcap.app
 
-seen = {"page": [str(clipcap.app.PAGE), clipcap.app.PAGE.is_file()]}
+seen = {"page": [str(clipcap.app.PAGE), clipcap.app.PAGE.is_file()],
+        "files": [str(f) for f in importlib.metadata.files("clipcap")],
+        "testing": importlib.util.find_spec("testing") is not None}
 for script in sys.argv[1:]:
     sys.argv, out, err, code = [script, "--help"], io.StringIO(), io.StringIO(), None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -99,6 +102,15 @@ def test_installed_package_has_the_web_page(installed, venv):
     """clipcap-app serves clipcap/app.html from the installed package, not from a checkout."""
     page, found = installed["page"]
     assert Path(page).is_relative_to(venv) and found
+
+
+def test_installed_package_is_the_library_alone(installed):
+    """The wheel holds clipcap/ and its commands; the test support (testing/: tiny backbones, the original's
+    decoders) stays in the checkout."""
+    files = [Path(f) for f in installed["files"]]
+    assert {f.parts[0] for f in files if f.parts[0] != ".."} == {"clipcap", "clipcap-0.1.0.dist-info"}
+    assert Path("clipcap/model.py") in files and Path("clipcap/cli/train.py") in files
+    assert not [f for f in files if f.stem in ("tiny", "reference")] and not installed["testing"]
 
 
 def test_bad_input_from_an_installed_command_is_one_line(venv, tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 from clipcap.cli.evaluate import main as evaluate
 from clipcap.clipscore import PREFIX, CLIPScorer
 from clipcap.files import ClipCapError
-from clipcap.tiny import make_tiny_clip
+from testing.tiny import make_tiny_clip
 
 # Image id -> (domain, references, caption); the last caption is longer than the text tower's 16 tokens.
 IMAGES = {

@@ -14,7 +14,7 @@ from conftest import caption_corpus, write_feature_pickle
 from clipcap.data import CaptionDataset, load_features, max_caption_length, tokenize_captions, tokens_cache_path
 from clipcap.files import ClipCapError
 from clipcap.model import load_tokenizer
-from clipcap.tiny import train_tokenizer
+from testing.tiny import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_token_cache_of_a_read_only_data_folder_goes_to_the_user_cache(tmp_path)
     script = f"""
 from pathlib import Path
 from clipcap.data import load_features, tokenize_captions, tokens_cache_path
-from clipcap.tiny import train_tokenizer
+from testing.tiny import train_tokenizer
 data = Path({str(data)!r})
 try:
     (data / "probe").write_text("")

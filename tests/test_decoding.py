@@ -1,4 +1,4 @@
-"""Batched, cached decoding against the original's loops (clipcap/reference.py) on tiny models."""
+"""Batched, cached decoding against the original's loops (testing/reference.py) on tiny models."""
 import copy
 
 import pytest
@@ -16,7 +16,7 @@ from clipcap.decoding import (
 )
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
-from clipcap.reference import original_beam, original_greedy
+from testing.reference import original_beam, original_greedy
 
 MAX_LENGTH = 24
 

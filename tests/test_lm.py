@@ -1,7 +1,7 @@
 """Any decoder-only LM behind the prefix: decoding against transformers' own ``generate``, the loss, training,
 checkpoints, half-precision weights and LoRA, on tiny random models of several architectures.
 
-Each architecture's model and tokenizer are made once per session from a config (clipcap.tiny.make_tiny_lm),
+Each architecture's model and tokenizer are made once per session from a config (testing.tiny.make_tiny_lm),
 so nothing is downloaded. Llama's, OPT's and Gemma's tokenizers start every text with BOS, as the real ones do.
 """
 import json
@@ -19,9 +19,9 @@ from clipcap.decoding import DecodingOptions, beam_tokens, caption_embeddings, g
 from clipcap.files import ClipCapError
 from clipcap.hub import save_pretrained
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer, merge_lora
-from clipcap.reference import full_logits_loss, original_beam
-from clipcap.tiny import BOS_FIRST, TINY_LMS, make_tiny_lm
 from clipcap.training import TrainConfig
+from testing.reference import full_logits_loss, original_beam
+from testing.tiny import BOS_FIRST, TINY_LMS, make_tiny_lm
 from conftest import caption_corpus, write_feature_pickle
 
 ARCHITECTURES = list(TINY_LMS)

@@ -4,7 +4,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clipcap.model import ClipCap, ClipCapConfig, build_model, count_parameters
-from clipcap.reference import full_logits_loss
+from testing.reference import full_logits_loss
 
 
 def gpt2_small(**overrides) -> GPT2LMHeadModel:

@@ -20,7 +20,7 @@ from clipcap.data import load_features
 from clipcap.encoder import load_image, load_image_encoder
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCap, ClipCapConfig, build_model, load_tokenizer
-from clipcap.reference import original_beam, original_greedy
+from testing.reference import original_beam, original_greedy
 
 
 def tiny_clipcap(gpt2_dir, clip_model="ViT-B/32", prefix_size=16, **config) -> ClipCap:

@@ -361,7 +361,7 @@ def test_report_readme_and_recipes_state_the_papers_numbers_exactly(tmp_path):
 def workspace(tmp_path_factory, gpt2_dir):
     """The published data fetched into data folders as `make data` does, and the environment that points the
     recipes at it: one tiny CLIP (with a tokenizer, for CLIPScore) for every row, a tiny GPT-2, 2 epochs."""
-    from clipcap.tiny import make_tiny_clip
+    from testing.tiny import make_tiny_clip
 
     root = tmp_path_factory.mktemp("reproduce")
     site = root / "site"

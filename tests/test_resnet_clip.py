@@ -33,7 +33,7 @@ from clipcap.encoder import Preprocess, load_image_encoder
 from clipcap.extraction import model_tag
 from clipcap.files import ClipCapError
 from clipcap.text_encoder import load_text_encoder
-from clipcap.tiny import make_tiny_resnet_clip
+from testing.tiny import make_tiny_resnet_clip
 
 # (vision_layers, vision_width, image_resolution, vision_patch_size): OpenAI's CLIP arguments
 # OpenAI's code traced and saved the TorchScript way, whose warnings are not this test's concern.

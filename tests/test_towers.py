@@ -23,7 +23,7 @@ from clipcap.cli.train import main as train
 from clipcap.data import load_features
 from clipcap.encoder import Preprocess, load_image_encoder
 from clipcap.files import ClipCapError
-from clipcap.tiny import make_tiny_siglip
+from testing.tiny import make_tiny_siglip
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from clipcap.decoding import DecodingOptions, caption_embeddings
 from clipcap.files import ClipCapError
 from clipcap.model import ClipCapConfig, build_model, load_tokenizer
 from clipcap.runtime import Processes
-from clipcap.tiny import make_tiny_gpt2
 from clipcap.training import TrainConfig, pick_precision, train
+from testing.tiny import make_tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import CHECKPOINT_HELP, add_model_options, model_options
+from .common import CHECKPOINT_HELP, add_model_options, model_options
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from .. import hub_access
 from ..checkpoint import UNKNOWN_CLIP, load_checkpoint
 from ..files import check_outputs
 from ..hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_folder, checkpoint_files, infer_dataset, save_pretrained
-from . import add_clip_model, run
+from .common import add_clip_model, run
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -39,7 +39,15 @@ from ..evaluation import (
 from ..files import ClipCapError, check_outputs, write_json
 from ..runtime import Processes, pick_device
 from ..toolkit import SPICE_JARS_ENV
-from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
+from .common import (
+    CHECKPOINT_HELP,
+    add_batch_size,
+    add_decoding,
+    add_model_options,
+    add_out,
+    decoding_options,
+    model_options,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

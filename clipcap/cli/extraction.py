@@ -10,7 +10,7 @@ import torch
 from ..encoder import MAX_PIXELS, OPENAI_CHECKPOINTS, OPENAI_RESNETS
 from ..extraction import extract_to, model_tag
 from ..sources import Shard
-from . import add_batch_size, add_clip_model, add_device, add_out, positive
+from .common import add_batch_size, add_clip_model, add_device, add_out, positive
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:

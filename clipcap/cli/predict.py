@@ -23,7 +23,15 @@ from ..data import load_features
 from ..decoding import check_options
 from ..files import ClipCapError, check_outputs, write_json
 from ..hub import checkpoint_files
-from . import CHECKPOINT_HELP, add_batch_size, add_decoding, add_model_options, add_out, decoding_options, model_options
+from .common import (
+    CHECKPOINT_HELP,
+    add_batch_size,
+    add_decoding,
+    add_model_options,
+    add_out,
+    decoding_options,
+    model_options,
+)
 
 # What a printed line escapes, so that it stays one line of two tab-separated fields.
 ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

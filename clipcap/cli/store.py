@@ -9,7 +9,7 @@ import argparse
 
 from ..files import ClipCapError, check_outputs
 from ..store import from_pickle, to_pickle
-from . import run
+from .common import run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -196,8 +196,8 @@ def make_tiny_resnet_clip(path: str | Path, image_size: int = 64, width: int = 8
     """
     import torch
 
-    from .files import atomic_write
-    from .resnet_clip import ModifiedResNet
+    from clipcap.files import atomic_write
+    from clipcap.resnet_clip import ModifiedResNet
 
     torch.manual_seed(seed)
     tower = ModifiedResNet(layers, output_dim, width * 32 // 64, image_size, width)
