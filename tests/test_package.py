@@ -1,6 +1,7 @@
 """The package's shape: its public API (five names, imported on first use), and modules of one job each whose
 imports only go down a declared order of layers."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,28 @@ def test_every_module_has_a_docstring_naming_its_one_job():
         if not first.endswith("."):
             lacking.append(f"{path.relative_to(PACKAGE.parent)}: {first!r}")
     assert not lacking, "\n".join(lacking)
+
+
+def test_readme_and_docs_links_name_existing_files_and_headings():
+    """Every relative link of README.md and docs/*.md names a file of the repository, and its #anchor a
+    heading of that page (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens)."""
+    repo = PACKAGE.parent
+
+    def without_code(path: Path) -> str:
+        return re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+
+    def anchors(path: Path) -> set[str]:
+        return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", without_code(path), flags=re.M)}
+
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", without_code(page)):
+            if re.match(r"[a-z]+:", link):
+                continue  # a web address
+            target, _, anchor = link.partition("#")
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(repo)}: {link}")
+    assert len(pages) > 5 and not broken, broken
