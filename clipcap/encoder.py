@@ -319,8 +319,9 @@ def loading(name: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ClipCapError(f"{name}: not a CLIP checkpoint name or directory ({first_line(e)})"
-                           f"{hub_access.unreachable_hint()}") from None
+        where = "not a CLIP checkpoint directory" if Path(name).is_dir() else \
+            "not a CLIP checkpoint directory, and not loadable from the Hugging Face Hub (offline, or not a name there?)"
+        raise ClipCapError(f"{name}: {where} ({first_line(e)}){hub_access.unreachable_hint()}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -266,15 +266,18 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
         num_workers = max(1, min(8, (os.cpu_count() or 1) // procs.local_world - 1))
     dtype = dtype or default_dtype(device)
     modality = {"modality": "text"} if text else {}  # image stores say nothing, as every older one
+    load_encoder = load_text_encoder if text else load_image_encoder
+    # The tower first: one that does not load fails before the job is recorded or a shard is listed.
+    encoder = load_encoder(clip_model, device, dtype) \
+        if not all(feature_store.shard_done(store, s.name) for s in shards) else None
     _check_job(store / JOB_FILE, _job(shards, clip_model, dtype, max_pixels, settings, text), store)
     remove_stale_temp_files(store)  # what killed runs left
     remove_stale_temp_files(store / feature_store.SHARD_DIR)
     todo = [s for s in shards if not feature_store.shard_done(store, s.name)]
     sizes = [s.size for s in todo]
     rank = f"rank {procs.rank}/{procs.world}"
-    pieces, encoder, turn, kinds = {}, None, 0, {}  # each shard's pieces, for rank 0 to join
+    pieces, turn, kinds = {}, 0, {}  # each shard's pieces, for rank 0 to join
     desc = f"CLIP {clip_model}" + (" text" if text else "") + (f" {rank}" if procs.world > 1 else "")
-    load_encoder = load_text_encoder if text else load_image_encoder
     with tqdm(total=-(-sum(sizes) // procs.world) if None not in sizes else None, unit="caption" if text else "img",
               desc=desc, disable=procs.local_rank != 0) as progress:
         for shard in todo:  # every rank lists every shard; piece `turn` of them all is rank turn % world's
@@ -286,7 +289,6 @@ def extract(shards: Sequence[Shard], store: str | Path, clip_model: str = "ViT-B
             turn += len(listing.pieces)
             if mine:
                 remove_stale_temp_files(store / feature_store.PIECE_DIR / shard.name / listing.key)
-                encoder = encoder or load_encoder(clip_model, device, dtype)
                 _encode_pieces(shard, listing, mine, encoder, store, batch_size, num_workers, max_pixels, progress,
                                rank)
     procs.barrier()

@@ -155,8 +155,10 @@ def test_encoder_gives_clip_image_features(clip_dir):
 
 
 def test_unknown_encoders_are_clear_errors(tmp_path, offline_openai_clip):
-    with pytest.raises(ClipCapError, match="not a CLIP checkpoint"):
+    with pytest.raises(ClipCapError, match="not a CLIP checkpoint directory \\("):
         load_image_encoder(str(tmp_path))
+    with pytest.raises(ClipCapError, match="someone/no-such-clip: .*not loadable from the Hugging Face Hub"):
+        load_image_encoder("someone/no-such-clip")  # offline, as the tests are
     (tmp_path / "weights.pt").write_bytes(b"\0" * 64)
     with pytest.raises(ClipCapError, match="weights.pt: not a TorchScript archive or state dict"):
         load_image_encoder(str(tmp_path / "weights.pt"))

@@ -202,6 +202,16 @@ def test_extraction_removes_what_killed_runs_left(clip_dir, tmp_path):
     assert not stale.exists() and len(load_store(tmp_path / "store")) == 4
 
 
+def test_a_clip_that_does_not_load_fails_before_the_job_is_recorded(clip_dir, tmp_path):
+    """So that the rerun with the right CLIP is not refused as another job's continuation."""
+    paths, _ = odd_images(tmp_path / "images")
+    with pytest.raises(ClipCapError, match="no_clip"):
+        extract(shards_of(paths[:2], 1), tmp_path / "store", str(tmp_path / "no_clip"), num_workers=0)
+    assert not (tmp_path / "store" / extraction.JOB_FILE).exists()
+    extract(shards_of(paths[:2], 1), tmp_path / "store", clip_dir, num_workers=0)
+    assert len(load_store(tmp_path / "store")) == 4
+
+
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_taken_over(clip_dir, tmp_path, capsys):
     paths, _ = odd_images(tmp_path / "images")
     out = tmp_path / "store"
