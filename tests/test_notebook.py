@@ -140,3 +140,25 @@ def test_install_cell_installs_nothing_outside_colab(monkeypatch):
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("pip run outside Colab"))
     exec(install_cell(), {})
+
+
+def test_released_weights_cell_fetches_where_make_weights_does_and_fails_in_one_line(tmp_path, monkeypatch):
+    """Without CHECKPOINT the released MODEL comes from data/weights/ (fetched there once); a download that
+    fails ends the cell with the one-line error, not a traceback of gdown's."""
+    from clipcap import fetch
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    source = next(cell.source for cell in notebook.cells if cell.cell_type == "code" and "RELEASED" in cell.source)
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: the download is refused at once
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}/coco_weights.pt"
+    monkeypatch.setitem(fetch.WEIGHTS, "coco_weights.pt", nowhere)
+    with pytest.raises(SystemExit, match=r"^error: coco_weights.pt from .*: download failed") as error:
+        exec(source, {"MODEL": "coco", "CHECKPOINT": None})
+    assert "\n" not in str(error.value)
+    (tmp_path / "data" / "weights" / "coco_weights.pt").write_bytes(b"fetched before")
+    fetch.mark_done(tmp_path / "data" / "weights", "coco_weights.pt")
+    namespace = {"MODEL": "coco", "CHECKPOINT": None}
+    exec(source, namespace)
+    assert namespace["CHECKPOINT"] == str(Path("data/weights/coco_weights.pt"))
