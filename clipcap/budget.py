@@ -29,7 +29,8 @@ from .stages import Plan, Step, resolve
 WORDS = ("a man woman dog cat group of people sitting standing on top the table street with next to in front red blue "
          "white black green large small two three old young is are riding holding playing eating plate pizza bus "
          "train car bike field grass water beach snow room kitchen bed tree sign clock").split()
-WIDTH_OF = {name: width for width, name in CLIP_BY_WIDTH.items()} | {"ViT-B/16": 512, "RN101": 512, "RN50x16": 768}
+WIDTH_OF = {name: width for width, name in CLIP_BY_WIDTH.items()} | {"ViT-B/16": 512, "RN101": 512, "RN50x16": 768,
+                                                                     "google/siglip2-so400m-patch14-224": 1152}
 
 
 @dataclass
@@ -76,6 +77,9 @@ def training_captions(plan: Plan) -> int | None:
         return None
     if maker.script() == "parse_coco.py" and maker.flag("--annotations"):
         return _karpathy_captions(resolve(maker.flag("--annotations")), maker.flag("--split") or "train")
+    source = maker.script_args()[0] if maker.script_args() else ""  # parse_captions.py's: its captions
+    if maker.script() == "parse_captions.py" and source.endswith(".json") and maker.flag("--split"):  # Karpathy's
+        return _karpathy_captions(resolve(source), maker.flag("--split"))
     if maker.script() == "parse_conceptual.py" and maker.flag("--data_root"):
         return _conceptual_captions(resolve(maker.flag("--data_root")), maker.flag("--split") or "train")
     return None
@@ -111,8 +115,9 @@ def embedding_width(plan: Plan) -> int:
             if path.is_file() and path.suffix == ".pkl":
                 return load_features(path).dim
         clip = step.flag("--clip_model_type") or step.flag("--clip_model")
-        if clip and (resolve(clip) / "config.json").is_file():
-            return json.loads((resolve(clip) / "config.json").read_text()).get("projection_dim", 512)
+        if clip and (resolve(clip) / "config.json").is_file():  # CLIP's projection; SigLIP's pooled vision width
+            config = json.loads((resolve(clip) / "config.json").read_text())
+            return config.get("projection_dim") or config.get("vision_config", {}).get("hidden_size", 512)
         if clip in WIDTH_OF:
             return WIDTH_OF[clip]
     return 512

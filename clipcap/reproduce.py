@@ -1,7 +1,8 @@
 """``make reproduce``: the paper's Table 1 in one command, from the data to one report.
 
-Each row is its recipe (recipes/ROW.sh), run stage by stage (features, train, score) from its plan,
-then its gallery (clipcap.gallery). In order:
+Each row is its recipe (recipes/ROW.sh; the rows beyond the paper, clipcap.paper.EXTRA_ROWS, after
+Table 1's), run stage by stage (features, train, score) from its plan, then its gallery
+(clipcap.gallery). In order:
 
 1. every recipe's plan, in the recipes' environment (COCO NOCAPS CC RUNS CLIP GPT2 EPOCHS BS ...);
    a chosen row whose inputs include another row's model brings that row along when the model is missing;
@@ -50,7 +51,8 @@ from .stages import (
     write_stamp,
 )
 
-ROWS = tuple(row.name for row in paper.ROWS)  # the paper's order; nocaps, which reads two COCO models, last
+# The paper's order (nocaps, which reads two COCO models, last), then the rows beyond the paper.
+ROWS = tuple(row.name for row in (*paper.ROWS, *paper.EXTRA_ROWS))
 DATA_FOLDERS = {"coco": "COCO", "nocaps": "NOCAPS", "conceptual": "CC"}  # each data set's variable in the recipes
 RECORD = "reproduce.json"
 
