@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def report_skipped(skipped: list[str], images: str | None, total: int, read: dic
     return skipped
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, scorer: Scorer | None = None) -> None:
+    """``scorer``: the toolkit's scorers for these --metrics and --spice_jars, already started and closed by the
+    caller (a reproduction scores every row with one METEOR); else started and closed here."""
     args = parse_args(argv)
     metrics, options = parse_metrics(args.metrics), decoding_options(args)
     references, domains, paths = read_references(args)
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         own_clip, has_embeddings=features is not None or captioner is not None, has_images=bool(paths))
 
     skipped: list[str] = []
-    with Scorer(metrics, args.spice_jars) as scorer:  # METEOR's Java loads while the captions are made
+    with nullcontext(scorer) if scorer else Scorer(metrics, args.spice_jars) as scorer:  # METEOR loads meanwhile
         if captioner is None:
             results, source = load_results(args.results), args.results
             embeddings = feature_embeddings(features) if features is not None else {}
