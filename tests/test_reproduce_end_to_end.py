@@ -203,16 +203,12 @@ def test_reproduce_runs_the_rows_resumes_after_a_kill_and_reports(workspace, cap
     assert (config["lm"], config["lm_dtype"], config["lora_rank"], config["normalize_prefix"]) == (
         lm, "bfloat16", 16, True)
     assert load_features(root / "data" / "coco" / "oscar_split_siglip_test.pkl").clip_model == tower
-    # CapDec: trained on the text embeddings of the train + restval captions (2 each), noised; of the training
-    # images it reads nothing, needing only the captions file and the test images.
+    # CapDec: trained on the text embeddings of the train + restval captions (2 each), noised.
     text = load_features(root / "data" / "coco" / "oscar_split_tiny_text_train.pkl")
     assert text.modality == "text" and len(text) == 24 and text.clip_model == clip
     with safe_open(str(root / "runs" / "capdec_coco" / "capdec_coco-001.safetensors"), framework="pt") as f:
         config = json.loads(f.metadata()["clipcap_config"])
     assert (config["noise_variance"], config["normalize_prefix"], config["prefix_length"]) == (0.016, True, 3)
-    capdec = json.loads((root / "runs" / "reproduce.json").read_text())["rows"]["capdec_coco"]["plan"]
-    assert [path for _, path in capdec["needs"]] == [f"{env['COCO']}/dataset_coco.json", f"{env['COCO']}/val2014"]
-    assert not any("train2014" in arg for step in capdec["steps"] for arg in step["command"])
 
     # A changed setting: only what depends on it is to run again.
     monkeypatch.setenv("VAL_CAPTIONS", "3")
@@ -252,6 +248,23 @@ def test_reproduce_runs_the_rows_resumes_after_a_kill_and_reports(workspace, cap
         == [("skipped", skipped.split("skipped: ", 1)[1].split(" (")[0]),
             ("failed", f"train: error: LM {root / 'nowhere' / 'gpt2'}: no such folder"), ("skipped", "coco_mlp failed")]
     assert rows["coco_mlp_frozen"]["status"] == "skipped" and rows["coco_mlp_frozen"]["reason"] == "not run"
+
+    # CapDec reads no training image: on a COCO layout without train2014/, it runs where a Table 1 row is skipped.
+    captions_only = root / "coco_without_training_images"
+    captions_only.mkdir()
+    shutil.copy(root / "data" / "coco" / "dataset_coco.json", captions_only)
+    shutil.copytree(root / "data" / "coco" / "val2014", captions_only / "val2014")
+    monkeypatch.setenv("COCO", str(captions_only))
+    monkeypatch.setenv("RUNS", str(root / "runs_captions_only"))
+    monkeypatch.setenv("GPT2", env["GPT2"])
+    main([*options, "--rows", "coco_mlp,capdec_coco", "--budget_steps", "0"])
+    out = capsys.readouterr().out
+    assert f"coco_mlp: skipped: {captions_only}/train2014 is missing; fetch it with: COCO={captions_only} make data " \
+           "ROWS=coco_mlp" in out
+    rows = {row["row"]: row for row in json.loads((root / "runs_captions_only" / "report" / "report.json").read_text())
+            ["rows"]}
+    assert (rows["coco_mlp"]["status"], rows["capdec_coco"]["status"]) == ("skipped", "done")
+    assert len(load_features(captions_only / "oscar_split_tiny_text_train.pkl")) == 24
 
     # The report in Chromium, opened from disk.
     from playwright.sync_api import sync_playwright
