@@ -34,5 +34,6 @@ CLIP=${TOWER:-$DEFAULT_CLIP}
 TAG=${TOWER_TAG:-${DEFAULT_CLIP//\//_}}
 GPT2=${LM:-Qwen/Qwen2.5-0.5B}
 EPOCHS=${EPOCHS:-4}
-TRAIN_FLAGS=(--lm_dtype bfloat16 --lora_rank "${LORA_RANK:-16}" --lr "${LR:-1e-4}" --normalize_prefix)
+LR=${LR:-1e-4}  # coco.sh passes it on
+TRAIN_FLAGS=(--lm_dtype bfloat16 --lora_rank "${LORA_RANK:-16}" --normalize_prefix)
 source "$(dirname "$0")/coco.sh"

@@ -181,8 +181,10 @@ def test_the_modern_pair_recipe_plans_its_tower_language_model_and_adapters(tmp_
     assert all(s.flag("--clip_model_type") == "google/siglip2-so400m-patch14-224" for s in steps[:3])
     train = steps[3].text()
     for flags in (f"--data {features}_train.pkl", "--epochs 4", "--bs 40", "--gpt2 Qwen/Qwen2.5-0.5B",
-                  "--lm_dtype bfloat16 --lora_rank 16 --lr 1e-4 --normalize_prefix"):
+                  "--lm_dtype bfloat16 --lora_rank 16 --normalize_prefix", "--lr 1e-4"):
         assert flags in train
+    assert steps[3].command.count("--lr") == 1 and read_plan("coco_siglip2_qwen", {**env, "LR": "3e-4"}).stage_steps(
+        "train")[0].command.count("--lr") == 1
     run = tmp_path / "runs" / "coco_siglip2_qwen"
     assert (steps[4].flag("--checkpoint"), steps[4].flag("--features")) == (
         f"{run}/coco_siglip2_qwen_best.safetensors", f"{features}_test.pkl")
