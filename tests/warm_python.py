@@ -12,8 +12,10 @@ the environment the commands get.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SERVER = """\
@@ -91,7 +93,7 @@ sys.exit(int(status) if status else 1)
 def warm_python(folder: Path, env: dict[str, str]):
     """Start the server in ``folder`` with ``env``; yields the client's path, to be the recipes' PY."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "server.sock"
+    path = Path(tempfile.mkdtemp(prefix="warm")) / "socket"  # short: a socket's path has at most 107 bytes
     client = folder / "python"
     client.write_text(f"#!{sys.executable} -S\n" + CLIENT.format(socket=str(path)))
     client.chmod(0o755)
@@ -102,5 +104,4 @@ def warm_python(folder: Path, env: dict[str, str]):
     finally:
         server.kill()
         server.wait()
-        with contextlib.suppress(OSError):
-            path.unlink()
+        shutil.rmtree(path.parent, ignore_errors=True)
