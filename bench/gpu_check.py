@@ -31,8 +31,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from gpu_check_common import (FAIL, PASS, SKIPPED, Check, Context, check_real_cache, failure, print_line,
-                              real_backbones, tiny_backbones)
+from gpu_check_common import (
+    FAIL,
+    PASS,
+    SKIPPED,
+    Check,
+    Context,
+    check_real_cache,
+    failure,
+    print_line,
+    real_backbones,
+    tiny_backbones,
+)
 from gpu_check_ddp import ddp_checks
 from gpu_check_inference import decoding_checks, extraction_checks
 from gpu_check_training import projection_checks, training_checks

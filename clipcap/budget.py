@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .annotations import read_annotations
 from .checkpoint import CLIP_BY_WIDTH
 from .files import ClipCapError
 from .stages import Plan, Step, resolve
@@ -29,7 +30,8 @@ from .stages import Plan, Step, resolve
 WORDS = ("a man woman dog cat group of people sitting standing on top the table street with next to in front red blue "
          "white black green large small two three old young is are riding holding playing eating plate pizza bus "
          "train car bike field grass water beach snow room kitchen bed tree sign clock").split()
-WIDTH_OF = {name: width for width, name in CLIP_BY_WIDTH.items()} | {"ViT-B/16": 512, "RN101": 512, "RN50x16": 768}
+WIDTH_OF = {name: width for width, name in CLIP_BY_WIDTH.items()} | {"ViT-B/16": 512, "RN101": 512, "RN50x16": 768,
+                                                                     "google/siglip2-so400m-patch14-224": 1152}
 
 
 @dataclass
@@ -76,6 +78,9 @@ def training_captions(plan: Plan) -> int | None:
         return None
     if maker.script() == "parse_coco.py" and maker.flag("--annotations"):
         return _karpathy_captions(resolve(maker.flag("--annotations")), maker.flag("--split") or "train")
+    source = maker.script_args()[0] if maker.script_args() else ""  # parse_captions.py's: its captions
+    if maker.script() == "parse_captions.py" and source.endswith(".json") and maker.flag("--split"):  # Karpathy's
+        return _karpathy_captions(resolve(source), maker.flag("--split"))
     if maker.script() == "parse_conceptual.py" and maker.flag("--data_root"):
         return _conceptual_captions(resolve(maker.flag("--data_root")), maker.flag("--split") or "train")
     return None
@@ -85,8 +90,7 @@ def _karpathy_captions(path: Path, split: str) -> int | None:
     if not path.is_file():
         return None
     splits = ("train", "restval") if split == "train" else (split,)
-    return sum(len(image.get("sentences", [])) for image in json.loads(path.read_text())["images"]
-               if image.get("split") in splits)
+    return sum(len(image.captions) for image in read_annotations(path).images if image.split in splits)
 
 
 def _conceptual_captions(root: Path, split: str) -> int | None:
@@ -111,8 +115,9 @@ def embedding_width(plan: Plan) -> int:
             if path.is_file() and path.suffix == ".pkl":
                 return load_features(path).dim
         clip = step.flag("--clip_model_type") or step.flag("--clip_model")
-        if clip and (resolve(clip) / "config.json").is_file():
-            return json.loads((resolve(clip) / "config.json").read_text()).get("projection_dim", 512)
+        if clip and (resolve(clip) / "config.json").is_file():  # CLIP's projection; SigLIP's pooled vision width
+            config = json.loads((resolve(clip) / "config.json").read_text())
+            return config.get("projection_dim") or config.get("vision_config", {}).get("hidden_size", 512)
         if clip in WIDTH_OF:
             return WIDTH_OF[clip]
     return 512

@@ -119,18 +119,21 @@ def epoch_seconds(run_dir: Path, prefix: str, started: float | None) -> dict[int
 
 
 def differences(train: Step, clip_model: str | None, row: paper.Row) -> list[str]:
-    """The row's training settings that are not the paper's, as ``epochs: 2 (paper: 10)``."""
+    """The row's training settings that are not those its source states, as ``epochs: 2 (paper: 10)``."""
     from .budget import processes
     from .cli.train import parse_args
 
     cfg = parse_args(train.script_args())
+    model = cfg.model
     ours = {"epochs": cfg.epochs, "batch_size": cfg.batch_size * cfg.grad_accum * processes(train), "lr": cfg.lr,
-            "warmup": cfg.warmup, "gpt2": cfg.model.lm, "prefix_length": cfg.model.prefix_length,
-            "mapping_type": cfg.model.mapping_type, "only_prefix": cfg.model.only_prefix,
-            "num_layers": cfg.model.num_layers, "clip_model": clip_model}
-    names = {"batch_size": "batch (global)", "prefix_length": "K (prefix length)", "only_prefix": "GPT-2 frozen",
-             "num_layers": "transformer layers", "clip_model": "CLIP", "gpt2": "GPT-2"}
-    return [f"{names.get(k, k)}: {ours[k]} (paper: {v})" for k, v in paper.paper_settings(row).items()
+            "warmup": cfg.warmup, "gpt2": model.lm, "prefix_length": model.prefix_length,
+            "mapping_type": model.mapping_type, "only_prefix": model.only_prefix, "num_layers": model.num_layers,
+            "normalize_prefix": model.normalize_prefix, "noise_variance": model.noise_variance,
+            "lora_rank": model.lora_rank, "lm_dtype": model.lm_dtype, "clip_model": clip_model}
+    names = {"batch_size": "batch (global)", "prefix_length": "K (prefix length)", "only_prefix": "LM frozen",
+             "num_layers": "transformer layers", "clip_model": "CLIP", "gpt2": "LM", "lora_rank": "LoRA rank",
+             "normalize_prefix": "normalised embeddings", "noise_variance": "noise variance", "lm_dtype": "LM dtype"}
+    return [f"{names.get(k, k)}: {ours[k]} ({row.source}: {v})" for k, v in paper.paper_settings(row).items()
             if k in ours and ours[k] != v]
 
 
@@ -165,7 +168,7 @@ def collect(record: dict[str, Any], report_dir: Path) -> dict[str, Any]:
     plans = {name: _plan(entry["plan"]) for name, entry in record.get("rows", {}).items() if entry.get("plan")}
     makers = {path: name for name, plan in plans.items() for step in plan.stage_steps("train") for path in step.paths()}
     rows = []
-    for row in paper.ROWS:
+    for row in (*paper.ROWS, *paper.EXTRA_ROWS):
         entry = record.get("rows", {}).get(row.name, {})
         rows.append(_row(row, entry, plans.get(row.name), makers, report_dir))
     total = sum(stage.get("seconds", 0) for entry in record.get("rows", {}).values()
@@ -190,7 +193,8 @@ def _row(row: paper.Row, entry: dict[str, Any], plan: Plan | None, makers: dict[
         "row": row.name, "title": row.title, "dataset": row.dataset, "status": status if status in (
             "done", "failed") else "skipped", "reason": reason,
         "paper": row.scores, "paper_params": row.params, "paper_training_time": row.training_time,
-        "paper_notes": list(row.notes), "ours": {}, "difference": {}, "stages": entry.get("stages", {})}
+        "paper_notes": list(row.notes), "beyond_paper": row.name in paper.EXTRA_BY_NAME, "settings_source": row.source,
+        "paper_scores_note": row.scores_note, "ours": {}, "difference": {}, "stages": entry.get("stages", {})}
     if plan is None:
         return result
     result["commands"] = {stage: [s.text() for s in plan.stage_steps(stage)] for stage in plan.stages
@@ -231,7 +235,8 @@ def _row(row: paper.Row, entry: dict[str, Any], plan: Plan | None, makers: dict[
                   config=read_run_config(run_dir, plan.prefix))
     if train:
         features = plan.stage_steps("features")
-        clip = next((s.flag("--clip_model_type") for s in features if s.flag("--clip_model_type")), None)
+        clip = next((s.flag("--clip_model_type") or s.flag("--clip_model") for s in features
+                     if s.flag("--clip_model_type") or s.flag("--clip_model")), None)
         result["differences_from_paper"] = differences(train[0], clip, row)
     return result
 
@@ -317,17 +322,21 @@ def duration(seconds: float | None) -> str:
         f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
-def table_rows(data: dict[str, Any]) -> list[list[str]]:
-    """Table 1's COCO and Conceptual Captions rows: per row the paper's scores, this run's and the difference."""
+def table_rows(data: dict[str, Any], beyond_paper: bool = False) -> list[list[str]]:
+    """Table 1's COCO and Conceptual Captions rows (or the rows beyond the paper): per row the paper's scores,
+    this run's and the difference; a row beyond the paper without scores to compare with has neither."""
     header = ["row", "", *(paper.METRIC_LABELS[m] for m in paper.METRICS)]
     lines = [header]
     for row in data["rows"]:
-        if row["dataset"] == "nocaps":
+        if row["dataset"] == "nocaps" or row.get("beyond_paper", False) != beyond_paper:
             continue
-        lines.append([row["row"], "paper", *(_number(row["paper"].get(m)) for m in paper.METRICS)])
+        compared = bool(row["paper"]) or not beyond_paper
+        label = "paper" if compared else f"paper: {row.get('paper_scores_note') or 'none'}"
+        lines.append([row["row"], label, *(_number(row["paper"].get(m)) for m in paper.METRICS)])
         lines.append(["", "this run" if row["status"] == "done" else row["status"],
                       *(_number(row["ours"].get(m)) for m in paper.METRICS)])
-        lines.append(["", "difference", *(_number(row["difference"].get(m), True) for m in paper.METRICS)])
+        if compared:
+            lines.append(["", "difference", *(_number(row["difference"].get(m), True) for m in paper.METRICS)])
     return lines
 
 
@@ -371,7 +380,7 @@ def _html_table(lines: list[list[str]], data: dict[str, Any] | None = None) -> s
     current = None
     for line in lines[1:]:
         current = line[0] or current
-        kind = "paper" if line[1] == "paper" else ""
+        kind = "paper" if line[1].startswith("paper") else ""
         cells = []
         for i, cell in enumerate(line):
             css = ""
@@ -394,13 +403,16 @@ def _html_row(row: dict[str, Any]) -> str:
     if stages:
         meta.append("time here: " + ", ".join(f"{s} {duration(v.get('seconds'))}" for s, v in stages.items()))
     parts.append("<p class='meta'>" + "<br>".join(e(m) for m in meta if m) + "</p>")
-    for note in row.get("paper_notes", []):
+    for note in [*row.get("paper_notes", []), *([f"Scores to compare with: {row['paper_scores_note']}."]
+                                               if row.get("paper_scores_note") else [])]:
         parts.append(f"<p class='meta'>{e(note)}</p>")
+    source = row.get("settings_source", "paper")
+    whose = {"paper": "the paper's", "recipe": "its recipe's defaults"}.get(source, f"{source}'s")
     if row.get("differences_from_paper"):
-        parts.append("<p><b>Settings that differ from the paper:</b></p><ul>" +
+        parts.append(f"<p><b>Settings that differ from {e(whose)}:</b></p><ul>" +
                      "".join(f"<li>{e(d)}</li>" for d in row["differences_from_paper"]) + "</ul>")
     elif "differences_from_paper" in row:
-        parts.append("<p>Settings: the paper's.</p>")
+        parts.append(f"<p>Settings: {e(whose)}.</p>")
     curves = row.get("curves", {})
     if curves:
         parts.append('<div class="curves">' + "".join(
@@ -457,6 +469,9 @@ def write_html(data: dict[str, Any], path: Path) -> None:
 {_html_table(table_rows(data), data)}
 <h2>nocaps validation: CIDEr / SPICE per domain</h2>
 {_html_table(nocaps_rows(data))}
+<h2>Beyond the paper</h2>
+<p>Recipes beyond Table 1, run as its rows are; a row's own source states its settings.</p>
+{_html_table(table_rows(data, beyond_paper=True), data)}
 {rows}
 </body></html>
 """
@@ -472,7 +487,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
              f"{m['transformers']}; total time "
              f"{duration(data['total_seconds'])}. Scores in percent.", "",
              markdown_table(table_rows(data)), "", "nocaps validation, CIDEr / SPICE:", "",
-             markdown_table(nocaps_rows(data))]
+             markdown_table(nocaps_rows(data)), "", "Beyond the paper:", "",
+             markdown_table(table_rows(data, beyond_paper=True))]
     for row in data["rows"]:
         lines += ["", f"## {row['row']}: {row['title']} ({row['status']})", ""]
         if row.get("reason"):

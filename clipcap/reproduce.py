@@ -1,7 +1,8 @@
 """``make reproduce``: the paper's Table 1 in one command, from the data to one report.
 
-Each row is its recipe (recipes/ROW.sh), run stage by stage (features, train, score) from its plan,
-then its gallery (clipcap.gallery). In order:
+Each row is its recipe (recipes/ROW.sh; the rows beyond the paper, clipcap.paper.EXTRA_ROWS, after
+Table 1's), run stage by stage (features, train, score) from its plan, then its gallery
+(clipcap.gallery). In order:
 
 1. every recipe's plan, in the recipes' environment (COCO NOCAPS CC RUNS CLIP GPT2 EPOCHS BS ...);
    a chosen row whose inputs include another row's model brings that row along when the model is missing;
@@ -12,7 +13,9 @@ then its gallery (clipcap.gallery). In order:
    it stopped and a changed setting re-runs exactly what depends on it;
 5. a few training steps of each row still to train, and the projected time (clipcap.budget);
    ``--dry_run`` stops here;
-6. the stages still to run, a failed row recorded and the others run on;
+6. the stages still to run, a failed row recorded and the others run on; the scoring commands
+   (``$PY evaluate.py ...``, as the plan states them) run in this process, all rows' with one set of
+   the toolkit's scorers (METEOR's Java loads once), and the galleries after them;
 7. the report (clipcap.report) in ``$RUNS/report/``.
 
 What happened is kept in ``$RUNS/reproduce.json`` (each row's plan, status and stage times), from
@@ -22,11 +25,14 @@ results as they were made.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import datetime
+import io
 import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +56,8 @@ from .stages import (
     write_stamp,
 )
 
-ROWS = tuple(row.name for row in paper.ROWS)  # the paper's order; nocaps, which reads two COCO models, last
+# The paper's order (nocaps, which reads two COCO models, last), then the rows beyond the paper.
+ROWS = tuple(row.name for row in (*paper.ROWS, *paper.EXTRA_ROWS))
 DATA_FOLDERS = {"coco": "COCO", "nocaps": "NOCAPS", "conceptual": "CC"}  # each data set's variable in the recipes
 RECORD = "reproduce.json"
 
@@ -183,6 +190,73 @@ def run_logged(command: list[str], env: dict[str, str], log: Path) -> None:
         raise StageFailed((errors or lines or [f"exit status {process.returncode}"])[-1])
 
 
+class Scorers:
+    """The toolkit's scorers for the scoring commands of a reproduction: started once per --metrics and
+    --spice_jars, kept until :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.started: dict[tuple[str | None, str | None], Any] = {}
+
+    def __call__(self, argv: list[str]) -> Any:
+        from .cli.evaluate import parse_args
+        from .evaluation import Scorer, parse_metrics
+
+        args = parse_args(argv)
+        key = (args.metrics, args.spice_jars)
+        if key not in self.started:
+            self.started[key] = Scorer(parse_metrics(args.metrics), args.spice_jars)
+        return self.started[key]
+
+    def close(self) -> None:
+        for scorer in self.started.values():
+            scorer.close()
+        self.started.clear()
+
+
+def scores_here(step: Step, env: dict[str, str]) -> bool:
+    """Whether a step is a scoring command of this interpreter's kind (``$PY evaluate.py``, not under torchrun)."""
+    return step.command[:1] == [env.get("PY")] and step.command[1:2] == ["evaluate.py"]
+
+
+class _Tee(io.TextIOBase):
+    """Text written to the terminal and kept in a log."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def score_here(steps: list[Step], scorers: Scorers, log: Path) -> None:
+    """Run scoring commands in this process, from the repository root as the recipes run them, their output
+    shown and kept in ``log``; StageFailed with the error line."""
+    from .cli.evaluate import main as evaluate
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as kept, contextlib.chdir(resolve(".")):
+        tee = _Tee(sys.stdout, kept)
+        with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(_Tee(sys.stderr, kept)):
+            for step in steps:
+                print(f"+ {step.text()}", flush=True)
+                try:
+                    evaluate(step.script_args(), scorers(step.script_args()))
+                except ClipCapError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    raise StageFailed(f"error: {e}") from None
+                except SystemExit as e:  # argparse: its message is printed
+                    raise StageFailed(f"evaluate.py: its arguments were refused (exit status {e.code})") from None
+                except Exception as e:  # noqa: BLE001 (a failed row is recorded; the others run on)
+                    traceback.print_exc()
+                    raise StageFailed(f"{type(e).__name__}: {e}") from None
+
+
 def make_galleries(steps: list[Step], plan: Plan, plans: dict[str, Plan], opts: Options) -> None:
     from .gallery import make_gallery
     from .runtime import resolve_device
@@ -201,7 +275,7 @@ def make_galleries(steps: list[Step], plan: Plan, plans: dict[str, Plan], opts: 
 
 
 def run_stage(plan: Plan, stage: str, states: list[State], fingerprints: list[str], plans: dict[str, Plan],
-              env: dict[str, str], opts: Options) -> dict[str, Any]:
+              env: dict[str, str], opts: Options, scorers: Scorers) -> dict[str, Any]:
     """Bring a stage's steps up to date: stale outputs removed, the recipe's stage (or the gallery) run, stamps
     written. Returns the stage's record (seconds, when it started)."""
     steps = plan.stage_steps(stage)
@@ -221,11 +295,13 @@ def run_stage(plan: Plan, stage: str, states: list[State], fingerprints: list[st
     for step, fingerprint in pending:
         write_stamp(step, fingerprint, "running", started=started)
     begin = time.time()
+    log = resolve(plan.run_dir) / ".reproduce" / f"{stage}.log"
     if stage == "gallery":
         make_galleries([s for s, _ in pending], plan, plans, opts)
+    elif stage == "score" and all(scores_here(s, env) for s, _ in pending):
+        score_here([s for s, _ in pending], scorers, log)
     else:
-        run_logged(["bash", str(recipe_path(plan.row)), stage], env,
-                   resolve(plan.run_dir) / ".reproduce" / f"{stage}.log")
+        run_logged(["bash", str(recipe_path(plan.row)), stage], env, log)
     seconds = round(time.time() - begin, 1)
     for step, fingerprint in pending:
         missing = [p for p in step.outputs if not resolve(p).exists()]
@@ -270,7 +346,24 @@ def reproduce(opts: Options) -> dict[str, Any] | None:
         return None
     save_record(record, runs)  # with the rows skipped for missing data
     started = time.time()
-    failed = {}
+    failed: dict[str, str] = {}
+    scorers = Scorers()
+    try:
+        run_rows(ready, plans, fingerprints, record, runs, env, opts, scorers, failed)
+    finally:
+        scorers.close()
+    print(f"reproduction: {time.time() - started:.0f} s")
+    data = _write_report(record, runs)
+    if failed:
+        raise ClipCapError(f"{len(failed)} row(s) failed: " + "; ".join(f"{r} ({why})" for r, why in failed.items())
+                           + f"; the report shows the rest: {runs / 'report' / 'index.html'}")
+    return data
+
+
+def run_rows(ready: list[str], plans: dict[str, Plan], fingerprints: Fingerprints, record: dict[str, Any],
+             runs: Path, env: dict[str, str], opts: Options, scorers: Scorers, failed: dict[str, str]) -> None:
+    """Each row's stages still to run, in order; a failed row goes into ``failed`` and the rows needing its
+    model are skipped."""
     for row in ready:
         blocker = next((maker for kind, path in plans[row].needs if kind == "model"
                         for maker in [producer_of(path, plans)] if maker in failed), None)
@@ -285,7 +378,7 @@ def reproduce(opts: Options) -> dict[str, Any] | None:
         for stage, (states, prints) in stage_states(plans[row], fingerprints).items():
             label = f"{row} {stage}"
             try:
-                result = run_stage(plans[row], stage, states, prints, plans, env, opts)
+                result = run_stage(plans[row], stage, states, prints, plans, env, opts, scorers)
             except StageFailed as e:
                 entry.update(status="failed", reason=f"{stage}: {e}")
                 failed[row] = entry["reason"]
@@ -298,12 +391,6 @@ def reproduce(opts: Options) -> dict[str, Any] | None:
         else:
             entry["status"] = "done"
         save_record(record, runs)
-    print(f"reproduction: {time.time() - started:.0f} s")
-    data = _write_report(record, runs)
-    if failed:
-        raise ClipCapError(f"{len(failed)} row(s) failed: " + "; ".join(f"{r} ({why})" for r, why in failed.items())
-                           + f"; the report shows the rest: {runs / 'report' / 'index.html'}")
-    return data
 
 
 def _write_report(record: dict[str, Any], runs: Path) -> dict[str, Any]:

@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import lm as lms
 from .checkpoint import CLIP_BY_WIDTH, clip_for_width, save_config
 from .data import Batch, CaptionDataset, load_features, tokens_cache_path
 from .encoder import same_clip
 from .featureset import FeatureSet
 from .files import ClipCapError, atomic_write, check_output_path, examples, remove_stale_temp_files
-from . import lm as lms
 from .model import ClipCap, ClipCapConfig, build_model, load_tokenizer, renamed, setting
 from .run_state import (
     ResumeState,

@@ -26,9 +26,14 @@
 # - Normalised embeddings: SigLIP's training compares directions only; the mapper then sees inputs of one length.
 #
 # Flags from the any-LM work (train.py --lm, alias --gpt2; --lm_dtype; --lora_rank). The environment overrides:
-# COCO RUNS CLIP TAG GPT2 (the LM) EPOCHS BS VAL_CAPTIONS LORA_RANK LR PY.
+# COCO RUNS EPOCHS BS VAL_CAPTIONS LORA_RANK LR PY GPUS, and the pair itself: TOWER (its features' file name:
+# TOWER_TAG) and LM. The Table 1 rows' CLIP, TAG and GPT2 do not reach it: `make reproduce GPT2=gpt2-medium` changes
+# the paper's rows, not this pair.
 ROW=coco_siglip2_qwen DEFAULT_CLIP=google/siglip2-so400m-patch14-224
-GPT2=${GPT2:-Qwen/Qwen2.5-0.5B}
+CLIP=${TOWER:-$DEFAULT_CLIP}
+TAG=${TOWER_TAG:-${DEFAULT_CLIP//\//_}}
+GPT2=${LM:-Qwen/Qwen2.5-0.5B}
 EPOCHS=${EPOCHS:-4}
-TRAIN_FLAGS=(--lm_dtype bfloat16 --lora_rank "${LORA_RANK:-16}" --lr "${LR:-1e-4}" --normalize_prefix)
+LR=${LR:-1e-4}  # coco.sh passes it on
+TRAIN_FLAGS=(--lm_dtype bfloat16 --lora_rank "${LORA_RANK:-16}" --normalize_prefix)
 source "$(dirname "$0")/coco.sh"

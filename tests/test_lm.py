@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import caption_corpus, write_feature_pickle
 from safetensors import safe_open
 
 from clipcap import lm as lms
@@ -22,7 +23,6 @@ from clipcap.model import ClipCapConfig, build_model, load_tokenizer, merge_lora
 from clipcap.training import TrainConfig
 from testing.reference import full_logits_loss, original_beam
 from testing.tiny import BOS_FIRST, TINY_LMS, make_tiny_lm
-from conftest import caption_corpus, write_feature_pickle
 
 ARCHITECTURES = list(TINY_LMS)
 DIM = 16

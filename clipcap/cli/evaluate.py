@@ -20,22 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ..annotations import image_files, image_key, load_annotations
 from ..clipscore import CLIPScorer, add_clip_scores
 from ..data import load_features
-from ..evaluation import (
-    ENTIRE,
-    SCORERS,
-    Scorer,
-    load_results,
-    match_images,
-    parse_metrics,
-    scores_table,
-    write_scores,
-)
+from ..evaluation import ENTIRE, SCORERS, Scorer, load_results, match_images, parse_metrics, scores_table, write_scores
 from ..files import ClipCapError, check_outputs, write_json
 from ..runtime import Processes, pick_device
 from ..toolkit import SPICE_JARS_ENV
@@ -127,7 +119,9 @@ def report_skipped(skipped: list[str], images: str | None, total: int, read: dic
     return skipped
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, scorer: Scorer | None = None) -> None:
+    """``scorer``: the toolkit's scorers for these --metrics and --spice_jars, already started and closed by the
+    caller (a reproduction scores every row with one METEOR); else started and closed here."""
     args = parse_args(argv)
     metrics, options = parse_metrics(args.metrics), decoding_options(args)
     references, domains, paths = read_references(args)
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         own_clip, has_embeddings=features is not None or captioner is not None, has_images=bool(paths))
 
     skipped: list[str] = []
-    with Scorer(metrics, args.spice_jars) as scorer:  # METEOR's Java loads while the captions are made
+    with nullcontext(scorer) if scorer else Scorer(metrics, args.spice_jars) as scorer:  # METEOR loads meanwhile
         if captioner is None:
             results, source = load_results(args.results), args.results
             embeddings = feature_embeddings(features) if features is not None else {}

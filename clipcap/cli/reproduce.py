@@ -1,6 +1,7 @@
 """Table 1 in one command: each row's recipe run stage by stage (features, train, score), then one report.
 
-    make reproduce                          # every row; the report lands in $RUNS/report/ (runs/report/)
+    make reproduce                          # every row, Table 1's then those beyond it (coco_siglip2_qwen,
+                                            # capdec_coco); the report lands in $RUNS/report/ (runs/report/)
     make reproduce ROWS=coco_mlp,nocaps     # chosen rows: clipcap-reproduce --rows coco_mlp,nocaps
     make data ROWS=coco_mlp                 # download what the rows need, then stop: --fetch_only
     clipcap-reproduce --fetch               # download what is missing, then run
@@ -8,7 +9,8 @@
     clipcap-reproduce --report_only         # the report again from the finished runs (seconds)
 
 Every row takes the recipes' environment: COCO NOCAPS CC (data folders), RUNS, CLIP, GPT2, EPOCHS, BS (the
-global batch), VAL_CAPTIONS, K, PY, GPUS (torchrun processes; default: every visible GPU). A stage whose
+global batch), VAL_CAPTIONS, K, PY, GPUS (torchrun processes; default: every visible GPU); the modern pair's
+tower and LM are TOWER and LM, not CLIP and GPT2 (recipes/coco_siglip2_qwen.sh). A stage whose
 outputs are complete for the same commands is skipped, so a killed run resumes where it stopped, and a
 changed setting re-runs what depends on it. Rows whose data is missing are skipped, with the command
 that fetches it.
