@@ -18,9 +18,9 @@ demo: .venv/.installed
 	$(PY) -m demo.shapes
 
 # One worker per CPU core (pytest-xdist); each test module runs whole on one worker, which builds its
-# module-scoped fixtures once.
+# module-scoped fixtures once; the modules go out longest first (tests/conftest.py), not by test count.
 test: .venv/.installed
-	$(PY) -m pytest -q -n auto --dist loadscope tests
+	$(PY) -m pytest -q -n auto --dist loadscope --no-loadscope-reorder tests
 
 reproduce: .venv/.installed
 	.venv/bin/clipcap-reproduce

@@ -3,6 +3,7 @@ and JSON it writes, what it finds, its one line on a machine without a GPU; and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import warnings
@@ -11,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from warm_python import warm_python
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -125,10 +127,12 @@ def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def across_ranks(tmp_path_factory):
-    """The multi-GPU checks, once, with two CPU processes (gloo) launched as torchrun launches them."""
+    """The multi-GPU checks, once, with two CPU processes (gloo) launched as torchrun launches them
+    (tests/forked_torchrun.py, from a warm interpreter; torchrun's launcher itself runs in test_extraction.py)."""
     out = tmp_path_factory.mktemp("gpu_check_ranks") / "out"
-    with pytest.MonkeyPatch.context() as mp:  # torchrun's launcher itself runs in test_extraction.py
-        mp.setattr(gpu_check_ddp, "TORCHRUN", [sys.executable, str(REPO / "tests" / "forked_torchrun.py")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with warm_python(tmp_path_factory.mktemp("warm"), env) as python, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_check_ddp, "TORCHRUN", [python, str(REPO / "tests" / "forked_torchrun.py")])
         gpu_check.main([*REHEARSAL, "--out", str(out), "--checks", "multi-gpu", "--processes", "2"])
     return {name.removeprefix("multi-GPU: "): check for name, check in checks_of(out).items()}
 

@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import caption_corpus, write_feature_pickle
-from forked_torchrun import ForkedTorchrun
 from safetensors.torch import load_file
 from torchrun_worker import nan_batch_at
+from warm_python import warm_python
 
 from clipcap import training
 from clipcap.checkpoint import load_checkpoint
@@ -181,10 +182,15 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, small_data, no_
 @pytest.fixture(scope="module")
 def torchrun(tmp_path_factory):
     """tests/torchrun_worker.py (train.py's command) in 2 CPU processes (gloo), launched as torchrun launches
-    them; returns the finished launch."""
-    launcher = ForkedTorchrun(tmp_path_factory.mktemp("torchrun"))
-    yield functools.partial(launcher.run, REPO / "tests" / "torchrun_worker.py")
-    launcher.close()
+    them (tests/forked_torchrun.py, from a warm interpreter); returns the finished launch."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with warm_python(tmp_path_factory.mktemp("warm"), base) as python:
+        def launch(*flags, env=None):
+            command = [python, str(REPO / "tests" / "forked_torchrun.py"), "--nproc_per_node", "2",
+                       str(REPO / "tests" / "torchrun_worker.py"), *flags]
+            return subprocess.run(command, capture_output=True, text=True, env={**base, **(env or {})}, timeout=300)
+
+        yield launch
 
 
 def ddp_flags(data, gpt2):
