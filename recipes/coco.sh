@@ -13,9 +13,7 @@ CLIP=${CLIP:-$DEFAULT_CLIP}
 EPOCHS=${EPOCHS:-10}
 FEATURES=$COCO/oscar_split_${TAG:-${DEFAULT_CLIP//\//_}}
 split_batch "${BS:-40}"
-OPTIM=()  # the paper's AdamW lr 2e-5 and 5,000 warm-up steps are train.py's defaults
-if [ -n "${LR:-}" ]; then OPTIM+=(--lr "$LR"); fi
-if [ -n "${WARMUP:-}" ]; then OPTIM+=(--warmup "$WARMUP"); fi
+optimizer_flags
 needs coco "$COCO/dataset_coco.json" "$COCO/train2014" "$COCO/val2014"
 
 features() {

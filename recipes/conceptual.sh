@@ -15,9 +15,7 @@ EPOCHS=${EPOCHS:-10}
 FEATURES=$CC/conceptual_clip_${TAG:-${DEFAULT_CLIP//\//_}}
 LAST=$RUN_DIR/$ROW-$(printf %03d $((EPOCHS - 1))).safetensors
 split_batch "${BS:-40}"
-OPTIM=()  # the paper's AdamW lr 2e-5 and 5,000 warm-up steps are train.py's defaults
-if [ -n "${LR:-}" ]; then OPTIM+=(--lr "$LR"); fi
-if [ -n "${WARMUP:-}" ]; then OPTIM+=(--warmup "$WARMUP"); fi
+optimizer_flags
 needs conceptual "$CC/Validation_GCC-1.1.0-Validation.tsv" "$CC/train" "$CC/val"
 
 features() {

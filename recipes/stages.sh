@@ -36,6 +36,12 @@ split_batch() {  # BATCH: the per-process share of the global batch $1 (the pape
     BATCH=$(( $1 / GPUS ))
 }
 
+optimizer_flags() {  # OPTIM: --lr LR and --warmup WARMUP when set; train.py's defaults are the paper's (2e-5, 5,000)
+    OPTIM=()
+    if [ -n "${LR:-}" ]; then OPTIM+=(--lr "$LR"); fi
+    if [ -n "${WARMUP:-}" ]; then OPTIM+=(--warmup "$WARMUP"); fi
+}
+
 needs() {  # needs KIND PATH...: input data (KIND coco, nocaps or conceptual) or another row's model (KIND model)
     local kind=$1 path
     shift
