@@ -1,13 +1,12 @@
-"""torchrun for the tests, its processes forked from a Python that has already imported torch,
-transformers and the training code (the more so run by tests/warm_python.py's interpreter).
+"""torchrun for the tests, run by tests/warm_python.py's interpreter: the processes are forked from it,
+so they start with torch, transformers and the training code already imported.
 
-    python tests/forked_torchrun.py --nproc_per_node 2 SCRIPT.py ARGS...
+    WARM_PYTHON tests/forked_torchrun.py --nproc_per_node 2 SCRIPT.py ARGS...
 
 Each process gets the environment torchrun gives it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), runs SCRIPT as ``__main__`` and joins a real gloo process group, as under
 torchrun; the exit status is non-zero when any process failed. What it saves is the seconds each new
-Python spends on imports: one import per launch instead of one per process plus torchrun's own, none
-under the warm interpreter. torchrun's launcher itself runs in test_extraction.py.
+Python spends on imports. torchrun's launcher itself runs in test_extraction.py.
 """
 from __future__ import annotations
 
@@ -17,9 +16,6 @@ import runpy
 import socket
 import sys
 import traceback
-
-import clipcap.extraction  # noqa: F401  (what the processes import, imported once before they fork)
-import clipcap.training  # noqa: F401
 
 
 def run_script(script: str, argv: list[str]) -> int:

@@ -13,13 +13,13 @@ import os
 import pickle
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import caption_corpus
+from warm_python import warm_python
 
 from clipcap.checkpoint import load_checkpoint, save_checkpoint, save_config
 from clipcap.cli import app as cli_app
@@ -261,45 +261,26 @@ def test_bad_input_is_one_line_error(case, d, tmp_path, capsys):
 SUBPROCESS_CASES = ["bs 0", "data file missing", "NaN embeddings", "caption None", "config negative prefix_length",
                     "predict out a folder", "evaluate image id ²", "resume unpicklable"]
 HUB_NAME = "gpt2 hub name offline"  # a real process only: offline from its start, with an empty cache
-# `python SCRIPT.py ARGV` for each case, in a process of its own with its own stdout and stderr, exiting
-# as that command exits. The processes are forked from one that has imported the scripts' modules, so
-# that each case does not spend seconds importing torch and transformers again.
-FORK_SCRIPTS = """\
-import json, os, runpy, sys
-import clipcap.cli.evaluate, clipcap.cli.predict, clipcap.cli.train
-
-statuses = []
-for script, argv, folder in json.loads(sys.argv[1]):
-    sys.stdout.flush(), sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(folder)
-        for fd, name in ((1, "stdout"), (2, "stderr")):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv, sys.path[0] = [script, *argv], os.path.dirname(script)
-        runpy.run_path(script, run_name="__main__")
-        sys.exit(0)
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(statuses))
-"""
 
 
 @pytest.fixture(scope="module")
 def real_processes(d, tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-    """Each subprocess case, and HUB_NAME, run as a real process: case -> (exit status, stdout, stderr)."""
+    """Each subprocess case, and HUB_NAME, run as ``python SCRIPT.py ARGV`` in a real process: case -> (exit
+    status, stdout, stderr). The processes come from the warm interpreter (tests/warm_python.py), so that
+    each case does not spend seconds importing torch and transformers again."""
     root = tmp_path_factory.mktemp("real_processes")
-    runs = []
     cases = {case: CASES[case][:2] for case in SUBPROCESS_CASES}
     cases[HUB_NAME] = ("train", lambda d, out: train_args(d, out, "--gpt2", "openai-community/no-such-gpt2"))
-    for i, (script, argv) in enumerate(cases.values()):
-        (root / str(i)).mkdir()
-        runs.append([str(REPO / f"{script}.py"), argv(d, str(root / str(i) / "out")), str(root / str(i))])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}  # offline, nothing cached
-    done = subprocess.run([sys.executable, "-c", FORK_SCRIPTS, json.dumps(runs)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return {case: (status, (root / str(i) / "stdout").read_text(), (root / str(i) / "stderr").read_text())
-            for i, (case, status) in enumerate(zip(cases, json.loads(done.stdout)))}
+    results = {}
+    with warm_python(root / "warm", env) as python:
+        for i, (case, (script, argv)) in enumerate(cases.items()):
+            folder = root / str(i)
+            folder.mkdir()
+            done = subprocess.run([python, str(REPO / f"{script}.py"), *argv(d, str(folder / "out"))],
+                                  capture_output=True, text=True, env=env, cwd=folder, timeout=300)
+            results[case] = (done.returncode, done.stdout, done.stderr)
+    return results
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
